@@ -1,0 +1,141 @@
+"""The one in-memory data set object every loader returns and every later stage consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from data_pipeline.errors import DataError
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def validate_images(images: np.ndarray, source: str = "images") -> np.ndarray:
+    """Return `images` as a C-contiguous uint8 (N,H,W,3) array, or raise DataError naming the problem.
+
+    Non-uint8 input is accepted only when every value already lies in 0..255, so that a float array
+    scaled to [0,1] (a common mistake) is refused instead of silently turned black.
+    """
+    images = np.asarray(images)
+    if images.ndim == 3:
+        raise DataError(f"{source}: expected (N,H,W,3) images, got rank 3 {images.shape} (missing channel axis?)")
+    if images.ndim != 4:
+        raise DataError(f"{source}: expected (N,H,W,3) images, got rank {images.ndim} shape {images.shape}")
+    if images.shape[-1] != 3:
+        raise DataError(f"{source}: expected 3 colour channels, got {images.shape[-1]} (shape {images.shape})")
+    if images.shape[0] == 0:
+        raise DataError(f"{source}: no images")
+    if images.dtype != np.uint8:
+        if not np.issubdtype(images.dtype, np.number):
+            raise DataError(f"{source}: images must be numeric, got dtype {images.dtype}")
+        lo, hi = float(images.min()), float(images.max())
+        if lo < 0 or hi > 255 or not np.isfinite([lo, hi]).all():
+            raise DataError(f"{source}: {images.dtype} images must lie in 0..255 to become uint8, got {lo:g}..{hi:g}")
+        if np.issubdtype(images.dtype, np.floating) and hi <= 1.0:
+            raise DataError(f"{source}: float images lie in 0..1; scale them to 0..255 (uint8 expected)")
+        images = np.rint(images).astype(np.uint8)
+    return np.ascontiguousarray(images)
+
+
+def validate_labels(labels: np.ndarray, n_images: int, num_classes: int, source: str = "labels") -> np.ndarray:
+    """Return labels as int64 (N,), accepting (N,), (N,1) or one-hot (N,C); raise DataError otherwise."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    elif labels.ndim == 2 and labels.shape[1] == num_classes and labels.shape[1] > 1:
+        row_sums = labels.sum(axis=1)
+        if not (np.all((labels == 0) | (labels == 1)) and np.all(row_sums == 1)):
+            raise DataError(f"{source}: (N,{num_classes}) labels must be one-hot (one 1 per row)")
+        labels = labels.argmax(axis=1)
+    elif labels.ndim != 1:
+        raise DataError(f"{source}: expected shape (N,), (N,1) or one-hot (N,{num_classes}), got {labels.shape}")
+    if len(labels) != n_images:
+        raise DataError(f"{source}: {len(labels)} labels for {n_images} images")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.issubdtype(labels.dtype, np.number) or not np.all(np.equal(np.mod(labels, 1), 0)):
+            raise DataError(f"{source}: labels must be integers, got dtype {labels.dtype}")
+    labels = labels.astype(np.int64)
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"{source}: label {labels[first]} at index {first} is out of range 0..{num_classes - 1}"
+        )
+    return labels
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """Images, labels and names kept together and validated once, at construction.
+
+    `splits` maps a split name (train/val/test, or fold names) to integer indices into the arrays, when
+    the source defines them (MedMNIST) or after `data_pipeline.splits` has made them.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    ids: np.ndarray = field(default=None)  # type: ignore[assignment]
+    splits: Mapping[str, np.ndarray] = field(default_factory=dict)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        where = self.source or "data set"
+        images = validate_images(self.images, where)
+        class_names = tuple(str(c) for c in self.class_names)
+        if len(class_names) < 2:
+            raise DataError(f"{where}: need at least 2 classes, got {len(class_names)}")
+        labels = validate_labels(self.labels, len(images), len(class_names), where)
+        ids = np.arange(len(images)).astype(str) if self.ids is None else np.asarray(self.ids).astype(str)
+        if ids.shape != (len(images),):
+            raise DataError(f"{where}: {ids.shape[0]} ids for {len(images)} images")
+        splits = {name: self._checked_split(name, idx, len(images), where) for name, idx in self.splits.items()}
+        object.__setattr__(self, "images", images)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "class_names", class_names)
+        object.__setattr__(self, "ids", ids)
+        object.__setattr__(self, "splits", splits)
+
+    @staticmethod
+    def _checked_split(name: str, indices: np.ndarray, n: int, where: str) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.ndim != 1 or (len(indices) and (indices.min() < 0 or indices.max() >= n)):
+            raise DataError(f"{where}: split '{name}' has indices outside 0..{n - 1}")
+        return indices
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=self.num_classes)
+
+    def subset(self, indices: np.ndarray, source: str | None = None) -> "ImageDataset":
+        """A new data set of the given rows; splits are dropped because their indices no longer apply."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return ImageDataset(
+            self.images[indices], self.labels[indices], self.class_names, self.ids[indices],
+            source=source or self.source,
+        )
+
+    def split(self, name: str) -> "ImageDataset":
+        if name not in self.splits:
+            raise DataError(f"{self.source or 'data set'}: no split '{name}' (have {sorted(self.splits)})")
+        return self.subset(self.splits[name], source=f"{self.source}[{name}]")
+
+    def with_splits(self, splits: Mapping[str, np.ndarray]) -> "ImageDataset":
+        return ImageDataset(self.images, self.labels, self.class_names, self.ids, splits, self.source)
+
+    def check_every_class_present(self) -> None:
+        empty = [self.class_names[i] for i, c in enumerate(self.class_counts()) if c == 0]
+        if empty:
+            raise DataError(f"{self.source or 'data set'}: class {empty[0]!r} has no images")
