@@ -1,0 +1,1 @@
+"""Executors run a prepared study's trials in parallel: `local` worker processes or Ray Tune."""

@@ -1,0 +1,200 @@
+"""Study specs: one TOML file names the data, split, search space, budget, executor and storage.
+
+Every key is checked against the dataclass fields below, so a typo fails with the key's name instead of
+being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from search.config import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+STUDIES_DIR = Path(__file__).resolve().parents[1] / "studies"
+
+
+@dataclass
+class DataSpec:
+    path: str | None = None  # None / "": the embedded 28x28 PBC set
+    image_size: int | None = None
+    center_crop: int | None = None
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    max_train_images: int | None = None
+
+
+@dataclass
+class SpaceSpec:
+    """Ranges and choices of the define-by-run search space (see search.space)."""
+
+    backbones: list[str] = field(default_factory=lambda: ["small_resnet", "compact_cnn"])
+    weights: str | None = None  # applied to pretrained families: "imagenet", None or a file
+    augment_policies: list[str] = field(default_factory=lambda: ["light", "randaugment", "augmix", "cutmix_mixup"])
+    augment_strength: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    optimizers: list[str] = field(default_factory=lambda: ["adamw", "adam", "lion", "sgd"])
+    learning_rate: list[float] = field(default_factory=lambda: [3e-4, 1e-2])
+    weight_decay: list[float] = field(default_factory=lambda: [1e-6, 1e-2])
+    batch_size: list[int] = field(default_factory=lambda: [64, 128, 256])
+    dropout: list[float] = field(default_factory=lambda: [0.0, 0.5])
+    label_smoothing: list[float] = field(default_factory=lambda: [0.0, 0.2])
+    epochs: list[int] = field(default_factory=lambda: [6, 20])
+    head_epochs: int = 2
+    unfreeze_fraction: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    finetune_lr_factor: list[float] = field(default_factory=lambda: [0.05, 0.5])
+    class_weighting: list[bool] = field(default_factory=lambda: [False, True])
+
+
+@dataclass
+class BudgetSpec:
+    trials: int = 100
+    timeout_s: float | None = None
+    trial_time_budget_s: float | None = None  # cap on one trial's training
+    early_stopping_patience: int = 5
+    tta_views: int = 8
+
+
+@dataclass
+class AlgorithmSpec:
+    sampler: str = "tpe"  # tpe | random
+    multivariate: bool = True
+    n_startup_trials: int = 8
+    seed: int | None = 0
+    pruner: str = "hyperband"  # hyperband | median | none
+    min_resource: int = 2
+    reduction_factor: int = 3
+    objective: str = "val_accuracy_tta"
+
+
+@dataclass
+class ExecutorSpec:
+    kind: str = "local"  # local | ray
+    workers: int | None = None  # None: one per GPU, else one per 2 CPU cores... see search.executors
+    gpus: str | None = None  # None: detect; "0,1" or "2" to fake or choose devices
+    gpus_per_trial: float = 1.0
+    address: str | None = None  # ray: join an existing cluster
+
+
+@dataclass
+class StorageSpec:
+    url: str | None = None  # None: sqlite:///<out>/<study>/study.db ; or any SQLAlchemy URL, or journal:PATH
+    artifacts: str | None = None  # None: <out>/<study>/artifacts ; or s3://bucket/prefix, gs://bucket/prefix
+    heartbeat_interval: int = 10
+    grace_period: int = 30
+    max_retry: int = 1
+
+
+@dataclass
+class StudySpec:
+    name: str = "default"
+    out: str = "runs"
+    data: DataSpec = field(default_factory=DataSpec)
+    space: SpaceSpec = field(default_factory=SpaceSpec)
+    budget: BudgetSpec = field(default_factory=BudgetSpec)
+    algorithm: AlgorithmSpec = field(default_factory=AlgorithmSpec)
+    executor: ExecutorSpec = field(default_factory=ExecutorSpec)
+    storage: StorageSpec = field(default_factory=StorageSpec)
+    warm_start: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def study_dir(self) -> Path:
+        return Path(self.out) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(StudySpec)}
+SECTION_TYPES = {"data": DataSpec, "space": SpaceSpec, "budget": BudgetSpec, "algorithm": AlgorithmSpec,
+                 "executor": ExecutorSpec, "storage": StorageSpec}
+
+
+def _build_section(name: str, cls: type, values: Any, origin: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{origin}: [{name}] must be a table")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{origin}: unknown key '{name}.{key}' (known: {', '.join(known)})")
+        default = getattr(cls(), key)
+        if default is not None and value is not None and not _same_kind(default, value):
+            raise ConfigError(f"{origin}: '{name}.{key}' should be like {default!r}, got {value!r}")
+    return cls(**{k: (None if v == "" else v) for k, v in values.items()})
+
+
+def _same_kind(default: Any, value: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+def spec_from_dict(values: dict[str, Any], origin: str = "spec") -> StudySpec:
+    spec = StudySpec()
+    for key, value in values.items():
+        if key in SECTION_TYPES:
+            setattr(spec, key, _build_section(key, SECTION_TYPES[key], value, origin))
+        elif key == "warm_start":
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ConfigError(f"{origin}: 'warm_start' must be an array of tables ([[warm_start]])")
+            spec.warm_start = value
+        elif key in ("name", "out"):
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{origin}: '{key}' must be a non-empty string")
+            setattr(spec, key, value)
+        else:
+            raise ConfigError(f"{origin}: unknown key '{key}' (known: {', '.join(SECTIONS)})")
+    validate_spec(spec, origin)
+    return spec
+
+
+def validate_spec(spec: StudySpec, origin: str = "spec") -> None:
+    checks = {
+        "executor.kind": spec.executor.kind in ("local", "ray"),
+        "algorithm.sampler": spec.algorithm.sampler in ("tpe", "random"),
+        "algorithm.pruner": spec.algorithm.pruner in ("hyperband", "median", "none"),
+        "budget.trials": spec.budget.trials >= 1,
+        "budget.tta_views": spec.budget.tta_views in (1, 2, 4, 8),
+        "space.backbones": bool(spec.space.backbones),
+        "space.optimizers": bool(spec.space.optimizers),
+        "space.augment_policies": bool(spec.space.augment_policies),
+    }
+    for key in ("learning_rate", "weight_decay", "augment_strength", "dropout", "label_smoothing", "epochs",
+                "unfreeze_fraction", "finetune_lr_factor"):
+        low_high = getattr(spec.space, key)
+        checks[f"space.{key}"] = len(low_high) == 2 and low_high[0] <= low_high[1]
+    for key, ok in checks.items():
+        if not ok:
+            section, name = key.split(".")
+            raise ConfigError(f"{origin}: invalid value for '{key}': {getattr(getattr(spec, section), name)!r}")
+
+
+def resolve_spec_path(study: str | None) -> Path:
+    """A spec file path, or a name under studies/ (`default` -> studies/default.toml)."""
+    name = study or "default"
+    path = Path(name)
+    if path.suffix != ".toml":
+        path = STUDIES_DIR / f"{name}.toml"
+    if not path.is_file():
+        available = ", ".join(sorted(p.stem for p in STUDIES_DIR.glob("*.toml")))
+        raise ConfigError(f"study spec not found: {path} (shipped specs: {available})")
+    return path
+
+
+def load_spec(study: str | None = None) -> StudySpec:
+    path = resolve_spec_path(study)
+    try:
+        values = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    return spec_from_dict(values, origin=str(path))

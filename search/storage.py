@@ -1,0 +1,71 @@
+"""Optuna storages and artifact stores named by URL, with one clear error when they can't be reached.
+
+- `sqlite:///runs/<study>/study.db` (default), or any SQLAlchemy URL (`postgresql://user:pw@host/db`):
+  RDBStorage with heartbeats, so a killed worker's RUNNING trial is failed and retried.
+- `journal:PATH`: Optuna's JournalStorage on a shared filesystem (no heartbeats in Optuna's journal).
+Artifact stores: a folder (default `runs/<study>/artifacts`), `s3://bucket/prefix` or `gs://bucket/prefix`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+
+class StorageError(RuntimeError):
+    """The study storage or artifact store can't be used; the message names the URL (password hidden)."""
+
+
+def redact(url: str) -> str:
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def default_storage_url(study_dir: Path) -> str:
+    return f"sqlite:///{(study_dir / 'study.db').as_posix()}"
+
+
+def sqlite_path(url: str) -> Path | None:
+    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
+
+
+def open_storage(url: str, *, heartbeat_interval: int | None = 10, grace_period: int | None = 30,
+                 max_retry: int = 1, must_exist: bool = False) -> optuna.storages.BaseStorage:
+    """Open (or create, unless `must_exist`) the storage at `url`."""
+    if url.startswith("journal:"):
+        path = Path(url[len("journal:"):])
+        if must_exist and not path.is_file():
+            raise StorageError(f"no study journal at {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    local = sqlite_path(url)
+    if local is not None:
+        if must_exist and not local.is_file():
+            raise StorageError(f"no study database at {local}")
+        local.parent.mkdir(parents=True, exist_ok=True)
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry) if heartbeat_interval else None
+    engine_kwargs = {"connect_args": {"timeout": 60}} if local else {"pool_pre_ping": True,
+                                                                     "connect_args": {"connect_timeout": 10}}
+    try:
+        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                          grace_period=grace_period if heartbeat_interval else None,
+                          heartbeat_stale_trial_callback=retry)
+    except Exception as exc:  # sqlalchemy raises many types: all mean "unusable storage"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StorageError(f"cannot use storage {redact(url)}: {reason}") from None
+
+
+def open_artifact_store(location: str):
+    """A FileSystemArtifactStore for a folder, or Optuna's S3/GCS stores for s3:// and gs:// URLs."""
+    for scheme, factory in (("s3://", "Boto3ArtifactStore"), ("gs://", "GCSArtifactStore")):
+        if location.startswith(scheme):
+            bucket, _, prefix = location[len(scheme):].partition("/")
+            if prefix:
+                raise StorageError(f"artifact store {location}: give a bucket only ({scheme}{bucket})")
+            return getattr(optuna.artifacts, factory)(bucket)
+    Path(location).mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(location)

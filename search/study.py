@@ -1,0 +1,57 @@
+"""Create or load the Optuna study a spec describes: sampler, pruner, direction, warm start."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+from optuna.trial import TrialState
+
+from search.space import warm_start_params
+from search.spec import AlgorithmSpec, StudySpec
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def make_sampler(algorithm: AlgorithmSpec, worker_index: int = 0) -> optuna.samplers.BaseSampler:
+    """Each worker gets its own seed, or parallel workers would propose identical configurations."""
+    seed = None if algorithm.seed is None else algorithm.seed + 1000 * worker_index
+    if algorithm.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(
+        multivariate=algorithm.multivariate, group=algorithm.multivariate, constant_liar=True,
+        n_startup_trials=algorithm.n_startup_trials, seed=seed,
+    )
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    """Resources are epochs: a trial reports validation accuracy once per epoch of every stage."""
+    algorithm = spec.algorithm
+    max_epochs = spec.space.epochs[1] + spec.space.head_epochs
+    if algorithm.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=algorithm.min_resource, max_resource=max_epochs,
+                                              reduction_factor=algorithm.reduction_factor)
+    if algorithm.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=algorithm.min_resource)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(spec: StudySpec, storage, worker_index: int = 0) -> optuna.Study:
+    return optuna.create_study(
+        study_name=spec.name, storage=storage, direction="maximize", load_if_exists=True,
+        sampler=make_sampler(spec.algorithm, worker_index), pruner=make_pruner(spec),
+    )
+
+
+def prepare_study(spec: StudySpec, storage) -> optuna.Study:
+    """The driver's one-time set-up: record the spec and enqueue known-good configurations first."""
+    study = open_study(spec, storage)
+    study.set_user_attr("spec", json.loads(json.dumps(spec.to_dict())))
+    if not study.get_trials(deepcopy=False):
+        for params in warm_start_params(spec):
+            study.enqueue_trial(params, skip_if_exists=True)
+    return study
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))

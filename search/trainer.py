@@ -1,0 +1,216 @@
+"""Train and evaluate one configuration end to end: the unit the search runs hundreds of times.
+
+Pretrained backbones train in two stages (the head on a frozen backbone, then fine-tuning of the top
+`unfreeze_fraction` of blocks at a lower learning rate); models from scratch train in one stage.
+Artifacts land in the trial folder one atomic file at a time, `metrics.json` last: a folder without it
+is an unfinished trial, whatever else it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from data_pipeline.atomic import atomic_write_text, atomic_write_with
+from data_pipeline.augment import build_augmenter
+from data_pipeline.imbalance import class_weights, oversample_indices
+from data_pipeline.stream import make_stream
+from search.config import TrialConfig
+from search.devices import resolve_switch
+from search.predict import predict_views
+from search.trial_data import TrialData, prepare_trial_data
+
+ReportFn = Callable[[int, float], None]
+ARTIFACT_FILES = ("config.json", "history.csv", "predictions.npz", "model.keras", "metrics.json")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the trial is failed, not silently kept."""
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    directory: Path
+    metrics: dict
+
+
+def _callbacks(config: TrialConfig, report: ReportFn | None, epoch_offset: int, started: float,
+               timings: dict) -> list:
+    import keras
+
+    class Monitor(keras.callbacks.Callback):
+        """Reports each epoch's validation accuracy, stops on NaN, enforces the time budget."""
+
+        def on_train_batch_begin(self, batch, logs=None):
+            timings.setdefault("first_step", time.perf_counter() - started)
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(float(loss)):
+                raise TrainingDiverged(f"loss became {loss} at step {batch}")
+
+        def on_epoch_end(self, epoch, logs=None):
+            if report is not None:
+                report(epoch_offset + epoch, float(logs["val_accuracy"]))
+            if config.time_budget_s and time.perf_counter() - started > config.time_budget_s:
+                self.model.stop_training = True
+
+    stopper = keras.callbacks.EarlyStopping(
+        monitor="val_accuracy", patience=config.early_stopping_patience, restore_best_weights=True
+    )
+    return [Monitor(), stopper]
+
+
+def _optimizer(config: TrialConfig, learning_rate: float, total_steps: int, warmup_steps: int):
+    import keras
+
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=learning_rate / 100, decay_steps=max(total_steps - warmup_steps, 1),
+        warmup_target=learning_rate, warmup_steps=warmup_steps, alpha=0.01,
+    )
+    decay = config.weight_decay or None
+    if config.optimizer == "adam":
+        return keras.optimizers.Adam(schedule)
+    if config.optimizer == "adamw":
+        return keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+    if config.optimizer == "lion":
+        return keras.optimizers.Lion(schedule, weight_decay=decay)
+    return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, weight_decay=decay)
+
+
+def _compile(model, config: TrialConfig, learning_rate: float, epochs: int, steps_per_epoch: int) -> None:
+    import keras
+
+    warmup = int(config.warmup_epochs * steps_per_epoch) if epochs > 1 else 0
+    model.compile(
+        optimizer=_optimizer(config, learning_rate, epochs * steps_per_epoch, warmup),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=["accuracy"],
+        jit_compile=resolve_switch(config.jit_compile),
+    )
+
+
+def _stages(config: TrialConfig, pretrained: bool) -> list[tuple[str, float, int, float]]:
+    """(name, unfreeze fraction, epochs, learning rate) for each fit() call."""
+    if not pretrained:
+        return [("scratch", 1.0, config.epochs, config.learning_rate)]
+    stages = [("head", 0.0, config.head_epochs, config.learning_rate)] if config.head_epochs else []
+    finetune_lr = config.learning_rate * config.finetune_lr_factor
+    if not config.gradual_unfreeze:
+        return stages + [("finetune", config.unfreeze_fraction, config.epochs, finetune_lr)]
+    chunks = min(3, config.epochs)
+    sizes = [config.epochs // chunks + (i < config.epochs % chunks) for i in range(chunks)]
+    return stages + [
+        (f"finetune_{i + 1}", config.unfreeze_fraction * (i + 1) / chunks, n, finetune_lr)
+        for i, n in enumerate(sizes)
+    ]
+
+
+def _training_arrays(config: TrialConfig, data: TrialData) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = data.train.images, data.train.labels
+    if config.oversample:
+        keep = oversample_indices(labels, seed=config.seed)
+        images, labels = images[keep], labels[keep]
+    return images, labels
+
+
+def _fit(model, config: TrialConfig, data: TrialData, report: ReportFn | None, started: float,
+         timings: dict, pretrained: bool) -> pd.DataFrame:
+    from backbones import set_unfreeze
+
+    images, labels = _training_arrays(config, data)
+    n_classes = len(data.class_names)
+    augmenter = build_augmenter(config.augment_policy, config.augment_strength, n_classes, seed=config.seed)
+    train = make_stream(images, labels, n_classes, config.batch_size, augmenter=augmenter, seed=config.seed)
+    val = make_stream(data.val.images, data.val.labels, n_classes, config.batch_size, shuffle=False)
+    weights = class_weights(labels, n_classes) if config.class_weighting else None
+    steps = math.ceil(len(labels) / config.batch_size)
+    histories, epoch = [], 0
+    for name, fraction, epochs, learning_rate in _stages(config, pretrained):
+        set_unfreeze(model, fraction)
+        _compile(model, config, learning_rate, epochs, steps)
+        fitted = model.fit(train, validation_data=val, epochs=epochs, class_weight=weights, verbose=0,
+                           callbacks=_callbacks(config, report, epoch, started, timings))
+        frame = pd.DataFrame(fitted.history)
+        frame.insert(0, "epoch", range(epoch, epoch + len(frame)))
+        frame.insert(1, "stage", name)
+        histories.append(frame)
+        epoch += len(frame)
+        if config.time_budget_s and time.perf_counter() - started > config.time_budget_s:
+            break
+    return pd.concat(histories, ignore_index=True)
+
+
+def _accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(probs.argmax(axis=1) == labels))
+
+
+def _evaluate(model, config: TrialConfig, data: TrialData) -> tuple[dict, dict]:
+    arrays, metrics = {"class_names": np.array(data.class_names)}, {}
+    for split in ("val", "test"):
+        part = getattr(data, split)
+        views = predict_views(model, part.images, config.tta_views)
+        arrays.update({f"{split}_ids": part.ids, f"{split}_labels": part.labels, f"{split}_view_probs": views})
+        metrics[f"{split}_accuracy"] = _accuracy(views[0], part.labels)
+        metrics[f"{split}_accuracy_tta"] = _accuracy(views.mean(axis=0), part.labels)
+    return metrics, arrays
+
+
+def _set_precision(config: TrialConfig) -> None:
+    import keras
+
+    keras.mixed_precision.set_global_policy("mixed_float16" if resolve_switch(config.mixed_precision) else "float32")
+
+
+def build_trial_model(config: TrialConfig, data: TrialData):
+    from backbones import build_classifier
+
+    return build_classifier(config.backbone, input_shape=data.train.image_shape,
+                            num_classes=len(data.class_names), weights=config.weights,
+                            dropout=config.dropout, head_units=config.head_units)
+
+
+def train_trial(config: TrialConfig, out_dir: str | Path, report: ReportFn | None = None) -> TrialResult:
+    """Train `config`, evaluate with and without TTA, and write the trial's artifacts to `out_dir`.
+
+    `report(epoch, val_accuracy)` is called after every epoch; an exception it raises (a pruning signal)
+    stops the trial before anything but the config is written.
+    """
+    import keras
+
+    from backbones import get_backbone
+
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.json", json.dumps(config.to_dict(), indent=2))
+    keras.utils.set_random_seed(config.seed)
+    _set_precision(config)
+    data = prepare_trial_data(config)
+    model = build_trial_model(config, data)
+    timings: dict = {}
+    history = _fit(model, config, data, report, started, timings, get_backbone(config.backbone).pretrained)
+    train_seconds = time.perf_counter() - started
+    metrics, arrays = _evaluate(model, config, data)
+    best = history["val_accuracy"].idxmax()
+    metrics.update(
+        epochs_run=len(history), best_epoch=int(history.loc[best, "epoch"]), train_seconds=train_seconds,
+        seconds_to_first_step=timings.get("first_step"), total_seconds=time.perf_counter() - started,
+        n_train=len(data.train), n_params=int(model.count_params()), backbone=config.backbone,
+    )
+    atomic_write_with(out_dir / "history.csv", lambda p: history.to_csv(p, index=False))
+    atomic_write_with(out_dir / "predictions.npz", lambda p: np.savez_compressed(p, **arrays))
+    atomic_write_with(out_dir / "model.keras", model.save)
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    return TrialResult(out_dir, metrics)
+
+
+def is_complete(trial_dir: str | Path) -> bool:
+    return (Path(trial_dir) / "metrics.json").is_file()

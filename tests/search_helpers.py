@@ -1,0 +1,51 @@
+"""Tiny real study specs for the search tests: small data, one or two epochs, fast models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+TINY_SPEC = """
+name = "{name}"
+out = "{out}"
+
+[data]
+max_train_images = 320
+
+[space]
+backbones = ["compact_cnn"]
+augment_policies = ["light", "none"]
+optimizers = ["adamw", "adam"]
+learning_rate = [1e-3, 5e-3]
+batch_size = [64]
+epochs = [{min_epochs}, {max_epochs}]
+
+[budget]
+trials = {trials}
+tta_views = 1
+early_stopping_patience = 3
+
+[algorithm]
+pruner = "{pruner}"
+min_resource = 1
+n_startup_trials = 2
+
+[storage]
+heartbeat_interval = 2
+grace_period = 6
+max_retry = 1
+"""
+
+
+def write_tiny_spec(folder: Path, name: str = "tiny", trials: int = 2, min_epochs: int = 1, max_epochs: int = 2,
+                    pruner: str = "none", extra: str = "") -> Path:
+    path = folder / f"{name}.toml"
+    path.write_text(TINY_SPEC.format(name=name, out=folder / "runs", trials=trials, min_epochs=min_epochs,
+                                     max_epochs=max_epochs, pruner=pruner) + extra)
+    return path
+
+
+def run_search(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "search.run", "--no-progress", *args], capture_output=True,
+                          text=True, timeout=timeout)

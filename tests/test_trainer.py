@@ -1,0 +1,115 @@
+"""One trial end to end on the embedded real data: accuracy, artifacts, atomicity, CLI, errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from search.config import ConfigError, TrialConfig
+from search.trainer import ARTIFACT_FILES, is_complete, train_trial
+
+QUICK = dict(backbone="compact_cnn", epochs=3, batch_size=128, learning_rate=3e-3, max_train_images=3000,
+             augment_policy="light", augment_strength=0.5, tta_views=8, seed=1)
+
+
+@pytest.fixture(scope="module")
+def quick_trial(tmp_path_factory):
+    reports = []
+    out = tmp_path_factory.mktemp("trial")
+    result = train_trial(TrialConfig(**QUICK), out, report=lambda epoch, acc: reports.append((epoch, acc)))
+    return result, reports
+
+
+def test_compact_cnn_learns_real_cells(quick_trial):
+    result, _ = quick_trial
+    assert result.metrics["val_accuracy"] > 0.80
+    assert result.metrics["test_accuracy_tta"] > 0.80
+
+
+def test_every_epoch_is_reported(quick_trial):
+    result, reports = quick_trial
+    assert [epoch for epoch, _ in reports] == list(range(result.metrics["epochs_run"]))
+    assert all(0 <= acc <= 1 for _, acc in reports)
+
+
+def test_artifacts_are_complete_and_consistent(quick_trial):
+    result, _ = quick_trial
+    folder = result.directory
+    assert is_complete(folder)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(ARTIFACT_FILES)
+    assert TrialConfig.from_file(folder / "config.json") == TrialConfig(**QUICK)
+    history = pd.read_csv(folder / "history.csv")
+    assert {"epoch", "stage", "loss", "val_accuracy"} <= set(history.columns)
+    predictions = np.load(folder / "predictions.npz")
+    views = predictions["test_view_probs"]
+    assert views.shape == (8, 2734, 8)
+    np.testing.assert_allclose(views.sum(axis=2), 1.0, atol=1e-4)
+    accuracy = np.mean(views.mean(axis=0).argmax(axis=1) == predictions["test_labels"])
+    assert accuracy == pytest.approx(result.metrics["test_accuracy_tta"])
+    assert json.loads((folder / "metrics.json").read_text()) == result.metrics
+
+
+def test_saved_model_reproduces_saved_predictions(quick_trial):
+    import keras
+
+    result, _ = quick_trial
+    model = keras.saving.load_model(result.directory / "model.keras")
+    predictions = np.load(result.directory / "predictions.npz")
+    from data_pipeline.loaders import load
+
+    test = load().split("test")
+    probs = model.predict(test.images[:64].astype(np.float32), verbose=0)
+    np.testing.assert_allclose(probs, predictions["test_view_probs"][0, :64], atol=1e-5)
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_exception_mid_training_leaves_no_complete_looking_artifact(tmp_path):
+    def explode(epoch, accuracy):
+        raise Boom("pruned or crashed")
+
+    with pytest.raises(Boom):
+        train_trial(TrialConfig(**{**QUICK, "epochs": 2, "max_train_images": 400}), tmp_path, report=explode)
+    assert not is_complete(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+def test_two_stage_finetuning_of_a_pretrained_family(tmp_path):
+    config = TrialConfig(backbone="mobilenet_v3_small", weights=None, head_epochs=1, epochs=1,
+                         unfreeze_fraction=0.5, max_train_images=256, tta_views=1, batch_size=64)
+    result = train_trial(config, tmp_path)
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert history["stage"].tolist() == ["head", "finetune"]
+    assert result.metrics["epochs_run"] == 2
+
+
+def test_bad_config_values_name_the_key():
+    with pytest.raises(ConfigError, match="optimizer='rmsprop'"):
+        TrialConfig(optimizer="rmsprop")
+    with pytest.raises(ConfigError, match="unknown config key 'learnig_rate'"):
+        TrialConfig.from_dict({"learnig_rate": 0.1})
+
+
+def test_train_one_cli_reproduces_a_config(tmp_path):
+    config = {**QUICK, "epochs": 1, "max_train_images": 400, "tta_views": 1}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    done = subprocess.run([sys.executable, "-m", "search.train_one", "--config", str(path),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert is_complete(tmp_path / "out")
+    assert "val_accuracy" in done.stdout
+
+
+def test_train_one_cli_reports_bad_input_in_one_line(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"backbone": "vgg99"}))
+    done = subprocess.run([sys.executable, "-m", "search.train_one", "--config", str(path),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "vgg99" in done.stderr
