@@ -1,0 +1,148 @@
+"""Tiny real studies on the Ray Tune executor: real Ray (simulated GPUs), real Optuna, real training.
+
+One study runs through `python -m search.run --executor ray` on two simulated GPUs; a failing study calls
+`run_ray` directly on CPU shares. About two minutes on two shared cores.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.artifacts import download_artifact
+from optuna.trial import TrialState
+
+from search.executors.ray_tune import TRIAL_NUMBER_KEY, RayPlan, StudySearch, plan_resources, run_ray
+from search.objective import ARTIFACT_ATTR_PREFIX
+from search.spec import load_spec, spec_from_dict
+from search.storage import default_storage_url, open_artifact_store, open_storage
+from search.trainer import ARTIFACT_FILES
+from search_helpers import run_search, write_tiny_spec
+
+TRIALS = 3
+
+
+def load_study(spec_path: Path) -> optuna.Study:
+    spec = load_spec(str(spec_path))
+    return optuna.load_study(study_name=spec.name, storage=default_storage_url(spec.study_dir))
+
+
+def ran_together(a: optuna.trial.FrozenTrial, b: optuna.trial.FrozenTrial) -> bool:
+    """Both trainables were running at the same moment (times recorded inside the Ray actors)."""
+    end_a = a.user_attrs.get("finished_at", a.datetime_complete.timestamp())
+    end_b = b.user_attrs.get("finished_at", b.datetime_complete.timestamp())
+    return a.user_attrs["started_at"] < end_b and b.user_attrs["started_at"] < end_a
+
+
+@pytest.fixture(scope="module")
+def ray_study(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ray")
+    spec_path = write_tiny_spec(folder, name="raytiny", trials=TRIALS, pruner="hyperband")
+    done = run_search("--study", str(spec_path), "--executor", "ray", "--gpus", "0,1")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return spec_path, done
+
+
+def test_every_trial_finishes_in_the_optuna_study(ray_study):
+    spec_path, done = ray_study
+    assert "2 parallel trial(s) on ray, each 1 cpu + 1 gpu" in done.stdout
+    trials = load_study(spec_path).get_trials()
+    assert len(trials) == TRIALS
+    # ASHA decides on whichever trial reaches a rung first, so how many are pruned depends on timing.
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert any(t.state == TrialState.COMPLETE for t in trials)
+    for trial in trials:
+        assert trial.user_attrs["device"] in ("gpu:0", "gpu:1")
+        assert trial.intermediate_values, f"trial {trial.number} has no per-epoch values"
+        assert min(trial.intermediate_values) == 0  # steps are epoch indices, as with the local executor
+        if trial.state == TrialState.PRUNED:  # pruned at its last reported epoch, which is its value
+            assert trial.value == trial.intermediate_values[max(trial.intermediate_values)]
+
+
+def test_trials_ran_in_parallel_on_distinct_devices(ray_study):
+    spec_path, _ = ray_study
+    trials = load_study(spec_path).get_trials()
+    pairs = [(a, b) for i, a in enumerate(trials) for b in trials[i + 1:] if ran_together(a, b)]
+    assert pairs, "no two trials trained at the same time"
+    assert all(a.user_attrs["device"] != b.user_attrs["device"] for a, b in pairs)
+
+
+def test_storage_alone_describes_each_completed_trial(ray_study, tmp_path):
+    spec_path, _ = ray_study
+    spec = load_spec(str(spec_path))
+    store = open_artifact_store(str(spec.study_dir / "artifacts"))
+    for trial in load_study(spec_path).get_trials(states=(TrialState.COMPLETE,)):
+        assert trial.value == pytest.approx(trial.user_attrs["val_accuracy_tta"])
+        assert len(trial.intermediate_values) == trial.user_attrs["epochs_run"]
+        assert 0 <= trial.user_attrs["test_accuracy"] <= 1
+        for name in ARTIFACT_FILES:
+            assert ARTIFACT_ATTR_PREFIX + name in trial.user_attrs
+        target = tmp_path / f"metrics_{trial.number}.json"
+        download_artifact(artifact_store=store, file_path=str(target),
+                          artifact_id=trial.user_attrs[ARTIFACT_ATTR_PREFIX + "metrics.json"])
+        assert json.loads(target.read_text())["val_accuracy_tta"] == trial.value
+        config = tmp_path / f"config_{trial.number}.json"
+        download_artifact(artifact_store=store, file_path=str(config),
+                          artifact_id=trial.user_attrs[ARTIFACT_ATTR_PREFIX + "config.json"])
+        assert json.loads(config.read_text())["learning_rate"] == trial.params["learning_rate"]
+    assert not any((spec.study_dir / "work").glob("trial_*")), "scratch folders were left behind"
+
+
+def test_a_finished_study_is_not_run_again(ray_study):
+    spec_path, _ = ray_study
+    spec = load_spec(str(spec_path))
+    summary = run_ray(spec, default_storage_url(spec.study_dir), str(spec.study_dir / "artifacts"), ["0", "1"],
+                      None, show_progress=False)
+    assert summary["trials"] == 0
+    assert len(load_study(spec_path).get_trials()) == TRIALS
+
+
+def test_failed_trials_are_recorded_and_the_study_goes_on(tmp_path):
+    """Also the CPU-only path: no GPU listed, so two trials share the two cores."""
+    spec = spec_from_dict({
+        "name": "rayfail", "out": str(tmp_path / "runs"),
+        "data": {"path": str(tmp_path / "missing.npz")},
+        "space": {"backbones": ["compact_cnn"], "epochs": [1, 1], "batch_size": [64]},
+        "budget": {"trials": 2, "tta_views": 1},
+        "algorithm": {"pruner": "none"},
+    })
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    summary = run_ray(spec, url, str(tmp_path / "artifacts"), [], None, show_progress=False)
+    assert summary == {"workers": 2, "trials": 2, "errors": 2}
+    trials = optuna.load_study(study_name="rayfail", storage=url).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    for trial in trials:
+        assert trial.user_attrs["device"] == "cpu"
+        assert "missing.npz" in trial.user_attrs["fail_reason"]
+        assert "Traceback" in trial.user_attrs["fail_traceback"]
+
+
+def test_searcher_stops_at_the_deadline_and_fails_what_it_leaves_running(tmp_path):
+    spec = spec_from_dict({"name": "raysearcher", "out": str(tmp_path), "space": {"backbones": ["compact_cnn"]}})
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=None)
+    searcher = StudySearch(spec, storage, deadline=None)
+    config = searcher.suggest("tune-trial-a")
+    assert config[TRIAL_NUMBER_KEY] == 0 and config["backbone"] == "compact_cnn"
+    assert searcher.fail_unfinished("driver stopped") == 1
+    trial = optuna.load_study(study_name="raysearcher", storage=storage).trials[0]
+    assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "driver stopped"
+    late = StudySearch(spec, storage, deadline=time.time() - 1)
+    assert late.suggest("tune-trial-b") == late.FINISHED
+    assert len(storage.get_all_trials(storage.get_study_id_from_name("raysearcher"))) == 1
+
+
+@pytest.mark.parametrize("cluster, executor, expected", [
+    ({"CPU": 2, "GPU": 2}, {}, RayPlan(workers=2, cpus_per_trial=1, gpus_per_trial=1)),
+    ({"CPU": 8, "GPU": 2}, {"gpus_per_trial": 0.5}, RayPlan(workers=4, cpus_per_trial=2, gpus_per_trial=0.5)),
+    ({"CPU": 2, "GPU": 2}, {"workers": 4}, RayPlan(workers=4, cpus_per_trial=0.5, gpus_per_trial=0.5)),
+    ({"CPU": 4}, {}, RayPlan(workers=4, cpus_per_trial=1, gpus_per_trial=0)),
+    ({"CPU": 32}, {}, RayPlan(workers=8, cpus_per_trial=4, gpus_per_trial=0)),
+])
+def test_resource_plan_fits_all_workers_at_once(cluster, executor, expected):
+    plan = plan_resources(spec_from_dict({"executor": executor}), cluster)
+    assert plan == expected
+    assert plan.workers * plan.cpus_per_trial <= cluster["CPU"]
+    assert plan.workers * plan.gpus_per_trial <= cluster.get("GPU", 0)
