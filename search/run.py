@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from search.cli_errors import run_cli
+from search.config import ConfigError
 from search.spec import StudySpec, load_spec, validate_spec
 
 
@@ -62,11 +63,13 @@ def remember_last_study(spec: StudySpec, storage_url: str, artifacts: str) -> No
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     spec = apply_overrides(load_spec(args.study), args)
+    if spec.data.path and not Path(spec.data.path).exists():
+        raise ConfigError(f"data path not found: {spec.data.path} (set --data or 'data.path')")
 
     from search.executors.devices_plan import parse_gpus, plan_workers
     from search.report import write_report
     from search.storage import default_storage_url, open_artifact_store, open_storage
-    from search.study import prepare_study
+    from search.study import finished_count, prepare_study
 
     storage_url = spec.storage.url or default_storage_url(spec.study_dir)
     artifacts = spec.storage.artifacts or str(spec.study_dir / "artifacts")
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from search.executors.local import run_local
 
-        devices = plan_workers(gpus, spec.executor.workers)
+        remaining = max(spec.budget.trials - finished_count(study), 1)
+        devices = plan_workers(gpus, spec.executor.workers)[:remaining]
         print(f"{len(devices)} worker(s): " + ", ".join(d.gpu and f"gpu {d.gpu}" or f"cpu x{d.cpu_threads}"
                                                        for d in devices))
         run_local(spec, study, storage_url, artifacts, devices, deadline, show_progress=not args.no_progress)

@@ -173,6 +173,12 @@ def validate_spec(spec: StudySpec, origin: str = "spec") -> None:
                 "unfreeze_fraction", "finetune_lr_factor"):
         low_high = getattr(spec.space, key)
         checks[f"space.{key}"] = len(low_high) == 2 and low_high[0] <= low_high[1]
+    from backbones import list_backbones
+
+    unknown = [b for b in spec.space.backbones if b not in list_backbones()]
+    if unknown:
+        raise ConfigError(f"{origin}: unknown backbone {unknown[0]!r} in 'space.backbones' "
+                          f"(available: {', '.join(list_backbones())})")
     for key, ok in checks.items():
         if not ok:
             section, name = key.split(".")

@@ -136,7 +136,7 @@ def _fit(model, config: TrialConfig, data: TrialData, report: ReportFn | None, s
     for name, fraction, epochs, learning_rate in _stages(config, pretrained):
         set_unfreeze(model, fraction)
         _compile(model, config, learning_rate, epochs, steps)
-        fitted = model.fit(train, validation_data=val, epochs=epochs, class_weight=weights, verbose=0,
+        fitted = model.fit(train, validation_data=val, epochs=epochs, class_weight=weights, verbose=0, shuffle=False,
                            callbacks=_callbacks(config, report, epoch, started, timings))
         frame = pd.DataFrame(fitted.history)
         frame.insert(0, "epoch", range(epoch, epoch + len(frame)))

@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_tensorflow()
     import optuna
+    from optuna.trial import TrialState
 
     from search.objective import Objective
     from search.storage import open_artifact_store, open_storage
@@ -41,9 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     if finished_count(study) >= spec.budget.trials:
         return 0
     timeout = None if args.deadline is None else max(args.deadline - time.time(), 1.0)
+    # Counting other workers' RUNNING trials keeps a finishing worker from starting one trial too many.
     study.optimize(
         Objective(spec, open_artifact_store(args.artifacts)), timeout=timeout, catch=(Exception,),
-        callbacks=[optuna.study.MaxTrialsCallback(spec.budget.trials, states=FINISHED)], gc_after_trial=True,
+        callbacks=[optuna.study.MaxTrialsCallback(spec.budget.trials, states=(*FINISHED, TrialState.RUNNING))],
+        gc_after_trial=True,
     )
     return 0
 

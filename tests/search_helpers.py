@@ -11,7 +11,7 @@ name = "{name}"
 out = "{out}"
 
 [data]
-max_train_images = 320
+max_train_images = {train_images}
 
 [space]
 backbones = ["compact_cnn"]
@@ -39,10 +39,11 @@ max_retry = 1
 
 
 def write_tiny_spec(folder: Path, name: str = "tiny", trials: int = 2, min_epochs: int = 1, max_epochs: int = 2,
-                    pruner: str = "none", extra: str = "") -> Path:
+                    pruner: str = "none", extra: str = "", train_images: int = 320) -> Path:
     path = folder / f"{name}.toml"
     path.write_text(TINY_SPEC.format(name=name, out=folder / "runs", trials=trials, min_epochs=min_epochs,
-                                     max_epochs=max_epochs, pruner=pruner) + extra)
+                                     max_epochs=max_epochs, pruner=pruner,
+                                     train_images=train_images) + extra)
     return path
 
 

@@ -32,6 +32,7 @@ def test_an2dl_spec_is_the_competition_setting():
         ({"executor": {"kind": "slurm"}}, "'executor.kind'"),
         ({"space": {"learning_rate": [1e-2, 1e-4]}}, "'space.learning_rate'"),
         ({"warm_start": {"backbone": "x"}}, "'warm_start' must be an array"),
+        ({"space": {"backbones": ["vgg99"]}}, "unknown backbone 'vgg99' in 'space.backbones'"),
     ],
 )
 def test_bad_spec_names_the_key(values, message):

@@ -11,8 +11,8 @@ import pytest
 from search.config import ConfigError, TrialConfig
 from search.trainer import ARTIFACT_FILES, is_complete, train_trial
 
-QUICK = dict(backbone="compact_cnn", epochs=3, batch_size=128, learning_rate=3e-3, max_train_images=3000,
-             augment_policy="light", augment_strength=0.5, tta_views=8, seed=1)
+QUICK = dict(backbone="compact_cnn", epochs=4, batch_size=128, learning_rate=3e-3, max_train_images=4000,
+             augment_policy="light", augment_strength=0.3, tta_views=8, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -112,4 +112,4 @@ def test_train_one_cli_reports_bad_input_in_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "search.train_one", "--config", str(path),
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0 and "vgg99" in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "unknown backbone 'vgg99'" in done.stderr
