@@ -44,7 +44,7 @@ def config_from_params(params: dict[str, Any], spec: StudySpec, is_pretrained: C
     fixed = dict(
         data=data.path, image_size=data.image_size, center_crop=data.center_crop,
         val_fraction=data.val_fraction, test_fraction=data.test_fraction, split_seed=data.split_seed,
-        split_file=str(spec.study_dir / "split.npz"), max_train_images=data.max_train_images,
+        split_file=str(spec.study_dir / "split.json"), max_train_images=data.max_train_images,
         head_epochs=spec.space.head_epochs, early_stopping_patience=budget.early_stopping_patience,
         time_budget_s=budget.trial_time_budget_s, tta_views=budget.tta_views, seed=seed,
     )

@@ -72,7 +72,7 @@ def test_space_is_conditional_on_the_backbone():
     spec = load_spec("default")
     _, params, config = _sample(spec, lambda name: False)
     assert "unfreeze_fraction" not in params and config.weights is None
-    assert config.split_file.endswith("split.npz") and config.tta_views == spec.budget.tta_views
+    assert config.split_file.endswith("split.json") and config.tta_views == spec.budget.tta_views
 
 
 def test_weight_decay_only_for_optimizers_that_use_it():
