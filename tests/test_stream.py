@@ -1,0 +1,157 @@
+"""tf.data streams on real blood-cell images: shapes, pairing, determinism by seed, eval order, errors."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from data_pipeline.augment import build_augmenter
+from data_pipeline.errors import DataError
+from data_pipeline.stream import make_eval_stream, make_stream, steps_per_epoch
+
+N_CLASSES = 8
+
+
+@pytest.fixture(scope="module")
+def subset(embedded):
+    idx = np.random.default_rng(1).choice(len(embedded), 200, replace=False)
+    return embedded.images[idx], embedded.labels[idx]
+
+
+def _batches(dataset, limit=None):
+    return [[t.numpy() for t in batch] for batch in dataset.take(limit or -1)]
+
+
+def _identical(a, b):
+    return len(a) == len(b) and all(np.array_equal(x, y) for p, q in zip(a, b) for x, y in zip(p, q))
+
+
+def test_batches_have_model_ready_shapes_and_dtypes(subset):
+    images, labels = subset
+    dataset = make_stream(images, labels, N_CLASSES, 64, seed=0)
+    spec_images, spec_labels = dataset.element_spec
+    assert spec_images.dtype == tf.float32 and spec_images.shape[1:] == (28, 28, 3)
+    assert spec_labels.dtype == tf.float32 and spec_labels.shape[1:] == (N_CLASSES,)
+    batches = _batches(dataset)
+    assert [len(b[0]) for b in batches] == [64, 64, 64, 8]
+    assert len(batches) == steps_per_epoch(200, 64)
+    dropped = _batches(make_stream(images, labels, N_CLASSES, 64, drop_remainder=True))
+    assert [len(b[0]) for b in dropped] == [64, 64, 64] == [64] * steps_per_epoch(200, 64, drop_remainder=True)
+
+
+def test_shuffled_images_keep_their_labels_and_raw_values(subset):
+    images, labels = subset
+    label_of = {img.tobytes(): lab for img, lab in zip(images, labels)}
+    seen = []
+    for batch_images, batch_labels in _batches(make_stream(images, labels, N_CLASSES, 50, seed=3)):
+        for image, one_hot in zip(batch_images, batch_labels):
+            key = image.astype(np.uint8).tobytes()
+            assert np.array_equal(image, image.round()) and image.max() <= 255  # raw 0..255, not rescaled
+            assert one_hot.sum() == 1 and one_hot.argmax() == label_of[key]
+            seen.append(key)
+    assert sorted(seen) == sorted(label_of)  # every image exactly once
+    assert seen != [img.tobytes() for img in images]  # and shuffled
+
+
+def test_same_seed_same_augmented_batches_over_epochs_other_seed_differs(subset):
+    images, labels = subset
+
+    def stream(seed):
+        return make_stream(images, labels, N_CLASSES, 64, seed=seed,
+                           augmenter=build_augmenter("cutmix_mixup", 0.8, N_CLASSES, seed=7))
+
+    first, again, other = stream(5), stream(5), stream(6)
+    epoch1, epoch1_again = _batches(first), _batches(again)
+    assert _identical(epoch1, epoch1_again)
+    assert not _identical(epoch1, _batches(other))
+    epoch2, epoch2_again = _batches(first), _batches(again)  # a new pass: new shuffle and new keys...
+    assert not _identical(epoch1, epoch2)
+    assert _identical(epoch2, epoch2_again)  # ...still reproducible
+
+
+def test_randaugment_stream_is_deterministic(subset):
+    images, labels = subset
+    streams = [make_stream(images[:128], labels[:128], N_CLASSES, 32, seed=2,
+                           augmenter=build_augmenter("randaugment", 1.0, N_CLASSES)) for _ in range(2)]
+    first, second = (_batches(s) for s in streams)
+    assert _identical(first, second)
+    assert not np.array_equal(first[0][0], first[0][0].round())  # interpolation happened: augmented
+
+
+def test_sample_weights_travel_with_their_images(subset):
+    images, labels = subset
+    weights = np.arange(len(images), dtype=np.float32)
+    index_of = {img.tobytes(): i for i, img in enumerate(images)}
+    for batch_images, _, batch_weights in _batches(make_stream(images, labels, N_CLASSES, 64, sample_weights=weights)):
+        assert batch_weights.dtype == np.float32
+        assert [index_of[img.astype(np.uint8).tobytes()] for img in batch_images] == batch_weights.tolist()
+
+
+def test_repeat_runs_past_one_epoch_and_unshuffled_stream_is_in_order(subset):
+    images, labels = subset
+    repeated = _batches(make_stream(images, labels, N_CLASSES, 64, repeat=True), limit=10)
+    assert len(repeated) == 10
+    ordered = _batches(make_stream(images, labels, N_CLASSES, 64, shuffle=False, repeat=True), limit=5)
+    assert np.array_equal(ordered[0][0], images[:64]) and np.array_equal(ordered[4][0], images[:64])
+    assert len(ordered[3][0]) == 8  # unshuffled passes do not straddle: the short batch stays
+
+
+def test_eval_stream_keeps_order_and_values(subset):
+    images, _ = subset
+    dataset = make_eval_stream(images, 48)
+    assert dataset.element_spec.dtype == tf.float32
+    out = np.concatenate([b.numpy() for b in dataset])
+    assert np.array_equal(out, images.astype(np.float32))
+
+
+def test_stream_trains_a_keras_model_on_soft_labels(subset):
+    import keras
+
+    images, labels = subset
+    model = keras.Sequential([keras.Input((28, 28, 3)), keras.layers.Rescaling(1 / 255),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(N_CLASSES, "softmax")])
+    model.compile("adam", "categorical_crossentropy")
+    stream = make_stream(images, labels, N_CLASSES, 64, augmenter=build_augmenter("cutmix", 1.0, N_CLASSES))
+    history = model.fit(stream, epochs=1, verbose=0, shuffle=False)
+    assert np.isfinite(history.history["loss"][0])
+    assert model.predict(make_eval_stream(images, 64), verbose=0).shape == (len(images), N_CLASSES)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda im, lab: (im[..., 0], lab), "rank 3"),
+    (lambda im, lab: (im[..., :1], lab), "3 colour channels"),
+    (lambda im, lab: (im / 255.0, lab), "0..1"),
+    (lambda im, lab: (im, lab[:-1]), "labels for"),
+    (lambda im, lab: (im, np.where(np.arange(len(lab)) == 3, 8, lab)), "out of range"),
+    (lambda im, lab: (im, lab + 0.5), "integers"),
+])
+def test_bad_arrays_raise_data_error(subset, change, message):
+    images, labels = change(*subset)
+    with pytest.raises(DataError, match=message):
+        make_stream(images, labels, N_CLASSES, 32)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_size": 0}, "batch_size"),
+    ({"batch_size": 2.5}, "batch_size"),
+    ({"batch_size": True}, "batch_size"),
+    ({"num_classes": 1}, "num_classes"),
+    ({"sample_weights": np.ones(3)}, "sample_weights"),
+    ({"sample_weights": -np.ones(200)}, "sample_weights"),
+    ({"augmenter": "light"}, "callable"),
+    ({"augmenter": "five classes"}, "built for 5 classes"),
+    ({"seed": -1}, "seed"),
+])
+def test_bad_settings_raise_data_error(subset, kwargs, message):
+    images, labels = subset
+    settings = {"num_classes": N_CLASSES, "batch_size": 32, **kwargs}
+    if settings.get("augmenter") == "five classes":
+        settings["augmenter"] = build_augmenter("light", 0.5, 5)
+    with pytest.raises(DataError, match=message):
+        make_stream(images, labels, settings.pop("num_classes"), settings.pop("batch_size"), **settings)
+
+
+def test_eval_stream_validates_inputs(subset):
+    with pytest.raises(DataError, match="batch_size"):
+        make_eval_stream(subset[0], 0)
+    with pytest.raises(DataError, match="rank"):
+        make_eval_stream(subset[0][0], 8)
