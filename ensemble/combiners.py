@@ -1,0 +1,234 @@
+"""Combiners: scikit-learn estimators that turn members' probabilities into the ensemble's.
+
+Every combiner takes X of shape (N, M, C) (N images, M members, C classes: each member's TTA-averaged
+probabilities) so that the sample axis comes first and scikit-learn's `cross_val_predict`, `clone` and
+fold splitters work on it unchanged. They are fit on the VALIDATION split only; the test split is never
+seen by `fit` (build.py passes val arrays only, and the tests check it).
+
+- `SoftVoting`: a fixed weighted mean (uniform, or e.g. greedy-selection counts). Nothing to fit.
+- `WeightedVoting`: weights on the simplex that minimise validation log-loss (softmax-parametrised, so
+  they stay >= 0 and sum to 1, optimised with L-BFGS).
+- `Stacking`: multinomial logistic regression on the members' log-probabilities (log, because a
+  log-linear pool of probabilities is what a linear model can express; raw probabilities saturate).
+
+`calibrate=True` adds temperature scaling: one scalar T fit by minimising the log-loss of out-of-fold
+combined probabilities on validation (out-of-fold, so a fitted combiner's in-sample over-confidence
+does not bias T). `params()` returns the plain numbers the standalone runtime needs (see standalone.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.optimize import minimize, minimize_scalar
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
+from threadpoolctl import threadpool_limits
+
+from ensemble.standalone import _LOG_EPS, apply_temperature, combine
+
+COMBINERS = ("vote", "weighted", "stacking")
+
+
+def check_member_probs(X: Any, n_members: int | None = None) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 3:
+        raise ValueError(f"expected member probabilities of shape (N, M, C), got {X.shape}")
+    if n_members is not None and X.shape[1] != n_members:
+        raise ValueError(f"expected {n_members} members, got {X.shape[1]}")
+    return X
+
+
+def log_loss(probs: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true labels (probabilities clipped away from 0)."""
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], _LOG_EPS, 1.0))))
+
+
+def fold_splitter(y: np.ndarray, n_splits: int = 5, seed: int = 0):
+    """Stratified folds when every class has >= 2 validation images, else plain shuffled folds."""
+    counts = np.bincount(y)
+    smallest = counts[counts > 0].min() if len(counts) else 0
+    if smallest >= 2:
+        return StratifiedKFold(n_splits=int(min(n_splits, smallest)), shuffle=True, random_state=seed)
+    return KFold(n_splits=int(min(n_splits, len(y))), shuffle=True, random_state=seed)
+
+
+def fit_temperature(probs: np.ndarray, y: np.ndarray) -> float:
+    """The T in [0.05, 20] minimising the log-loss of softmax(log p / T) (1-D bounded search on log T)."""
+    result = minimize_scalar(lambda log_t: log_loss(apply_temperature(probs, float(np.exp(log_t))), y),
+                             bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    temperature = float(np.exp(result.x))
+    # keep T = 1 unless scaling actually helps (a flat objective would otherwise pick an arbitrary T)
+    return temperature if log_loss(apply_temperature(probs, temperature), y) < log_loss(probs, y) - 1e-9 else 1.0
+
+
+class _Combiner(ClassifierMixin, BaseEstimator):
+    """Shared fit/predict logic: subclasses implement `_fit_base`, `_base_params`."""
+
+    kind = ""
+
+    def fit(self, X, y):
+        # One BLAS thread: these matrices are tiny, and on a busy 2-core machine OpenBLAS threads
+        # spin-waiting for each other made a logistic-regression fit 10x slower, not faster.
+        with threadpool_limits(1):
+            return self._fit(X, y)
+
+    def _fit(self, X, y):
+        X = check_member_probs(X)
+        y = np.asarray(y, dtype=np.int64)
+        if len(X) != len(y):
+            raise ValueError(f"{len(X)} samples but {len(y)} labels")
+        self.n_members_, self.n_classes_ = X.shape[1], X.shape[2]
+        self.classes_ = np.arange(self.n_classes_)
+        self.n_fit_samples_ = len(y)
+        self.temperature_ = 1.0
+        if getattr(self, "calibrate", False) and len(y) >= 4:
+            uncalibrated = clone(self).set_params(calibrate=False)
+            oof = cross_val_predict(uncalibrated, X, y, cv=fold_splitter(y), method="predict_proba")
+            self.temperature_ = fit_temperature(oof, y)
+        self._fit_base(X, y)
+        return self
+
+    def _fit_base(self, X: np.ndarray, y: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _base_params(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        """JSON-ready numbers that `standalone.combine` applies identically to `predict_proba`."""
+        check_is_fitted(self, "n_members_")
+        return {"kind": self.kind, **self._base_params(), "temperature": float(self.temperature_)}
+
+    def predict_proba(self, X) -> np.ndarray:
+        check_is_fitted(self, "n_members_")
+        X = check_member_probs(X, self.n_members_)
+        return combine(X, self.params()).astype(np.float64)
+
+    def predict(self, X) -> np.ndarray:
+        return self.predict_proba(X).argmax(axis=1)
+
+
+class SoftVoting(_Combiner):
+    """Weighted mean of member probabilities with given weights (None: uniform); normalised to sum 1."""
+
+    kind = "vote"
+
+    def __init__(self, weights=None, calibrate: bool = False):
+        self.weights = weights
+        self.calibrate = calibrate
+
+    def _fit_base(self, X, y):
+        weights = np.ones(X.shape[1]) if self.weights is None else np.asarray(self.weights, dtype=np.float64)
+        if weights.shape != (X.shape[1],) or np.any(weights < 0) or weights.sum() <= 0:
+            raise ValueError(f"weights must be {X.shape[1]} non-negative numbers, not all 0; got {self.weights}")
+        self.weights_ = weights / weights.sum()
+
+    def _base_params(self):
+        return {"weights": [float(w) for w in self.weights_]}
+
+
+class WeightedVoting(_Combiner):
+    """Simplex weights minimising validation log-loss of the weighted mean (Caruana-style, but continuous).
+
+    Weights are softmax(theta); `l2` pulls theta to 0 (uniform weights) so a tiny validation set does not
+    put all the weight on one member by chance.
+    """
+
+    kind = "weighted"
+
+    def __init__(self, l2: float = 1e-3, calibrate: bool = False):
+        self.l2 = l2
+        self.calibrate = calibrate
+
+    def _fit_base(self, X, y):
+        picked = X[np.arange(len(y)), :, y]  # (N, M): each member's probability of the true class
+
+        def objective(theta):
+            w = np.exp(theta - theta.max())
+            w /= w.sum()
+            p = np.clip(picked @ w, _LOG_EPS, None)
+            loss = -np.mean(np.log(p)) + self.l2 * np.sum(theta ** 2)
+            # gradient through the softmax: dL/dtheta = w * (g - w.g) with g = dL/dw
+            g = -np.mean(picked / p[:, None], axis=0)
+            return loss, w * (g - w @ g) + 2 * self.l2 * theta
+
+        result = minimize(objective, np.zeros(X.shape[1]), jac=True, method="L-BFGS-B")
+        w = np.exp(result.x - result.x.max())
+        self.weights_ = w / w.sum()
+
+    def _base_params(self):
+        return {"weights": [float(w) for w in self.weights_]}
+
+
+class Stacking(_Combiner):
+    """Logistic-regression meta-learner on standardised, concatenated member log-probabilities (N, M*C).
+
+    Standardising matters: sharp members have log-probabilities from 0 down to -16, and an L2 penalty on
+    unscaled features mostly shrinks the informative small-range ones. The scaler is folded into the
+    exported coefficients, so `params()` stays a plain linear map of the raw log-probabilities.
+    Newton-Cholesky: a few exact steps on M*C*C parameters instead of hundreds of L-BFGS iterations.
+    """
+
+    kind = "stacking"
+
+    def __init__(self, C: float = 1.0, calibrate: bool = False, max_iter: int = 2000):
+        self.C = C
+        self.calibrate = calibrate
+        self.max_iter = max_iter
+
+    @staticmethod
+    def features(X: np.ndarray) -> np.ndarray:
+        return np.log(np.clip(X, _LOG_EPS, 1.0)).reshape(len(X), -1)
+
+    def _fit_base(self, X, y):
+        self.meta_learner_ = make_pipeline(StandardScaler(),
+                                           LogisticRegression(C=self.C, max_iter=self.max_iter,
+                                                              solver="newton-cholesky"))
+        self.meta_learner_.fit(self.features(X), y)
+        scaler, regression = self.meta_learner_[0], self.meta_learner_[-1]
+        classes = regression.classes_
+        coef = regression.coef_ / scaler.scale_
+        intercept = regression.intercept_ - coef @ scaler.mean_
+        if len(classes) != X.shape[2] or coef.shape[0] == 1:
+            # a class absent from validation (or a binary task): expand to one row per class, absent
+            # classes get a very low score, so the numbers apply like the other combiners'
+            full_coef = np.zeros((X.shape[2], coef.shape[1]))
+            full_intercept = np.full(X.shape[2], -30.0)
+            if coef.shape[0] == 1:
+                full_coef[classes[1]], full_intercept[classes[1]] = coef[0], intercept[0]
+                full_intercept[classes[0]] = 0.0
+            else:
+                full_coef[classes], full_intercept[classes] = coef, intercept
+            coef, intercept = full_coef, full_intercept
+        self.coef_, self.intercept_ = coef, intercept
+
+    def _base_params(self):
+        return {"coef": self.coef_.tolist(), "intercept": self.intercept_.tolist(), "features": "log_probs"}
+
+
+def make_combiner(kind: str, *, calibrate: bool = False, vote_weights=None) -> _Combiner:
+    if kind == "vote":
+        return SoftVoting(weights=vote_weights, calibrate=calibrate)
+    if kind == "weighted":
+        return WeightedVoting(calibrate=calibrate)
+    if kind == "stacking":
+        return Stacking(calibrate=calibrate)
+    raise ValueError(f"unknown combiner {kind!r} (known: {', '.join(COMBINERS)})")
+
+
+def out_of_fold_proba(combiner: _Combiner, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Validation probabilities of `combiner` where each image is scored by a combiner not fit on it.
+
+    This is how stacking (and the fitted weights) are scored on validation: never on their own training
+    predictions, and never on test data.
+    """
+    if isinstance(combiner, SoftVoting) and not combiner.calibrate:
+        return clone(combiner).fit(X, y).predict_proba(X)  # nothing is fit on the labels
+    with threadpool_limits(1):
+        return cross_val_predict(clone(combiner), X, y, cv=fold_splitter(y), method="predict_proba")

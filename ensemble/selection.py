@@ -1,0 +1,113 @@
+"""Choosing members from the study's trials, on validation predictions only.
+
+- `select_top_k`: the K best trials by validation accuracy (ties: lower validation log-loss).
+- `greedy_selection`: Caruana et al. (2004) forward selection WITH replacement, as auto-sklearn builds its
+  ensembles: start from the best single model, repeatedly add the candidate (possibly one already in)
+  whose addition most lowers the validation log-loss of the running average; the number of times a
+  member was picked is its weight. Log-loss rather than accuracy because it is smooth: on a
+  validation set of a thousand images accuracy ties constantly and the search would stall at random.
+
+Both guard against near-identical members (two trials with the same configuration, or a warm-started
+copy): a candidate whose validation predictions agree on >= 99.5% of images AND whose probabilities
+correlate >= 0.99 with an already chosen member adds cost and no diversity, so it only gets in if it
+scores strictly better than simply up-weighting its twin (greedy) / than leaving it out (top-K).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ensemble.combiners import log_loss
+
+AGREEMENT_THRESHOLD = 0.995
+CORRELATION_THRESHOLD = 0.99
+
+
+def accuracy(probs: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(probs.argmax(axis=1) == y))
+
+
+def similarity(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(fraction of images with the same predicted class, Pearson correlation of the probabilities)."""
+    agreement = float(np.mean(a.argmax(axis=1) == b.argmax(axis=1)))
+    fa, fb = a.ravel() - a.mean(), b.ravel() - b.mean()
+    denominator = np.sqrt((fa @ fa) * (fb @ fb))
+    correlation = float(fa @ fb / denominator) if denominator > 0 else 1.0
+    return agreement, correlation
+
+
+def near_identical(a: np.ndarray, b: np.ndarray, agreement: float = AGREEMENT_THRESHOLD,
+                   correlation: float = CORRELATION_THRESHOLD) -> bool:
+    agree, corr = similarity(a, b)
+    return agree >= agreement and corr >= correlation
+
+
+@dataclass
+class Selection:
+    """Chosen candidate indices (distinct, in order of first pick), their weights (sum 1), and a log."""
+
+    indices: list[int]
+    weights: list[float]
+    counts: list[int] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+
+
+def rank_candidates(val_probs: list[np.ndarray], y: np.ndarray) -> list[int]:
+    """Candidate indices, best first: validation accuracy, then log-loss, then index (determinism)."""
+    return sorted(range(len(val_probs)), key=lambda i: (-accuracy(val_probs[i], y), log_loss(val_probs[i], y), i))
+
+
+def select_top_k(val_probs: list[np.ndarray], y: np.ndarray, k: int) -> Selection:
+    """Up to `k` best candidates, uniform weights, skipping near-duplicates that do not lower log-loss."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    chosen: list[int] = []
+    log: list[str] = []
+    for index in rank_candidates(val_probs, y):
+        if len(chosen) == k:
+            break
+        twins = [c for c in chosen if near_identical(val_probs[index], val_probs[c])]
+        if twins:
+            without = log_loss(np.mean([val_probs[c] for c in chosen], axis=0), y)
+            with_it = log_loss(np.mean([val_probs[c] for c in chosen + [index]], axis=0), y)
+            if with_it >= without:
+                log.append(f"skipped candidate {index}: near-identical to {twins[0]} and no log-loss gain")
+                continue
+        chosen.append(index)
+    return Selection(chosen, [1.0 / len(chosen)] * len(chosen), [1] * len(chosen), log)
+
+
+def greedy_selection(val_probs: list[np.ndarray], y: np.ndarray, max_members: int, n_iterations: int = 25,
+                     tolerance: float = 1e-6) -> Selection:
+    """Caruana forward selection with replacement (see module doc), stopping when no pick improves.
+
+    `max_members` caps the DISTINCT members (inference cost grows with them, not with the weights).
+    """
+    if max_members < 1:
+        raise ValueError(f"max_members must be >= 1, got {max_members}")
+    best = rank_candidates(val_probs, y)[0]
+    counts = {best: 1}
+    total = val_probs[best].astype(np.float64).copy()
+    current = log_loss(total, y)
+    log = [f"start with candidate {best} (val log-loss {current:.4f})"]
+    for step in range(1, n_iterations):
+        options = list(counts) if len(counts) >= max_members else range(len(val_probs))
+        n = sum(counts.values()) + 1
+        scores = {i: log_loss((total + val_probs[i]) / n, y) for i in options}
+        for i in [i for i in scores if i not in counts]:
+            twins = [c for c in counts if near_identical(val_probs[i], val_probs[c])]
+            if twins and scores[i] >= min(scores.get(t, np.inf) for t in twins) - tolerance:
+                del scores[i]  # up-weighting its twin does as well: no new member
+        pick = min(scores, key=lambda i: (scores[i], i))
+        if scores[pick] > current - tolerance:
+            log.append(f"step {step}: no candidate lowers val log-loss below {current:.4f}; stop")
+            break
+        counts[pick] = counts.get(pick, 0) + 1
+        total += val_probs[pick]
+        current = scores[pick]
+        log.append(f"step {step}: add candidate {pick} -> val log-loss {current:.4f}")
+    indices = list(counts)
+    total_count = sum(counts.values())
+    return Selection(indices, [counts[i] / total_count for i in indices], [counts[i] for i in indices], log)

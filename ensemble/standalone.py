@@ -1,0 +1,326 @@
+"""Ensemble inference with no cellsearch import: the one code path shared by the package and Codabench.
+
+`python -m ensemble.export` copies this file verbatim into the submission zip as `model.py`, so the code
+that is tested inside the package is byte for byte the code that runs on the Codabench machine, where
+cellsearch is not installed. Hence the rules for this file:
+
+- imports: the standard library, numpy, and (lazily, inside functions) keras / tensorflow only;
+- the members' one custom layer (`ImageNetPreprocess`, see backbones/preprocessing.py) is re-declared
+  here in minimal form and handed to Keras as a `custom_objects` entry under its registered name, so
+  models load with Keras' safe_mode ON and no global registration is clobbered;
+- the combiner is applied from the plain numbers stored in `manifest.json` (voting weights, or the
+  logistic-regression coefficients of the stacking meta-learner, and a temperature), not from the
+  joblib pickle: unpickling a scikit-learn model across scikit-learn versions is fragile (and
+  unpickling runs code), while a weighted sum or a softmax of a linear map is not. The package checks
+  that both give the same probabilities.
+
+Input rule (`prepare_images`): uint8 (N,H,W,3) RGB (other numeric dtypes only when every value is an
+integer-valued 0..255 number; floats in 0..1 are refused rather than silently turned black). Images whose
+(H,W) differ from the members' input size are resized, when `resize` is on (the default), with
+TensorFlow's antialiased bicubic resize and rounded back to uint8; aspect ratio is not preserved, so
+crop non-square images first if that matters. With `resize=False` a size mismatch is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+#: TTA view subsets in dihedral order (identical to data_pipeline.tta.VIEW_SETS): views 0-3 rotate by
+#: k*90 degrees, views 4-7 do the same after a horizontal flip.
+VIEW_SETS: dict[int, tuple[int, ...]] = {1: (0,), 2: (0, 4), 4: (0, 1, 2, 3), 8: tuple(range(8))}
+#: Target forward passes per member call (views x images at 28x28); larger images get fewer images.
+_BATCH_PIXELS = 2048 * 28 * 28
+_LOG_EPS = 1e-7
+
+
+class EnsembleError(RuntimeError):
+    """The ensemble artifact or the input to it is unusable; the message says which file or value."""
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of an ensemble folder, after checking every listed file's sha256.
+
+    A missing folder, a missing or unreadable manifest, a missing file, an edited file, or a manifest
+    whose required keys are gone all raise one `EnsembleError` naming the problem.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EnsembleError(f"ensemble folder not found: {folder}")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise EnsembleError(f"{folder}: no {MANIFEST} (not an ensemble, or an incomplete one)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EnsembleError(f"{path}: not valid JSON ({exc})") from None
+    required = ("format_version", "members", "combiner", "class_names", "input_size", "tta_views", "files")
+    missing = [k for k in required if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise EnsembleError(f"{path}: missing key {missing[0]!r} (incomplete or edited manifest)")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise EnsembleError(f"{path}: format_version {manifest['format_version']!r}, this code reads "
+                            f"{FORMAT_VERSION}")
+    files = manifest["files"]
+    needed = [m["file"] for m in manifest["members"]]
+    unlisted = [f for f in needed if f not in files]
+    if unlisted:
+        raise EnsembleError(f"{path}: member file {unlisted[0]} has no checksum (edited manifest)")
+    for name, expected in sorted(files.items()):
+        target = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise EnsembleError(f"{path}: file entry {name!r} points outside the ensemble folder")
+        if not target.is_file():
+            raise EnsembleError(f"{folder}: missing file {name} (incomplete ensemble)")
+        if sha256_file(target) != expected:
+            raise EnsembleError(f"{folder}: checksum mismatch for {name} (file changed after the build)")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------- input
+
+def batch_size_for(height: int, width: int, n_views: int) -> int:
+    """Images per forward call so that views x images x pixels stays near 2048 images of 28x28."""
+    return int(max(1, min(1024, _BATCH_PIXELS // max(1, n_views * height * width))))
+
+
+def resize_images(images: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """uint8 (N,H,W,3) -> uint8 (N,h,w,3) with antialiased bicubic resampling (TensorFlow), chunked."""
+    import tensorflow as tf
+
+    out = np.empty((len(images), int(size[0]), int(size[1]), 3), dtype=np.uint8)
+    step = max(1, (1 << 24) // max(1, images[0].size))
+    for start in range(0, len(images), step):
+        chunk = tf.image.resize(images[start:start + step].astype(np.float32), (int(size[0]), int(size[1])),
+                                method="bicubic", antialias=True)
+        out[start:start + step] = np.clip(np.rint(chunk.numpy()), 0, 255).astype(np.uint8)
+    return out
+
+
+def prepare_images(images: Any, size: Sequence[int], resize: bool = True) -> np.ndarray:
+    """Validate a batch (rank, channels, dtype, range) and bring it to the members' (H,W); see module doc."""
+    images = np.asarray(images)
+    if images.ndim != 4:
+        hint = " (a single image? add a batch axis: images[None])" if images.ndim == 3 else ""
+        raise EnsembleError(f"expected images of shape (N,H,W,3), got shape {images.shape}{hint}")
+    if images.shape[-1] != 3:
+        raise EnsembleError(f"expected 3 colour channels (RGB), got {images.shape[-1]} (shape {images.shape})")
+    if images.shape[0] == 0:
+        raise EnsembleError("no images to predict (N=0)")
+    if min(images.shape[1:3]) < 1:
+        raise EnsembleError(f"empty image size {images.shape[1:3]}")
+    if images.dtype != np.uint8:
+        if images.dtype == bool or not np.issubdtype(images.dtype, np.number):
+            raise EnsembleError(f"images must be uint8, got dtype {images.dtype}")
+        lo, hi = float(np.min(images)), float(np.max(images))
+        if not np.isfinite([lo, hi]).all() or lo < 0 or hi > 255:
+            raise EnsembleError(f"{images.dtype} images must lie in 0..255, got {lo:g}..{hi:g}")
+        if np.issubdtype(images.dtype, np.floating) and hi <= 1.0:
+            raise EnsembleError("float images lie in 0..1; scale them to 0..255 (uint8 expected)")
+        images = np.rint(images).astype(np.uint8)
+    target = (int(size[0]), int(size[1]))
+    if images.shape[1:3] != target:
+        if not resize:
+            raise EnsembleError(f"images are {images.shape[1]}x{images.shape[2]} but the ensemble takes "
+                                f"{target[0]}x{target[1]} (resize is off)")
+        images = resize_images(images, target)
+    return np.ascontiguousarray(images)
+
+
+# ----------------------------------------------------------------------------------------- the models
+
+def _preprocess_layer_class():
+    """Minimal re-declaration of backbones.preprocessing.ImageNetPreprocess (same config, same maths)."""
+    import keras
+    from keras import ops
+
+    class ImageNetPreprocess(keras.layers.Layer):
+        def __init__(self, mode: str, **kwargs):
+            super().__init__(**kwargs)
+            if mode not in ("tf", "torch", "caffe", "unit"):
+                raise ValueError(f"unknown preprocessing mode {mode!r}")
+            self.mode = mode
+
+        def call(self, inputs):
+            x = ops.cast(inputs, self.compute_dtype)
+            if self.mode == "tf":
+                return x / 127.5 - 1.0
+            if self.mode == "unit":
+                return x / 255.0
+            if self.mode == "torch":
+                mean = ops.convert_to_tensor((0.485, 0.456, 0.406), dtype=self.compute_dtype)
+                std = ops.convert_to_tensor((0.229, 0.224, 0.225), dtype=self.compute_dtype)
+                return (x / 255.0 - mean) / std
+            mean = ops.convert_to_tensor((103.939, 116.779, 123.68), dtype=self.compute_dtype)
+            return ops.flip(x, axis=-1) - mean
+
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+        def get_config(self) -> dict:
+            return {**super().get_config(), "mode": self.mode}
+
+    return ImageNetPreprocess
+
+
+def load_member_models(folder: str | os.PathLike, manifest: dict[str, Any], custom_layer: bool = True) -> list:
+    """Load the member `.keras` files with safe_mode on. `custom_layer` supplies the re-declared
+    preprocessing layer (off when backbones.preprocessing is imported and registered already)."""
+    import keras
+
+    custom = {"cellsearch>ImageNetPreprocess": _preprocess_layer_class()} if custom_layer else None
+    models = []
+    for member in manifest["members"]:
+        path = Path(folder) / member["file"]
+        try:
+            model = keras.saving.load_model(path, custom_objects=custom, compile=False, safe_mode=True)
+        except Exception as exc:  # Keras raises many types for a bad file
+            raise EnsembleError(f"cannot load member {member['file']}: {type(exc).__name__}: {exc}") from None
+        models.append(model)
+    return models
+
+
+def _dihedral_tf(x, index: int):
+    """View `index` of a (N,H,W,C) tensor, identical to data_pipeline.tta.dihedral_view (numpy rot90)."""
+    import tensorflow as tf
+
+    if index >= 4:
+        x = tf.reverse(x, axis=[2])
+    k = index % 4
+    if k == 1:
+        return tf.transpose(tf.reverse(x, axis=[2]), (0, 2, 1, 3))
+    if k == 2:
+        return tf.reverse(x, axis=[1, 2])
+    if k == 3:
+        return tf.reverse(tf.transpose(x, (0, 2, 1, 3)), axis=[2])
+    return x
+
+
+class TTARunner:
+    """All members on all TTA views of a batch in ONE compiled call.
+
+    The views are made inside the graph and stacked along the batch axis, so each member runs once per
+    batch on views x images inputs: far fewer, larger kernels than `model.predict` per view and member,
+    and no Python, no tf.data and no numpy copies of the views in between.
+    """
+
+    def __init__(self, models: Sequence, views: Sequence[int], batch_size: int | None = None) -> None:
+        import tensorflow as tf
+
+        if not models:
+            raise EnsembleError("an ensemble needs at least one member model")
+        shapes = {tuple(m.input_shape[1:]) for m in models}
+        if len(shapes) != 1:
+            raise EnsembleError(f"members take different input shapes {sorted(shapes)}")
+        self.input_shape = tuple(int(d) for d in shapes.pop())
+        height, width = self.input_shape[:2]
+        self.views = tuple(int(v) for v in views)
+        if any(v % 4 in (1, 3) for v in self.views) and height != width:
+            raise EnsembleError(f"90-degree TTA views need square inputs, members take {height}x{width}")
+        self.models = list(models)
+        self.batch_size = batch_size or batch_size_for(height, width, len(self.views))
+        self._forward = tf.function(self._graph, reduce_retracing=True,
+                                    input_signature=[tf.TensorSpec((None, height, width, 3), tf.float32)])
+
+    def _graph(self, x):
+        import tensorflow as tf
+
+        n_views = len(self.views)
+        batch = tf.concat([_dihedral_tf(x, v) for v in self.views], axis=0) if n_views > 1 else x
+        outputs = tf.stack([tf.cast(m(batch, training=False), tf.float32) for m in self.models], axis=1)
+        return tf.reshape(outputs, (n_views, tf.shape(x)[0], len(self.models), -1))
+
+    def batches(self, images: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (start, (V,n,M,C) probabilities) per batch of uint8 (N,H,W,3) images of the right size."""
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size].astype(np.float32)
+            yield start, self._forward(chunk).numpy()
+
+    def view_probs(self, images: np.ndarray) -> np.ndarray:
+        """(V,N,M,C) probabilities of every member on every view."""
+        parts = [probs for _, probs in self.batches(images)]
+        return np.concatenate(parts, axis=1)
+
+
+# --------------------------------------------------------------------------------------- the combiner
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T): T > 1 softens over-confident probabilities; T = 1 returns `probs` unchanged."""
+    if temperature == 1.0:
+        return probs
+    return _softmax(np.log(np.clip(probs, _LOG_EPS, 1.0)) / temperature)
+
+
+def combine(member_probs: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+    """(N,M,C) TTA-averaged member probabilities -> (N,C) ensemble probabilities, from manifest numbers.
+
+    kinds: "vote" / "weighted" (weighted mean of member probabilities) and "stacking" (multinomial
+    logistic regression on the log-probabilities of all members, concatenated member by member).
+    """
+    kind = params["kind"]
+    if kind in ("vote", "weighted"):
+        weights = np.asarray(params["weights"], dtype=np.float64)
+        probs = np.einsum("nmc,m->nc", member_probs.astype(np.float64), weights)
+    elif kind == "stacking":
+        features = np.log(np.clip(member_probs.astype(np.float64), _LOG_EPS, 1.0)).reshape(len(member_probs), -1)
+        coef, intercept = np.asarray(params["coef"]), np.asarray(params["intercept"])
+        scores = features @ coef.T + intercept
+        if coef.shape[0] == 1:  # binary logistic regression: one score for class 1
+            p1 = 1.0 / (1.0 + np.exp(-scores[:, 0]))
+            probs = np.stack([1.0 - p1, p1], axis=1)
+        else:
+            probs = _softmax(scores)
+    else:
+        raise EnsembleError(f"unknown combiner kind {kind!r}")
+    probs = apply_temperature(probs, float(params.get("temperature", 1.0)))
+    return (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------ Codabench entry
+
+class Model:
+    """AN2DL Codabench entry point: the ensemble in this file's folder, `predict(X)` -> int labels.
+
+    `X` is uint8 (N,H,W,3); any size is resized to the members' input size (see `prepare_images`).
+    """
+
+    def __init__(self, folder: str | os.PathLike | None = None) -> None:
+        self.folder = Path(folder) if folder else Path(os.path.dirname(os.path.abspath(__file__)))
+        self.manifest = read_manifest(self.folder)
+        models = load_member_models(self.folder, self.manifest)
+        self.runner = TTARunner(models, VIEW_SETS[int(self.manifest["tta_views"])])
+        self.input_size = tuple(self.manifest["input_size"])
+        self.class_names = list(self.manifest["class_names"])
+
+    def predict_proba(self, X) -> np.ndarray:
+        images = prepare_images(X, self.input_size, resize=True)
+        outputs = []
+        for _, view_probs in self.runner.batches(images):
+            outputs.append(combine(view_probs.mean(axis=0), self.manifest["combiner"]))
+        return np.concatenate(outputs)
+
+    def predict(self, X) -> np.ndarray:
+        return self.predict_proba(X).argmax(axis=1).astype(np.int64)

@@ -1,0 +1,338 @@
+"""Ensembles of a real tiny study (3 compact_cnn trials, 8 TTA views, on a small MedMNIST-layout subset of the
+embedded cells): build CLI, combiners, no test leakage, TTA symmetry, reload, tampering, predict CLI, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ensemble.standalone import EnsembleError
+from search_helpers import run_search, write_tiny_spec
+
+SIZES = {"train": 600, "val": 240, "test": 320}
+
+
+def small_data(path: Path) -> Path:
+    """A stratified-enough random subset of the embedded data in MedMNIST layout (with file ids)."""
+    from data_pipeline.loaders import default_data_path
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    with np.load(default_data_path()) as full:
+        for split, size in SIZES.items():
+            keep = np.sort(rng.choice(len(full[f"{split}_labels"]), size, replace=False))
+            for key in ("images", "labels", "files"):
+                arrays[f"{split}_{key}"] = full[f"{split}_{key}"][keep]
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ens_study")
+    data = small_data(folder / "cells.npz")
+    spec = write_tiny_spec(folder, name="enstiny", trials=3, train_images=600)
+    spec.write_text(spec.read_text().replace("tta_views = 1", "tta_views = 8")
+                    .replace("[data]\n", f'[data]\npath = "{data.as_posix()}"\n'))
+    done = run_search("--study", str(spec))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder, data
+
+
+@pytest.fixture(scope="module")
+def built(study):
+    folder, _ = study
+    out = folder / "ens"
+    done = subprocess.run([sys.executable, "-m", "ensemble.build", "--top", "3", "--method", "topk",
+                           "--combiner", "stacking", "--corrupt-severities", "2,4", "--out", str(out),
+                           "--distill", "--distill-epochs", "1"],
+                          cwd=folder, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done
+
+
+@pytest.fixture(scope="module")
+def classifier(built):
+    from ensemble import load_ensemble
+
+    return load_ensemble(built[0])
+
+
+@pytest.fixture(scope="module")
+def test_split(study):
+    with np.load(study[1]) as data:
+        return data["test_images"], data["test_labels"][:, 0].astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def candidates(study, tmp_path_factory):
+    from ensemble.candidates import artifact_store, load_candidates, locate_study, open_study
+
+    folder, _ = study
+    location = locate_study(pointer=folder / "runs" / "last_study.json")
+    found, _ = load_candidates(open_study(location), artifact_store(location), tmp_path_factory.mktemp("cache"), 8)
+    return found
+
+
+def test_build_cli_writes_a_complete_artifact_and_one_table(built):
+    out, done = built
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert 1 <= len(manifest["members"]) <= 3
+    assert manifest["combiner"]["kind"] == "stacking" and manifest["tta_views"] == 8
+    assert manifest["views"] == list(range(8)) and manifest["input_size"] == [28, 28]
+    assert len(manifest["class_names"]) == 8 and "preprocessing" in manifest
+    assert {"keras", "tensorflow", "scikit-learn", "numpy"} <= set(manifest["versions"])
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    assert {m["file"] for m in manifest["members"]} <= on_disk and "combiner.joblib" in on_disk
+    assert {"report/confusion_test.png", "report/confusion_test_corrupted.png"} <= on_disk
+    table = pd.read_csv(out / "report" / "metrics.csv")
+    assert sorted(set(table["split"])) == ["test", "test_corrupted"]
+    assert len(table) == 6 and table["model"].str.startswith("ensemble").sum() == 2
+    assert {"accuracy", "balanced_accuracy", "macro_f1", "roc_auc_ovr", "ece"} <= set(table.columns)
+    assert "best single (trial" in done.stdout and "plain average" in done.stdout
+    per_class = pd.read_csv(out / "report" / "per_class.csv")
+    assert {"precision", "recall"} <= set(per_class.columns) and len(per_class) == 6 * 8
+    combiners = pd.read_csv(out / "report" / "combiners.csv")
+    assert list(combiners["combiner"]) == ["vote", "weighted", "stacking"]
+    assert manifest["consistency_max_abs_diff"] < 1e-3  # reloaded members reproduce their saved predictions
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".ens.")]  # no staging left behind
+    distilled = pd.read_csv(out / "report" / "distillation.csv")
+    assert list(distilled["model"]) == ["ensemble", "student (8 views)", "student (1 view)"]
+    assert manifest["student"]["file"] in on_disk
+
+
+def test_a_failed_rebuild_leaves_the_existing_artifact_untouched(built, study, tmp_path, monkeypatch):
+    import ensemble.build as build
+
+    folder, _ = study
+    out = tmp_path / "ens"
+    shutil.copytree(built[0], out)
+    before = (out / "manifest.json").read_bytes()
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("member models could not be evaluated")
+
+    monkeypatch.setattr(build, "_evaluate_on_images", explode)
+    options = build.BuildOptions(pointer=str(folder / "runs" / "last_study.json"), top=2, method="topk",
+                                 out=str(out), quiet=True, progress=False)
+    with pytest.raises(RuntimeError, match="could not be evaluated"):
+        build.build_ensemble(options)
+    assert (out / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ens"]
+
+
+def test_every_combiner_on_real_member_predictions(candidates):
+    from ensemble.evaluate import score_combiners
+    from ensemble.selection import greedy_selection
+
+    y_val = candidates[0].val_labels
+    selection = greedy_selection([c.val_probs for c in candidates], y_val, max_members=3)
+    assert sum(selection.weights) == pytest.approx(1.0)
+    X_val = np.stack([c.val_probs for c in candidates], axis=1)
+    X_test = np.stack([c.test_probs for c in candidates], axis=1)
+    choice = score_combiners(X_val, y_val, X_test, candidates[0].test_labels)
+    assert choice.chosen in ("vote", "weighted", "stacking")
+    for kind, combiner in choice.fitted.items():
+        probs = combiner.predict_proba(X_test)
+        np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+        if kind != "stacking":
+            assert sum(combiner.params()["weights"]) == pytest.approx(1.0)
+
+
+def test_stacking_never_fits_on_test_data(candidates):
+    from ensemble.evaluate import score_combiners
+
+    y_val, y_test = candidates[0].val_labels, candidates[0].test_labels
+    X_val = np.stack([c.val_probs for c in candidates], axis=1)
+    X_test = np.stack([c.test_probs for c in candidates], axis=1)
+    first = score_combiners(X_val, y_val, X_test, y_test, kinds=("stacking",)).fitted["stacking"]
+    scrambled = np.random.default_rng(0).dirichlet(np.ones(X_test.shape[2]), X_test.shape[:2])
+    second = score_combiners(X_val, y_val, scrambled, np.roll(y_test, 1), kinds=("stacking",)).fitted["stacking"]
+    assert first.n_fit_samples_ == len(candidates[0].val_ids) == SIZES["val"]
+    assert first.meta_learner_.n_features_in_ == X_val.shape[1] * X_val.shape[2]
+    np.testing.assert_array_equal(first.coef_, second.coef_)
+    assert first.temperature_ == second.temperature_
+
+
+def test_rotation_symmetric_image_gets_the_same_prediction_on_every_view(classifier, test_split):
+    from data_pipeline.tta import dihedral_view
+
+    images = test_split[0][:4]
+    symmetric = np.mean([dihedral_view(images, v).astype(np.float64) for v in range(8)], axis=0)
+    symmetric = np.rint(symmetric).astype(np.uint8)
+    assert all(np.array_equal(dihedral_view(symmetric, v), symmetric) for v in range(8))
+    views = classifier.view_member_proba(symmetric)  # (8, 4, M, C)
+    np.testing.assert_allclose(views, np.broadcast_to(views[:1], views.shape), atol=1e-5)
+    plain = classifier.view_member_proba(images)
+    assert np.abs(plain - plain[:1]).max() > 1e-4  # while an ordinary image's views do differ
+
+
+def test_saved_ensemble_reloads_and_predicts_identically(built, classifier, test_split):
+    from ensemble import load_ensemble
+
+    images, labels = test_split
+    first = classifier.predict_proba(images)
+    again = load_ensemble(built[0]).predict_proba(images)
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_allclose(first.sum(axis=1), 1.0, atol=1e-5)
+    table = pd.read_csv(built[0] / "report" / "metrics.csv")
+    reported = table[(table["split"] == "test") & table["model"].str.startswith("ensemble")]["accuracy"].item()
+    assert np.mean(first.argmax(1) == labels) == pytest.approx(reported, abs=2 / len(labels))
+    assert list(classifier.classes_) == list(range(8)) and len(classifier.class_names) == 8
+    np.testing.assert_array_equal(classifier.predict(images[:10]), first[:10].argmax(1))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("edit_member", "checksum mismatch"), ("edit_combiner", "checksum mismatch"),
+    ("remove_member", "missing file"), ("remove_manifest", "no manifest.json"),
+    ("unlist_member", "has no checksum"), ("truncate_manifest", "not valid JSON"),
+])
+def test_tampered_or_incomplete_artifact_is_refused(built, tmp_path, damage, message):
+    from ensemble import load_ensemble
+
+    copy = tmp_path / "ens"
+    shutil.copytree(built[0], copy)
+    manifest_path = copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    member = copy / manifest["members"][0]["file"]
+    if damage == "edit_member":
+        data = bytearray(member.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        member.write_bytes(bytes(data))
+    elif damage == "edit_combiner":
+        with open(copy / "combiner.joblib", "ab") as handle:
+            handle.write(b"\0")
+    elif damage == "remove_member":
+        member.unlink()
+    elif damage == "remove_manifest":
+        manifest_path.unlink()
+    elif damage == "unlist_member":
+        del manifest["files"][manifest["members"][0]["file"]]
+        manifest_path.write_text(json.dumps(manifest))
+    else:
+        manifest_path.write_text(manifest_path.read_text()[:100])
+    with pytest.raises(EnsembleError, match=message):
+        load_ensemble(copy)
+
+
+def _predict_cli(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the predict CLI in a fresh process and report whether TensorFlow got imported."""
+    code = ("import sys\nfrom ensemble.cli import run_cli\nfrom ensemble.predict import main\n"
+            "rc = run_cli(main, sys.argv[1:])\nprint('TF-IMPORTED' if 'tensorflow' in sys.modules else 'NO-TF', "
+            "file=sys.stderr)\nsys.exit(rc)")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+def test_predict_cli_on_an_npz(built, classifier, test_split, tmp_path):
+    images, labels = test_split
+    npz = tmp_path / "an2dl.npz"
+    np.savez(npz, images=images[:50], labels=labels[:50])
+    out = tmp_path / "pred.csv"
+    done = _predict_cli(["--ensemble", str(built[0]), "--input", str(npz), "--output", str(out)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "img/s" in done.stderr  # the tqdm progress bar
+    frame = pd.read_csv(out)
+    assert list(frame.columns[:5]) == ["id", "label", "class_name", "true_label", "true_class"]
+    assert len(frame) == 50 and len([c for c in frame.columns if c.startswith("prob_")]) == 8
+    np.testing.assert_array_equal(frame["label"], classifier.predict(images[:50]))
+    assert (frame["class_name"] == np.asarray(classifier.class_names)[frame["label"]]).all()
+
+
+def test_predict_folder_flat_folder_and_single_image(built, classifier, test_split, tmp_path, capsys):
+    from PIL import Image
+
+    from ensemble.predict import main
+
+    images, labels = test_split
+    names = classifier.class_names
+    tree, flat = tmp_path / "tree", tmp_path / "flat"
+    for i in range(16):
+        (tree / names[labels[i]]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(tree / names[labels[i]] / f"cell_{i:02d}.png")
+        flat.mkdir(exist_ok=True)
+        Image.fromarray(images[i]).save(flat / f"cell_{i:02d}.png")
+    expected = classifier.predict(images[:16])
+    for source in (tree, flat):
+        out = tmp_path / f"{source.name}.csv"
+        assert main(["--ensemble", str(built[0]), "--input", str(source), "--output", str(out), "--no-progress"]) == 0
+        frame = pd.read_csv(out)
+        order = [int(Path(i).stem.split("_")[1]) for i in frame["id"]]
+        np.testing.assert_array_equal(frame["label"], expected[order])
+        assert ("true_label" in frame) == (source is tree)
+    assert main(["--ensemble", str(built[0]), "--input", str(flat / "cell_03.png"), "--no-progress"]) == 0
+    printed = pd.read_csv(__import__("io").StringIO(capsys.readouterr().out))
+    assert printed["id"].tolist() == ["cell_03.png"] and printed["label"].item() == expected[3]
+
+
+def test_predict_rejects_bad_input_before_importing_tensorflow(built, tmp_path):
+    four = tmp_path / "four.npz"
+    np.savez(four, images=np.zeros((3, 28, 28, 4), np.uint8))
+    grey = tmp_path / "grey.npz"
+    np.savez(grey, images=np.zeros((3, 28, 28), np.uint8))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    tampered = tmp_path / "tampered"
+    shutil.copytree(built[0], tampered)
+    (tampered / "combiner.joblib").write_bytes(b"nope")
+    cases = [
+        (["--ensemble", str(built[0]), "--input", str(four)], "3 colour channels"),
+        (["--ensemble", str(built[0]), "--input", str(grey)], "greyscale"),
+        (["--ensemble", str(built[0]), "--input", str(tmp_path / "missing.npz")], "input not found"),
+        (["--ensemble", str(built[0]), "--input", str(broken)], "unreadable image"),
+        (["--ensemble", str(tmp_path / "nothing"), "--input", str(four)], "ensemble folder not found"),
+        (["--ensemble", str(tampered), "--input", str(four)], "checksum mismatch"),
+    ]
+    for args, message in cases:
+        done = _predict_cli(args)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2, (args, done.stderr[-1500:])
+        assert lines[-1] == "NO-TF", (args, done.stderr[-1500:])
+        errors = [line for line in lines if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], (args, done.stderr[-1500:])
+
+
+def test_codabench_export_runs_in_a_fresh_process(built, classifier, test_split, tmp_path):
+    from ensemble.export import STANDALONE, export_codabench
+
+    images = test_split[0][:12]
+    zipped = export_codabench(built[0], tmp_path / "submission.zip", check=False)
+    with zipfile.ZipFile(zipped) as archive:
+        names = set(archive.namelist())
+        assert archive.read("model.py") == STANDALONE.read_bytes()
+    assert {"model.py", "manifest.json", "combiner.joblib"} <= names
+    assert any(n.startswith("members/") and n.endswith(".keras") for n in names)
+    np.save(tmp_path / "x28.npy", images)
+    big = np.random.default_rng(0).integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)
+    np.save(tmp_path / "x96.npy", big)
+    code = f"""
+import json, sys, tempfile, zipfile, numpy as np
+folder = tempfile.mkdtemp()
+zipfile.ZipFile({str(zipped)!r}).extractall(folder)
+sys.path.insert(0, folder)
+import model
+m = model.Model()
+out = {{"x28": m.predict(np.load({str(tmp_path / 'x28.npy')!r})).tolist(),
+       "x96": m.predict(np.load({str(tmp_path / 'x96.npy')!r})).tolist(),
+       "dtype": str(m.predict(np.load({str(tmp_path / 'x28.npy')!r})).dtype),
+       "leaked": sorted(k for k in ("backbones", "ensemble", "search", "data_pipeline") if k in sys.modules)}}
+print(json.dumps(out))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["leaked"] == []
+    assert result["dtype"].startswith("int")
+    assert result["x28"] == classifier.predict(images).tolist()
+    assert result["x96"] == classifier.predict(big).tolist()  # same resize rule in both

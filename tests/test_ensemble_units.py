@@ -1,0 +1,182 @@
+"""Ensemble building blocks on synthetic probabilities and tiny models: combiners, selection, metrics,
+TTA views, input validation, the standalone runtime and the atomic artifact folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ensemble.combiners import SoftVoting, Stacking, WeightedVoting, fit_temperature, log_loss, out_of_fold_proba
+from ensemble.metrics import expected_calibration_error, summary
+from ensemble.selection import greedy_selection, near_identical, select_top_k
+from ensemble.standalone import EnsembleError, combine, prepare_images
+
+
+def noisy_members(n: int = 400, classes: int = 4, members: int = 3, seed: int = 0):
+    """Members that each know the label with different noise: (N, M, C) probabilities and labels."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(classes, size=n)
+    logits = rng.normal(size=(n, members, classes)) * np.array([1.0, 1.5, 2.5])[:members, None]
+    logits[np.arange(n), :, y] += np.array([2.0, 1.5, 0.8])[:members]
+    probs = np.exp(logits) / np.exp(logits).sum(axis=2, keepdims=True)
+    return probs, y
+
+
+@pytest.mark.parametrize("combiner", [SoftVoting(), SoftVoting(weights=[3, 1, 0]), WeightedVoting(),
+                                      Stacking(), WeightedVoting(calibrate=True), Stacking(calibrate=True)],
+                         ids=["uniform", "fixed", "weighted", "stacking", "weighted_T", "stacking_T"])
+def test_each_combiner_gives_probabilities_and_portable_numbers(combiner):
+    X, y = noisy_members()
+    probs = combiner.fit(X, y).predict_proba(X)
+    assert probs.shape == (len(y), 4)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+    params = json.loads(json.dumps(combiner.params()))  # what the manifest stores
+    np.testing.assert_allclose(combine(X, params), probs, atol=1e-6)
+    assert np.mean(probs.argmax(1) == y) > 0.6
+    if "weights" in params:
+        assert sum(params["weights"]) == pytest.approx(1.0)
+        assert min(params["weights"]) >= 0
+
+
+def test_fitted_weights_prefer_the_better_member():
+    X, y = noisy_members()
+    weights = WeightedVoting().fit(X, y).weights_
+    assert weights.sum() == pytest.approx(1.0)
+    accuracies = [np.mean(X[:, m].argmax(1) == y) for m in range(3)]
+    assert np.argmax(weights) == np.argmax(accuracies)
+    assert log_loss(WeightedVoting().fit(X, y).predict_proba(X), y) <= log_loss(X.mean(axis=1), y) + 1e-9
+
+
+def test_stacking_is_scored_out_of_fold_not_on_its_training_data():
+    X, y = noisy_members(n=300)
+    in_sample = Stacking(C=100.0).fit(X, y).predict_proba(X)
+    out_of_fold = out_of_fold_proba(Stacking(C=100.0), X, y)
+    assert log_loss(out_of_fold, y) > log_loss(in_sample, y)
+
+
+def test_temperature_fixes_overconfidence():
+    X, y = noisy_members()
+    sharp = np.exp(np.log(X[:, 2]) * 4)
+    sharp /= sharp.sum(axis=1, keepdims=True)
+    temperature = fit_temperature(sharp, y)
+    assert temperature > 1.5
+    assert expected_calibration_error(combine(sharp[:, None], {"kind": "vote", "weights": [1.0],
+                                                               "temperature": temperature}), y) < \
+        expected_calibration_error(sharp, y)
+
+
+def test_greedy_selection_with_replacement_and_duplicate_guard():
+    X, y = noisy_members(members=3)
+    candidates = [X[:, 0], X[:, 0] * 0.999 + 0.00025, X[:, 1], X[:, 2]]  # candidate 1: near copy of 0
+    assert near_identical(candidates[0], candidates[1])
+    selection = greedy_selection(candidates, y, max_members=3, n_iterations=15)
+    assert selection.indices[0] == 0 and 1 not in selection.indices
+    assert sum(selection.weights) == pytest.approx(1.0)
+    assert sum(selection.counts) >= len(selection.indices)
+    capped = greedy_selection(candidates, y, max_members=1, n_iterations=5)
+    assert capped.indices == [0]
+    top = select_top_k(candidates, y, 3)
+    assert 1 not in top.indices and len(top.indices) == 3
+
+
+def test_metrics_on_known_cases():
+    y = np.array([0, 1, 2, 2])
+    perfect = np.eye(3)[y]
+    scores = summary(perfect, y)
+    assert scores["accuracy"] == scores["balanced_accuracy"] == scores["macro_f1"] == scores["roc_auc_ovr"] == 1.0
+    assert scores["ece"] == pytest.approx(0.0)
+    uniform = np.full((4, 3), 1 / 3)
+    assert expected_calibration_error(uniform, np.array([0, 0, 0, 0])) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((2, 28, 28), np.uint8), "shape"),
+    (np.zeros((2, 28, 28, 1), np.uint8), "3 colour channels"),
+    (np.zeros((2, 28, 28, 4), np.uint8), "3 colour channels"),
+    (np.zeros((0, 28, 28, 3), np.uint8), "no images"),
+    (np.full((2, 28, 28, 3), 0.5, np.float32), "0..1"),
+    (np.full((2, 28, 28, 3), 300.0), "0..255"),
+    (np.array([[["a"]]]), "shape"),
+])
+def test_bad_images_are_refused(bad, message):
+    with pytest.raises(EnsembleError, match=message):
+        prepare_images(bad, (28, 28))
+
+
+def test_image_size_rule():
+    images = np.random.default_rng(0).integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)
+    resized = prepare_images(images, (28, 28))
+    assert resized.shape == (3, 28, 28, 3) and resized.dtype == np.uint8
+    flat = np.full((1, 96, 96, 3), 77, np.uint8)
+    assert np.all(prepare_images(flat, (28, 28)) == 77)  # antialiased resize keeps flat colours
+    with pytest.raises(EnsembleError, match="resize is off"):
+        prepare_images(images, (28, 28), resize=False)
+    floats = prepare_images(images.astype(np.float64), (96, 96))
+    assert floats.dtype == np.uint8 and np.array_equal(floats, images)
+
+
+def test_tf_views_match_the_numpy_dihedral_views():
+    import tensorflow as tf
+
+    from data_pipeline.tta import dihedral_view
+    from ensemble.standalone import _dihedral_tf
+
+    images = np.random.default_rng(1).integers(0, 256, (2, 5, 5, 3)).astype(np.float32)
+    for index in range(8):
+        np.testing.assert_array_equal(_dihedral_tf(tf.constant(images), index).numpy(), dihedral_view(images, index))
+
+
+def test_standalone_preprocessing_layer_matches_the_package_layer():
+    from backbones.preprocessing import ImageNetPreprocess
+    from ensemble.standalone import _preprocess_layer_class
+
+    copy = _preprocess_layer_class()
+    x = np.random.default_rng(2).uniform(0, 255, (2, 4, 4, 3)).astype(np.float32)
+    for mode in ("tf", "torch", "caffe", "unit"):
+        np.testing.assert_allclose(copy(mode)(x).numpy(), ImageNetPreprocess(mode)(x).numpy(), rtol=1e-6)
+        assert copy(mode).get_config()["mode"] == mode
+
+
+def test_tta_runner_stacks_views_and_members():
+    import keras
+
+    from data_pipeline.tta import dihedral_view
+    from ensemble.standalone import TTARunner
+
+    inputs = keras.Input((6, 6, 3))
+    models = []
+    for seed in (0, 1):
+        keras.utils.set_random_seed(seed)
+        x = keras.layers.Flatten()(inputs)
+        models.append(keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(x)))
+    images = np.random.default_rng(3).integers(0, 256, (5, 6, 6, 3), dtype=np.uint8)
+    runner = TTARunner(models, range(8), batch_size=2)
+    probs = runner.view_probs(images)
+    assert probs.shape == (8, 5, 2, 4)
+    for view in range(8):
+        for m, model in enumerate(models):
+            expected = model.predict(dihedral_view(images, view).astype(np.float32), verbose=0)
+            np.testing.assert_allclose(probs[view, :, m], expected, atol=1e-5)
+    with pytest.raises(EnsembleError, match="square"):
+        TTARunner([keras.Model(i := keras.Input((4, 6, 3)), keras.layers.Dense(2)(keras.layers.Flatten()(i)))],
+                  range(8))
+
+
+def test_atomic_folder_keeps_the_old_artifact_when_a_build_fails(tmp_path):
+    from ensemble.artifact import atomic_folder
+
+    out = tmp_path / "ensemble"
+    with atomic_folder(out) as staging:
+        (staging / "manifest.json").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(out) as staging:
+            (staging / "manifest.json").write_text("new, half built")
+            raise RuntimeError("build failed")
+    assert (out / "manifest.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ensemble"]  # no staging or backup left
+    with atomic_folder(out) as staging:
+        (staging / "manifest.json").write_text("new")
+    assert (out / "manifest.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ensemble"]
