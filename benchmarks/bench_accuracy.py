@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--label-smoothing", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, help="skip the estimate and train this many epochs")
     parser.add_argument("--out", default="runs/bench_accuracy")
     args = parser.parse_args()
 
@@ -60,11 +61,11 @@ def main() -> None:
                        augment_strength=args.strength, optimizer="adamw", learning_rate=args.learning_rate,
                        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
                        batch_size=args.batch_size, dropout=0.1, early_stopping_patience=1000, seed=0)
+    budget = args.minutes * 60
     rate = training_images_per_second(base)
     n_train = len(prepare_trial_data(base).train)
-    budget = args.minutes * 60
     # Validation passes and epoch overheads take ~10% on top of pure training steps.
-    epochs = max(1, math.floor(0.9 * budget * rate / n_train))
+    epochs = args.epochs or max(1, math.floor(0.9 * budget * rate / n_train))
     config = TrialConfig(**{**base.to_dict(), "epochs": epochs, "time_budget_s": budget})
     print(f"{args.backbone}: {rate:.0f} training images/s -> {epochs} epochs in a {args.minutes:g}-minute budget",
           flush=True)
