@@ -24,17 +24,19 @@ from optuna.trial import TrialState
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXED_COST_SPACE = """
+[data]
+max_train_images = 3000
 [space]
-backbones = ["small_resnet"]
+backbones = ["compact_cnn"]
 augment_policies = ["light"]
 batch_size = [128]
-epochs = [3, 3]
+epochs = [2, 2]
 [algorithm]
 pruner = "none"
 sampler = "random"
 [budget]
 trials = 1000
-tta_views = 8
+tta_views = 1
 """
 
 
@@ -56,6 +58,7 @@ def busy_fractions(before, after) -> list[float]:
 def run_search(out: Path, name: str, minutes: float, workers: int | None, extra_spec: str | None) -> float:
     study = "default"
     if extra_spec is not None:
+        out.mkdir(parents=True, exist_ok=True)
         spec = out / f"{name}.toml"
         base = (ROOT / "studies" / "default.toml").read_text()
         spec.write_text(_override(base, extra_spec))
