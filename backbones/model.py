@@ -90,10 +90,12 @@ def build_classifier(name: str, input_shape: Sequence[int] = (28, 28, 3), num_cl
 
     inputs = keras.Input(shape=tuple(int(d) for d in input_shape), name="image")
     x = inputs
+    # Resizing and preprocessing run in float32 even under mixed precision: cheap, and bfloat16 would
+    # round 0..255 pixel values (8 significant bits) before the mean subtraction.
     if (height, width) != (int(input_shape[0]), int(input_shape[1])):
-        x = layers.Resizing(height, width, interpolation="bilinear", name="resize")(x)
+        x = layers.Resizing(height, width, interpolation="bilinear", dtype="float32", name="resize")(x)
     if not spec.builtin_preprocessing:
-        x = ImageNetPreprocess(spec.preprocessing_mode, name="preprocess")(x)
+        x = ImageNetPreprocess(spec.preprocessing_mode, dtype="float32", name="preprocess")(x)
     backbone = build_backbone(name, (height, width, 3), weights, **dict(backbone_kwargs or {}))
     outputs = build_head(backbone(x), num_classes, dropout=dropout, head_units=head_units,
                          batchnorm=head_batchnorm)

@@ -425,11 +425,11 @@ def test_imagenet_offline_fails_fast_with_clear_message(tmp_path, monkeypatch):
 # --- mixed precision ----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def mixed_precision():
-    keras.mixed_precision.set_global_policy("mixed_float16")
+@pytest.fixture(params=["mixed_float16", "mixed_bfloat16"])
+def mixed_precision(request):
+    keras.mixed_precision.set_global_policy(request.param)
     try:
-        yield
+        yield request.param
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
@@ -437,7 +437,7 @@ def mixed_precision():
 @pytest.mark.parametrize("name", ["small_resnet", "mobilenet_v3_small", "resnet50"])
 def test_float32_output_under_mixed_precision(name, mixed_precision):
     model = B.build_classifier(name, input_shape=(28, 28, 3))
-    assert B.get_backbone_model(model).layers[-1].compute_dtype == "float16"
+    assert B.get_backbone_model(model).layers[-1].compute_dtype == mixed_precision.removeprefix("mixed_")
     probs = _predict(model, _raw())
     assert probs.dtype == np.float32 and model.output.dtype == "float32"
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
