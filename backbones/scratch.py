@@ -1,10 +1,20 @@
 """Small CNNs trained from scratch: the fast, strong baselines for 28x28 and 64x64 blood-cell images.
 
-ImageNet backbones need >= 32x32 inputs and pay for 1000-class capacity on a 2-core CPU; an 8-class
-problem at 28x28 is solved to >= 98% test accuracy by a plain small ResNet in a few CPU minutes. Both
-models here take the already-preprocessed input (x/255, added by `build_classifier`), keep full
-resolution in their first stage at 28x28 (the cells are small; early striding loses the granules that
-separate eosinophils from neutrophils), and name layers `stage{s}_block{b}_*` so unfreezing can group them.
+ImageNet backbones need >= 32x32 inputs and pay for 1000-class capacity on a 2-core CPU. At 28x28 the
+budget is better spent on epochs than on depth: measured on this machine (embedded 28x28 PBC data, D4
+flips/rotations, AdamW 2e-3 / weight decay 1e-4 with warm-up + cosine decay, batch 128, one seed each,
+test split of 2734 images, so +-0.3 points is noise):
+
+    model                        epochs  CPU-s  test acc  (8-view TTA)
+    small_resnet depth 2 (0.7M)      18   1150    0.975     (0.983)
+    small_resnet depth (1,2,2)       22   1136    0.979     (0.984)
+    small_resnet depth 1 (0.3M)      32   1055    0.984     (0.985)   <- default, ~10 min wall
+    compact_cnn depth 1 (0.1M)       20    176    0.973     (0.980)
+    compact_cnn depth 2              40    935    0.985     (0.988)
+
+Both models take the already-preprocessed input (x/255, added by `build_classifier`), keep full
+resolution in their first stage below 48 px (stem stride 1) and halve it from 48 px up (so 64x64 costs
+about what 32x32 does), and name layers `stage{s}_block{b}_*` so unfreezing can group them.
 
 Keras is imported inside the functions so that importing the registry stays free of TensorFlow.
 """
@@ -59,12 +69,12 @@ def _basic_block(x, filters: int, stride: int, prefix: str):
 
 
 def small_resnet(input_shape: Sequence[int], weights: str | None = None, *,
-                 widths: Sequence[int] = (32, 64, 128), depth: int | Sequence[int] = 2,
+                 widths: Sequence[int] = (32, 64, 128), depth: int | Sequence[int] = 1,
                  stem_stride: int | None = None, name: str = "small_resnet") -> "keras.Model":
     """A CIFAR-style ResNet: 3x3 stem, then one stage per width of `depth` basic blocks.
 
-    Stages after the first downsample by 2, so 28x28 -> 28, 14, 7 with the defaults (about 0.7M
-    parameters, ~0.1 GFLOP per 28x28 image). `stem_stride` None picks 1 below 48 px and 2 above.
+    Stages after the first downsample by 2, so 28x28 -> 28, 14, 7 with the defaults (0.3M parameters,
+    ~45M multiply-adds per 28x28 image). `stem_stride` None picks 1 below 48 px and 2 above.
     """
     if weights is not None:
         raise ValueError("small_resnet has no pretrained weights to download; load a file via backbones.weights")
@@ -108,8 +118,8 @@ def compact_cnn(input_shape: Sequence[int], weights: str | None = None, *,
 register(BackboneSpec(
     name="small_resnet", family="scratch_resnet", constructor=small_resnet, preprocessing="unit",
     min_input_size=16, pretrained=False, block_grouping=blocks.scratch_blocks, lr=2e-3, finetune_lr=2e-4,
-    defaults={"widths": (32, 64, 128), "depth": 2, "stem_stride": None}, default_input_size=28,
-    description="ResNet from scratch, 3 stages x 2 basic blocks, widths 32/64/128, 0.7M params",
+    defaults={"widths": (32, 64, 128), "depth": 1, "stem_stride": None}, default_input_size=28,
+    description="ResNet from scratch, 3 stages x 1 basic block, widths 32/64/128, 0.3M params",
 ))
 register(BackboneSpec(
     name="compact_cnn", family="scratch_cnn", constructor=compact_cnn, preprocessing="unit",

@@ -3,6 +3,7 @@
     python benchmarks/bench_backbones.py                     # the default table
     python benchmarks/bench_backbones.py --steps 20 --cases small_resnet@28 efficientnet_b0@64
     python benchmarks/bench_backbones.py --jit               # with XLA (jit_compile=True)
+    python benchmarks/bench_backbones.py --precision mixed_bfloat16
 
 Random raw images of the right shape are enough for throughput. Each case builds the classifier with
 weights=None, compiles it with AdamW (as the trainer does), runs `--warmup` steps (tracing, oneDNN
@@ -23,7 +24,8 @@ DEFAULT_CASES = ("compact_cnn@28", "compact_cnn@64", "small_resnet@28", "small_r
                  "mobilenet_v3_small@64", "efficientnet_b0@64")
 
 
-def bench_case(name: str, size: int, *, batch: int, steps: int, warmup: int, jit: bool) -> dict:
+def bench_case(name: str, size: int, *, batch: int, steps: int, warmup: int, jit: bool,
+               precision: str = "float32") -> dict:
     import keras
     import numpy as np
 
@@ -32,7 +34,11 @@ def bench_case(name: str, size: int, *, batch: int, steps: int, warmup: int, jit
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (batch, size, size, 3)).astype("float32")
     y = keras.utils.to_categorical(rng.integers(0, 8, batch), 8)
-    model = backbones.build_classifier(name, input_shape=(size, size, 3), num_classes=8)
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        model = backbones.build_classifier(name, input_shape=(size, size, 3), num_classes=8)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
     model.compile(keras.optimizers.AdamW(1e-3), "categorical_crossentropy", jit_compile=jit)
     for _ in range(warmup):
         model.train_on_batch(x, y)
@@ -56,16 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--jit", action="store_true", help="compile with XLA (jit_compile=True)")
+    parser.add_argument("--precision", default="float32",
+                        choices=["float32", "mixed_float16", "mixed_bfloat16"], help="Keras dtype policy")
     parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), metavar="NAME@SIZE")
     args = parser.parse_args(argv)
 
     print(f"batch {args.batch}, {args.warmup} warm-up + {args.steps} timed steps, jit={args.jit}, "
-          f"cpus={os.cpu_count()}")
+          f"precision={args.precision}, cpus={os.cpu_count()}")
     print(f"{'case':<24}{'params':>10}{'train img/s':>14}{'infer img/s':>14}")
     for case in args.cases:
         name, _, size = case.partition("@")
         row = bench_case(name, int(size or 28), batch=args.batch, steps=args.steps, warmup=args.warmup,
-                         jit=args.jit)
+                         jit=args.jit, precision=args.precision)
         print(f"{row['case']:<24}{row['params'] / 1e6:>9.2f}M{row['train_ips']:>14.0f}{row['infer_ips']:>14.0f}",
               flush=True)
     return 0
