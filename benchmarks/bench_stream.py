@@ -5,6 +5,7 @@ Tells whether augmentation can keep a CPU/GPU trainer fed: each row is images/s 
 warm-up (the warm-up also pays for tracing the tf.data graph, reported as `startup_s`).
 
     python benchmarks/bench_stream.py [--data64 PATH] [--seconds 8] [--batches 40] [--policies light,augmix]
+                                      [--sizes 28,64]
 
 Numbers depend on the machine and on what else runs on it: the load average is printed first.
 """
@@ -33,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="batches drawn before timing")
     parser.add_argument("--seconds", type=float, default=8.0, help="stop timing a row after this long")
     parser.add_argument("--batches", type=int, default=40, help="stop timing a row after this many batches")
+    parser.add_argument("--sizes", default="28,64", help="comma-separated image sizes to measure (28 and/or 64)")
     return parser.parse_args(argv)
 
 
@@ -58,10 +60,11 @@ def measure(images, labels, num_classes: int, policy: str, args: argparse.Namesp
 def datasets(args: argparse.Namespace) -> list[tuple[str, object]]:
     from data_pipeline.loaders import load
 
-    found = [("28x28", load())]
-    if args.data64.exists():
+    sizes = {size.strip() for size in args.sizes.split(",") if size.strip()}
+    found = [("28x28", load())] if "28" in sizes else []
+    if "64" in sizes and args.data64.exists():
         found.append(("64x64", load(args.data64)))
-    else:
+    elif "64" in sizes:
         print(f"skipping 64x64: {args.data64} not found (pass --data64 PATH)")
     return found
 

@@ -146,3 +146,186 @@ def test_label_width_must_match_num_classes(batch):
     images, labels = batch
     with pytest.raises(DataError, match="one-hot labels"):
         build_augmenter("mixup", 0.5, 5)(images, labels, seed=1)
+
+
+# -- the vectorised replacements for slow Keras / keras-cv ops -----------------------------------------------
+
+def _keras_one_by_one(layer, images: np.ndarray) -> np.ndarray:
+    return np.stack([layer(image[None]).numpy()[0] for image in images])
+
+
+def test_equalization_matches_keras_image_by_image(batch):
+    """Keras pools the histogram over the batch; ours is per image, so it must equal Keras on batches of one,
+    for integer pixels and for the fractional ones an earlier interpolating op leaves."""
+    import keras
+
+    from data_pipeline.augment import _equalize
+
+    images = batch[0][:12]
+    rotated = keras.layers.RandomRotation(0.1, seed=1)(images).numpy()
+    reference = keras.layers.Equalization(value_range=(0, 255))
+    for inputs in (images, rotated):
+        assert np.array_equal(_equalize(tf.constant(inputs)).numpy(), _keras_one_by_one(reference, inputs))
+
+
+def test_equalization_leaves_flat_channels_as_they_are(batch):
+    from data_pipeline.augment import _equalize
+
+    images = batch[0][:4].copy()
+    images[0, ..., 1] = 77.25  # one flat channel (Keras leaves a channel with <= 1 used bin unchanged)
+    images[1] = 5.0           # a flat image
+    out = _equalize(tf.constant(images)).numpy()
+    assert np.array_equal(out[0, ..., 1], images[0, ..., 1]) and np.array_equal(out[1], images[1])
+    assert not np.array_equal(out[2], images[2])
+
+
+def test_autocontrast_matches_keras_including_flat_channels(batch):
+    import keras
+
+    from data_pipeline.augment import _autocontrast
+
+    images = batch[0][:8].copy()
+    images[0, ..., 2] = 90.0
+    expected = keras.layers.AutoContrast(value_range=(0, 255))(images).numpy()
+    assert np.allclose(_autocontrast(tf.constant(images)).numpy(), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("size", [28, 64])
+@pytest.mark.parametrize("factor", [(0.0, 0.3), 0.3, (-0.2, 0.05)])
+def test_translation_matches_keras_affine_warp(batch, size, factor):
+    """Same draws, same reflect fill and bilinear grid as keras RandomTranslation (crop_and_resize instead of
+    ImageProjectiveTransformV3)."""
+    import keras
+
+    from data_pipeline.augment import _Translation
+
+    images = tf.image.resize(batch[0], (size, size)).numpy().round()
+    ours = _Translation(height_factor=factor, width_factor=factor)
+    assert ours._pads(tf.constant(images)) is not None  # the fast path is taken
+    transformation = ours.get_random_transformation(images)
+    expected = keras.layers.RandomTranslation(factor, factor).transform_images(images, transformation).numpy()
+    assert np.abs(ours.transform_images(images, transformation).numpy() - expected).max() < 0.01
+
+
+@pytest.mark.parametrize("name", ["RandomContrast", "RandomColorDegeneration"])
+def test_contrast_and_colour_degeneration_match_keras(batch, name):
+    import keras
+
+    from data_pipeline import augment
+
+    ours = getattr(augment, {"RandomContrast": "_Contrast", "RandomColorDegeneration": "_ColorDegeneration"}[name])
+    images = batch[0]
+    layer = ours((0.1, 0.3), value_range=(0, 255), name="ours")
+    transformation = layer.get_random_transformation(images)
+    expected = getattr(keras.layers, name)((0.1, 0.3), value_range=(0, 255)).transform_images(images, transformation)
+    assert np.allclose(layer.transform_images(images, transformation).numpy(), expected.numpy(), atol=1e-3)
+
+
+def test_light_contrast_goes_both_ways():
+    """Keras RandomContrast(0.15) only draws x[1, 1.15]; 'light' asks for x[0.85, 1.15] explicitly."""
+    from data_pipeline.augment import JITTER, _Contrast
+
+    factors = _Contrast((JITTER["contrast"],) * 2, value_range=(0, 255), name="c").get_random_transformation(
+        np.zeros((512, 2, 2, 3), np.float32))["contrast_factor"].numpy()
+    assert factors.min() < 0.9 and factors.max() > 1.1 and 0.85 <= factors.min() and factors.max() <= 1.15
+
+
+def test_colour_matrices_identity_and_full_desaturation():
+    from data_pipeline.augment import _colour_matrices
+
+    identity = _colour_matrices(tf.constant([1.0]), tf.constant([0.0])).numpy()[0]
+    assert np.allclose(identity, np.eye(3), atol=1e-5)
+    grey = _colour_matrices(tf.constant([0.0]), tf.constant([0.3])).numpy()[0]
+    assert np.allclose(grey, np.tile([[0.299, 0.587, 0.114]], (3, 1)), atol=1e-3)  # every channel = luma
+
+
+def test_colour_jitter_bounded_and_identity_at_strength_zero(batch):
+    from data_pipeline.augment import _make_colour_jitter, _SeedStream
+
+    images = tf.constant(batch[0])
+    stream = _SeedStream()
+    with stream.bound(tf.constant([7, 1], tf.int64)):
+        still = _make_colour_jitter(0.0, stream)(images).numpy()
+        jittered = _make_colour_jitter(1.0, stream)(images).numpy()
+    assert np.abs(still - batch[0]).max() < 1e-3
+    change = np.abs(jittered - batch[0])
+    assert 0.5 < change.mean() < 6 and change.max() < 60  # chroma x[0.82, 1.22], hue +-7.2 degrees
+    assert (change.reshape(len(change), -1).max(axis=1) > 1).mean() > 0.9  # nearly every image changes
+    luma = np.array([0.299, 0.587, 0.114])
+    assert np.abs((jittered - batch[0]) @ luma).mean() < 0.5  # luma is kept (except where clipped)
+
+
+@pytest.mark.parametrize("size", [28, 64])
+def test_gridmask_erases_the_share_its_ratio_implies(size):
+    """ratio ~ U[0.3, 0.6] * strength, so the erased share averages E[ratio^2] (0.21 at strength 1)."""
+    from data_pipeline.augment import GRIDMASK_MAX_RATIO, _grid_keep_masks, _SeedStream
+
+    stream = _SeedStream()
+    white = tf.fill((256, size, size, 3), 255.0)
+    for strength in (1.0, 0.5):
+        high = GRIDMASK_MAX_RATIO * strength
+        expected = (high ** 3 - (high / 2) ** 3) / (3 * high / 2)
+        with stream.bound(tf.constant([5, 5], tf.int64)):
+            keep = _grid_keep_masks(white, strength, stream).numpy()
+        assert keep.shape == (256, size, size, 1) and set(np.unique(keep)) <= {0.0, 1.0}
+        erased = 1.0 - keep.mean(axis=(1, 2, 3))
+        assert abs(erased.mean() - expected) < 0.15 * expected
+        assert erased.min() > 0  # every image gets squares (a unit is at most ~half the image)
+
+
+def test_gridmask_masks_depend_only_on_the_key():
+    from data_pipeline.augment import _grid_keep_masks, _SeedStream
+
+    stream = _SeedStream()
+    images = tf.zeros((8, 64, 64, 3))
+
+    def masks(key):
+        with stream.bound(tf.constant(key, tf.int64)):
+            return _grid_keep_masks(images, 1.0, stream).numpy()
+
+    assert np.array_equal(masks([1, 2]), masks([1, 2]))
+    assert not np.array_equal(masks([1, 2]), masks([1, 3]))
+
+
+def test_augmix_chains_have_depth_one_to_three():
+    from data_pipeline.augment import AUGMIX_CHAINS, AUGMIX_MAX_DEPTH, _AugMix, _SeedStream
+
+    stream = _SeedStream()
+    layer = _AugMix(1.0, stream)
+    skip = len(layer._augment_layers)
+    depths = set()
+    for seed in range(40):
+        with stream.bound(tf.constant([seed, 0], tf.int64)):
+            ops = layer._draw_ops().numpy().reshape(AUGMIX_CHAINS, AUGMIX_MAX_DEPTH)
+        for chain in ops:
+            depth = int((chain != skip).sum())
+            assert 1 <= depth <= AUGMIX_MAX_DEPTH
+            assert (chain[:depth] != skip).all() and (chain[depth:] == skip).all()  # ops first, then identity
+            depths.add(depth)
+    assert depths == {1, 2, 3}
+    assert "solarization" not in layer._augment_layers
+
+
+def test_select_picks_whole_rows():
+    from data_pipeline.augment import _select
+
+    a, b = tf.ones((3, 2, 2, 3)), tf.zeros((3, 2, 2, 3))
+    out = _select(tf.constant([True, False, True]), a, b).numpy()
+    assert out[0].min() == 1 and out[1].max() == 0 and out[2].min() == 1
+
+
+@pytest.mark.parametrize("policy", ["light", "augmix", "gridmask"])
+def test_parallel_tf_data_map_is_deterministic(batch, policy):
+    images, labels = batch
+    augmenter = build_augmenter(policy, 0.8, N_CLASSES, seed=3)
+
+    def run():
+        keys = tf.data.Dataset.random(seed=4).take(6)
+        data = tf.data.Dataset.from_tensors((images, labels)).repeat(6)
+        mapped = tf.data.Dataset.zip(data, keys).map(lambda batch, key: augmenter(*batch, seed=key),
+                                                     num_parallel_calls=4, deterministic=True)
+        return [out[0].numpy() for out in mapped]
+
+    first, again = run(), run()
+    assert all(np.array_equal(x, y) for x, y in zip(first, again))
+    assert not np.array_equal(first[0], first[1])  # different keys, different batches
