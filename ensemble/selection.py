@@ -6,6 +6,10 @@
   whose addition most lowers the validation log-loss of the running average; the number of times a
   member was picked is its weight. Log-loss rather than accuracy because it is smooth: on a
   validation set of a thousand images accuracy ties constantly and the search would stall at random.
+  Each candidate is temperature-scaled on validation first (`calibrated`): raw log-loss mostly measures
+  confidence, so label-smoothed trials (under-confident by design) lost to worse but sharper ones. Measured
+  on the 60-minute default search: uncalibrated selection put 21 of 25 picks on a 0.976 trial and missed the
+  0.985 one.
 
 Both guard against near-identical members (two trials with the same configuration, or a warm-started
 copy): a candidate whose validation predictions agree on >= 99.5% of images AND whose probabilities
@@ -19,7 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ensemble.combiners import log_loss
+from ensemble.combiners import fit_temperature, log_loss
+from ensemble.standalone import apply_temperature
 
 AGREEMENT_THRESHOLD = 0.995
 CORRELATION_THRESHOLD = 0.99
@@ -79,6 +84,11 @@ def select_top_k(val_probs: list[np.ndarray], y: np.ndarray, k: int) -> Selectio
     return Selection(chosen, [1.0 / len(chosen)] * len(chosen), [1] * len(chosen), log)
 
 
+def calibrated(val_probs: list[np.ndarray], y: np.ndarray) -> list[np.ndarray]:
+    """Each candidate's probabilities at its own validation-fitted temperature (argmax unchanged)."""
+    return [apply_temperature(p, fit_temperature(p, y)) for p in val_probs]
+
+
 def greedy_selection(val_probs: list[np.ndarray], y: np.ndarray, max_members: int, n_iterations: int = 25,
                      tolerance: float = 1e-6) -> Selection:
     """Caruana forward selection with replacement (see module doc), stopping when no pick improves.
@@ -87,6 +97,7 @@ def greedy_selection(val_probs: list[np.ndarray], y: np.ndarray, max_members: in
     """
     if max_members < 1:
         raise ValueError(f"max_members must be >= 1, got {max_members}")
+    val_probs = calibrated(val_probs, y)
     best = rank_candidates(val_probs, y)[0]
     counts = {best: 1}
     total = val_probs[best].astype(np.float64).copy()

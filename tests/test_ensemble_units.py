@@ -180,3 +180,23 @@ def test_atomic_folder_keeps_the_old_artifact_when_a_build_fails(tmp_path):
         (staging / "manifest.json").write_text("new")
     assert (out / "manifest.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ensemble"]
+
+
+def _predictions(y: np.ndarray, accuracy: float, confidence: float, seed: int) -> np.ndarray:
+    """Probabilities that put `confidence` on a class that is right for an `accuracy` share of rows."""
+    rng = np.random.default_rng(seed)
+    n_classes = 8
+    predicted = np.where(rng.random(len(y)) < accuracy, y, (y + rng.integers(1, n_classes, len(y))) % n_classes)
+    probs = np.full((len(y), n_classes), (1 - confidence) / (n_classes - 1))
+    probs[np.arange(len(y)), predicted] = confidence
+    return probs
+
+
+def test_greedy_selection_is_not_fooled_by_under_confident_accurate_members():
+    # A label-smoothed trial is accurate but under-confident; raw log-loss would favour a sharp, worse one.
+    y = np.random.default_rng(0).integers(0, 8, 2000)
+    accurate_soft = _predictions(y, 0.97, 0.5, seed=1)
+    worse_sharp = _predictions(y, 0.90, 0.99, seed=2)
+    selection = greedy_selection([accurate_soft, worse_sharp], y, max_members=2, n_iterations=10)
+    weights = dict(zip(selection.indices, selection.weights))
+    assert weights[0] > 0.5
