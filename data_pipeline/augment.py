@@ -189,6 +189,11 @@ def _scale_per_channel(images: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
     return tf.reshape(tf.matmul(flat, tf.linalg.diag(scale)), shape)
 
 
+def _apply_colour_matrices(images: tf.Tensor, matrices: tf.Tensor) -> tf.Tensor:
+    """Each pixel's RGB vector times its image's (3,3) matrix (B,3,3), `out = M @ rgb`, clipped to 0..255."""
+    return tf.clip_by_value(tf.einsum("bhwc,bdc->bhwd", images, matrices), *VALUE_RANGE)
+
+
 def _equalize(images: tf.Tensor) -> tf.Tensor:
     """Histogram equalization of each channel of each image (B,H,W,C), float 0..255, in one pass.
 
@@ -315,9 +320,8 @@ class _ColorDegeneration(keras.layers.RandomColorDegeneration):
         if not training:
             return images
         factor = tf.reshape(tf.cast(transformation["factor"], images.dtype), (-1, 1, 1))
-        to_grey = tf.constant(_GREY_WEIGHTS, images.dtype)[:, None] * tf.ones((1, 3), images.dtype)
-        matrices = (1.0 - factor) * tf.eye(3, dtype=images.dtype) + factor * to_grey
-        return tf.clip_by_value(tf.einsum("bhwc,bcd->bhwd", images, matrices), *VALUE_RANGE)
+        to_grey = tf.ones((3, 1), images.dtype) * tf.constant(_GREY_WEIGHTS, images.dtype)[None, :]
+        return _apply_colour_matrices(images, (1.0 - factor) * tf.eye(3, dtype=images.dtype) + factor * to_grey)
 
 
 def _replace_slow_ops(layer: keras.layers.Layer, strength: float) -> None:
@@ -497,7 +501,7 @@ def _make_colour_jitter(strength: float, stream: _SeedStream) -> Callable[[tf.Te
                                      0.5 + JITTER["saturation"] * strength)
         max_turn = np.pi * JITTER["hue"] * strength  # keras RandomHue: +-factor/2 of the circle
         matrices = _colour_matrices(u / (1.0 - u), stream.stateless_uniform(batch, -max_turn, max_turn))
-        return tf.clip_by_value(tf.einsum("bhwc,bdc->bhwd", images, matrices), *VALUE_RANGE)
+        return _apply_colour_matrices(images, matrices)
     return apply
 
 
