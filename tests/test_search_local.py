@@ -130,7 +130,8 @@ def test_optuna_dashboard_lists_the_study_and_its_trials(parallel_study):
 
 
 def test_killed_worker_loses_no_completed_trial_and_its_trial_is_retried(tmp_path):
-    spec_path = write_tiny_spec(tmp_path, name="resume", trials=3, min_epochs=2, max_epochs=2)
+    # Trials long enough (several seconds even on a slow runner) that the poll below sees one running.
+    spec_path = write_tiny_spec(tmp_path, name="resume", trials=3, min_epochs=3, max_epochs=3, train_images=1200)
     spec = load_spec(str(spec_path))
     driver = subprocess.Popen([sys.executable, "-m", "search.run", "--no-progress", "--study", str(spec_path),
                                "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -155,7 +156,7 @@ def test_killed_worker_loses_no_completed_trial_and_its_trial_is_retried(tmp_pat
 def _wait_for_running_after_complete(spec, deadline: float) -> optuna.trial.FrozenTrial:
     storage_url = default_storage_url(spec.study_dir)
     while time.time() < deadline:
-        time.sleep(1)
+        time.sleep(0.2)
         try:
             trials = optuna.load_study(study_name=spec.name, storage=storage_url).get_trials()
         except (KeyError, Exception):
