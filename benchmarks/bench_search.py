@@ -1,12 +1,17 @@
 """Timed searches on this machine: what a budget buys, and how well workers scale.
 
     python benchmarks/bench_search.py search --minutes 60            # studies/default.toml, all workers
-    python benchmarks/bench_search.py efficiency --minutes 8         # 1 worker vs 2 workers, same budget
+    python benchmarks/bench_search.py efficiency --minutes 5         # 1 worker vs 2 workers, same budget
 
 `search` prints trials completed/pruned/failed, the best single trial's test accuracy, seconds from a
 trial's start to its first training step, and how busy each core was. `efficiency` runs the same fixed-cost
-trials (one backbone, fixed epochs, no pruning) with 1 and with 2 workers for the same wall-clock budget
-and prints the ratio of finished trials.
+trials (one backbone, fixed epochs, no pruning) for the same wall-clock budget three ways and prints the
+ratios of finished trials:
+
+- 1 worker on 1 core (one device) vs 2 workers on 2 cores (one device each): how the search scales with
+  devices, the CPU image of 1 GPU vs 2 GPUs;
+- 1 worker on both cores vs 2 workers on 2 cores: what splitting one machine into workers buys over
+  TensorFlow's own intra-op threading.
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ def busy_fractions(before, after) -> list[float]:
     return [(b1 - b0) / max(t1 - t0, 1) for (b0, t0), (b1, t1) in zip(before, after)]
 
 
-def run_search(out: Path, name: str, minutes: float, workers: int | None, extra_spec: str | None) -> float:
+def run_search(out: Path, name: str, minutes: float, workers: int | None, extra_spec: str | None,
+               cpus: int | None = None) -> float:
     study = "default"
     if extra_spec is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -66,6 +72,7 @@ def run_search(out: Path, name: str, minutes: float, workers: int | None, extra_
     command = [sys.executable, "-m", "search.run", "--study", study, "--out", str(out), "--name", name,
                "--timeout", str(minutes * 60), "--no-progress"]
     command += ["--workers", str(workers)] if workers else []
+    command += ["--cpus", str(cpus)] if cpus else []
     started = time.time()
     subprocess.run(command, check=True, cwd=ROOT)
     return time.time() - started
@@ -114,16 +121,19 @@ def bench_search(args) -> None:
 
 def bench_efficiency(args) -> None:
     counts = {}
-    for workers in (1, 2):
-        name = f"efficiency_{workers}w"
+    for workers, cpus in ((1, 1), (1, 2), (2, 2)):
+        name = f"efficiency_{workers}w_{cpus}c"
         before = cpu_times()
-        run_search(args.out, name, args.minutes, workers, FIXED_COST_SPACE)
+        run_search(args.out, name, args.minutes, workers, FIXED_COST_SPACE, cpus=cpus)
         busy = busy_fractions(before, cpu_times())
         summary = summarize(args.out, name)
-        counts[workers] = summary["trials_complete"] + summary["trials_pruned"] + summary["trials_failed"]
-        print(f"{workers} worker(s): {counts[workers]} trials in {args.minutes} min budget, "
+        counts[workers, cpus] = summary["trials_complete"] + summary["trials_pruned"] + summary["trials_failed"]
+        print(f"{workers} worker(s) on {cpus} core(s): {counts[workers, cpus]} trials in {args.minutes} min, "
               f"core busy {[round(b, 2) for b in busy]}", flush=True)
-    print(f"parallel efficiency: 2 workers finished {counts[2] / max(counts[1], 1):.2f}x the trials of 1 worker")
+    print(f"scaling with devices: 2 workers on 2 cores finished {counts[2, 2] / max(counts[1, 1], 1):.2f}x "
+          f"the trials of 1 worker on 1 core")
+    print(f"same machine: 2 one-core workers finished {counts[2, 2] / max(counts[1, 2], 1):.2f}x the trials "
+          f"of 1 worker using both cores")
 
 
 def main() -> None:

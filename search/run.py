@@ -25,6 +25,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--executor", choices=("local", "ray"))
     parser.add_argument("--workers", type=int, help="parallel trials (default: one per GPU, else per core)")
     parser.add_argument("--gpus", help="auto, none, a count, or ids like 0,1 (a count simulates devices)")
+    parser.add_argument("--cpus", type=int, help="local executor: cores to use (default: all), split between workers")
     parser.add_argument("--address", help="ray: address of an existing Ray cluster")
     parser.add_argument("--data", help="data: .npz (AN2DL or MedMNIST layout) or a class-per-folder tree")
     parser.add_argument("--out", help="output root (default runs/)")
@@ -39,7 +40,7 @@ def apply_overrides(spec: StudySpec, args: argparse.Namespace) -> StudySpec:
         ("budget", "trials"): args.trials, ("budget", "timeout_s"): args.timeout,
         ("storage", "url"): args.storage, ("storage", "artifacts"): args.artifacts,
         ("executor", "kind"): args.executor, ("executor", "workers"): args.workers,
-        ("executor", "gpus"): args.gpus, ("executor", "address"): args.address, ("data", "path"): args.data,
+        ("executor", "gpus"): args.gpus, ("executor", "cpus"): args.cpus, ("executor", "address"): args.address, ("data", "path"): args.data,
     }
     for (section, key), value in overrides.items():
         if value is not None:
@@ -60,13 +61,20 @@ def remember_last_study(spec: StudySpec, storage_url: str, artifacts: str) -> No
     atomic_write_text(Path(spec.out) / "last_study.json", json.dumps(pointer, indent=2))
 
 
+def _describe(device) -> str:
+    if device.gpu is not None:
+        return f"gpu {device.gpu}"
+    cores = f" on core(s) {','.join(map(str, device.cpu_cores))}" if device.cpu_cores else ""
+    return f"cpu x{device.cpu_threads}{cores}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     spec = apply_overrides(load_spec(args.study), args)
     if spec.data.path and not Path(spec.data.path).exists():
         raise ConfigError(f"data path not found: {spec.data.path} (set --data or 'data.path')")
 
-    from search.executors.devices_plan import parse_gpus, plan_workers
+    from search.executors.devices_plan import parse_gpus, plan_workers, usable_cores
     from search.report import write_report
     from search.storage import default_storage_url, open_artifact_store, open_storage
     from search.study import finished_count, prepare_study
@@ -89,9 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         from search.executors.local import run_local
 
         remaining = max(spec.budget.trials - finished_count(study), 1)
-        devices = plan_workers(gpus, spec.executor.workers)[:remaining]
-        print(f"{len(devices)} worker(s): " + ", ".join(d.gpu and f"gpu {d.gpu}" or f"cpu x{d.cpu_threads}"
-                                                       for d in devices))
+        devices = plan_workers(gpus, spec.executor.workers, usable_cores(spec.executor.cpus))[:remaining]
+        print(f"{len(devices)} worker(s): " + ", ".join(_describe(d) for d in devices))
         run_local(spec, study, storage_url, artifacts, devices, deadline, show_progress=not args.no_progress)
     table = write_report(study, spec.study_dir / "report")
     print(table.to_string(index=False) if len(table) else "no completed trial yet")

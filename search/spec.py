@@ -80,6 +80,7 @@ class ExecutorSpec:
     kind: str = "local"  # local | ray
     workers: int | None = None  # None: one per GPU, else one per 2 CPU cores... see search.executors
     gpus: str | None = None  # None: detect; "0,1" or "2" to fake or choose devices
+    cpus: int | None = None  # local executor: use only this many cores (None: all this process may use)
     gpus_per_trial: float = 1.0
     address: str | None = None  # ray: join an existing cluster
 
@@ -158,9 +159,15 @@ def spec_from_dict(values: dict[str, Any], origin: str = "spec") -> StudySpec:
     return spec
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def validate_spec(spec: StudySpec, origin: str = "spec") -> None:
     checks = {
         "executor.kind": spec.executor.kind in ("local", "ray"),
+        "executor.workers": spec.executor.workers is None or _positive_int(spec.executor.workers),
+        "executor.cpus": spec.executor.cpus is None or _positive_int(spec.executor.cpus),
         "algorithm.sampler": spec.algorithm.sampler in ("tpe", "random"),
         "algorithm.pruner": spec.algorithm.pruner in ("hyperband", "median", "none"),
         "budget.trials": spec.budget.trials >= 1,

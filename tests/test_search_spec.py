@@ -1,10 +1,15 @@
 """Study specs, CLI overrides, the search space and device planning: fast, no training."""
 
+import os
+import subprocess
+import sys
+
 import optuna
 import pytest
 
 from search.config import ConfigError
-from search.executors.devices_plan import parse_gpus, plan_workers
+from search.devices import pin_environment
+from search.executors.devices_plan import parse_gpus, plan_workers, usable_cores
 from search.run import apply_overrides, parse_args
 from search.space import config_from_params, suggest_params, warm_start_params
 from search.spec import load_spec, spec_from_dict
@@ -51,10 +56,12 @@ def test_missing_and_invalid_spec_files(tmp_path):
 
 def test_cli_flags_override_the_spec(tmp_path):
     args = parse_args(["--trials", "7", "--timeout", "60", "--storage", "sqlite:///x.db", "--executor", "ray",
-                       "--gpus", "2", "--data", "cells.npz", "--out", str(tmp_path), "--workers", "3"])
+                       "--gpus", "2", "--data", "cells.npz", "--out", str(tmp_path), "--workers", "3", "--cpus", "1"])
     spec = apply_overrides(load_spec("default"), args)
     assert (spec.budget.trials, spec.budget.timeout_s, spec.storage.url) == (7, 60, "sqlite:///x.db")
-    assert (spec.executor.kind, spec.executor.gpus, spec.executor.workers) == ("ray", "2", 3)
+    assert (spec.executor.kind, spec.executor.gpus, spec.executor.workers, spec.executor.cpus) == ("ray", "2", 3, 1)
+    with pytest.raises(ConfigError, match="executor.cpus"):
+        apply_overrides(load_spec("default"), parse_args(["--cpus", "0"]))
     assert spec.data.path == "cells.npz" and spec.study_dir == tmp_path / "default"
 
 
@@ -87,8 +94,30 @@ def test_gpu_lists_and_worker_plans():
     assert parse_gpus("1,3") == ["1", "3"]
     with pytest.raises(ConfigError, match="invalid --gpus"):
         parse_gpus("gpu0")
-    plan = plan_workers(["0", "1"], None, cpu_count=8)
+    plan = plan_workers(["0", "1"], None, cores=list(range(8)))
     assert [d.gpu for d in plan] == ["0", "1"] and all(d.cpu_threads == 4 for d in plan)
-    plan = plan_workers([], None, cpu_count=2)
+    assert [d.cpu_cores for d in plan] == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    plan = plan_workers([], None, cores=[0, 1])
     assert [d.gpu for d in plan] == [None, None] and all(d.cpu_threads == 1 for d in plan)
-    assert len(plan_workers([], 1, cpu_count=2)) == 1 and plan_workers([], 1, cpu_count=2)[0].cpu_threads == 2
+    assert [d.cpu_cores for d in plan] == [(0,), (1,)]
+    lone = plan_workers([], 1, cores=[0, 1])
+    assert len(lone) == 1 and lone[0].cpu_threads == 2 and lone[0].cpu_cores == (0, 1)
+    crowded = plan_workers([], 3, cores=[0, 1])
+    assert all(d.cpu_threads == 1 and d.cpu_cores is None for d in crowded)  # more workers than cores: no pin
+
+
+def test_cpus_limits_the_cores_and_bad_values_are_named():
+    available = usable_cores()
+    assert usable_cores(1) == available[:1]
+    with pytest.raises(ConfigError, match="invalid cpus value 0"):
+        usable_cores(0)
+    with pytest.raises(ConfigError, match=f"only {len(available)} core"):
+        usable_cores(len(available) + 1)
+
+
+def test_a_worker_is_pinned_to_its_cores():
+    device = plan_workers([], None, cores=usable_cores(1))[0]
+    env = {**os.environ, **pin_environment(device)}
+    code = "import os; from search.devices import pin_cpu_cores; pin_cpu_cores(); print(sorted(os.sched_getaffinity(0)))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(list(device.cpu_cores))
