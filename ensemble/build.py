@@ -6,7 +6,9 @@
    log-loss (Caruana et al. 2004; at most K distinct members), both skipping near-identical members;
 3. combiners: soft voting (uniform for topk, greedy counts for greedy), weights fit on validation
    log-loss, and logistic-regression stacking, each with optional temperature scaling, all fit on
-   validation only and compared out-of-fold on validation; --combiner auto takes the best;
+   validation only and compared out-of-fold on validation; with the corruption suite on, each is also
+   fit on validation plus a down-weighted corrupted copy of it (ensemble.robust) and --combiner auto
+   takes the most robust one whose clean validation accuracy is within --clean-tolerance of the best;
 4. evaluation on the clean test split (saved predictions) and on a corrupted copy of it (member models
    run on the corrupted images with TTA): ensemble vs best single member vs plain average;
 5. the artifact folder (see ensemble.artifact), written atomically.
@@ -50,6 +52,8 @@ class BuildOptions:
     calibrate: bool = True
     out: str | None = None
     corrupt_severities: tuple[int, ...] = (1, 2, 3, 4, 5)
+    corrupted_val_weights: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3)
+    clean_tolerance: float = 0.002
     seed: int = 0
     greedy_iterations: int = 25
     progress: bool = True  # tqdm bars
@@ -78,6 +82,16 @@ class BuildOptions:
         bad = [s for s in self.corrupt_severities if s not in (1, 2, 3, 4, 5)]
         if bad:
             raise EnsembleError(f"--corrupt-severities must be in 1..5, got {bad[0]}")
+        negative = [w for w in self.corrupted_val_weights if not w >= 0]
+        if negative:
+            raise EnsembleError(f"--corrupted-val-weights must be >= 0, got {negative[0]}")
+        if not 0 <= self.clean_tolerance < 1:
+            raise EnsembleError(f"--clean-tolerance must be in [0, 1), got {self.clean_tolerance}")
+
+    @property
+    def robust(self) -> bool:
+        """Fit combiners on a corrupted validation copy too (needs the corruption suite switched on)."""
+        return bool(self.corrupt_severities) and any(w > 0 for w in self.corrupted_val_weights)
 
 
 @dataclass
@@ -151,20 +165,7 @@ def _build(options, location, store, out: Path, candidates, notes) -> BuildResul
     best = candidates[best_index]
     X_val = np.stack([m.val_probs for m in members], axis=1)
     X_test = np.stack([m.test_probs for m in members], axis=1)
-    vote_weights = selection.weights if options.method == "greedy" else None
-    choice = score_combiners(X_val, y_val, X_test, y_test, calibrate=options.calibrate,
-                             vote_weights=vote_weights, preferred=options.combiner)
-    combiner = choice.fitted[choice.chosen]
-    ensemble_name = f"ensemble ({choice.chosen}, {len(members)} members)"
-    best_name = f"best single (trial {best.number})"
-    average_name = f"plain average ({len(members)} members)"
-
-    def by_model(X: np.ndarray, best_probs: np.ndarray) -> dict[str, np.ndarray]:
-        return {ensemble_name: combiner.predict_proba(X), best_name: best_probs, average_name: X.mean(axis=1)}
-
-    clean = by_model(X_test, best.test_probs)
-    rows = comparison_rows("test", y_test, clean)
-    per_class_frames = [per_class_rows("test", y_test, clean, class_names)]
+    best_position = selection.indices.index(best_index)
 
     from ensemble.artifact import COMBINER_FILE, atomic_folder, write_manifest
 
@@ -173,15 +174,32 @@ def _build(options, location, store, out: Path, candidates, notes) -> BuildResul
         report.mkdir()
         for member in members:
             download(store, _TrialStub(member), "model.keras", staging / _member_file(member))
+        classifier = _load_members(staging, members, options)
+        images = _member_images(options, classifier, reference, X_test, notes)
+        vote_weights = selection.weights if options.method == "greedy" else None
+        choice = score_combiners(X_val, y_val, X_test, y_test, calibrate=options.calibrate,
+                                 vote_weights=vote_weights, preferred=options.combiner,
+                                 X_val_corrupted=images.get("val_corrupted"),
+                                 X_test_corrupted=images.get("test_corrupted"),
+                                 corrupted_weights=options.corrupted_val_weights,
+                                 clean_tolerance=options.clean_tolerance)
+        combiner = classifier.combiner = choice.fitted[choice.chosen]
+        names = (f"ensemble ({choice.chosen}, {len(members)} members)", f"best single (trial {best.number})",
+                 f"plain average ({len(members)} members)")
+
+        def by_model(X: np.ndarray, best_probs: np.ndarray) -> dict[str, np.ndarray]:
+            return dict(zip(names, (combiner.predict_proba(X), best_probs, X.mean(axis=1))))
+
+        clean = by_model(X_test, best.test_probs)
+        rows = comparison_rows("test", y_test, clean)
+        per_class_frames = [per_class_rows("test", y_test, clean, class_names)]
         import joblib
 
         joblib.dump(combiner, staging / COMBINER_FILE)
         from ensemble.metrics import save_confusion_png
 
-        save_confusion_png(clean[ensemble_name], y_test, class_names, report / "confusion_test.png",
-                           f"{ensemble_name}: test")
-        extra = _evaluate_on_images(options, staging, members, combiner, reference, selection.indices.index(best_index),
-                                    X_test, (ensemble_name, best_name, average_name), notes)
+        save_confusion_png(clean[names[0]], y_test, class_names, report / "confusion_test.png", f"{names[0]}: test")
+        extra = _evaluate_on_images(options, staging, classifier, reference, best_position, images, names, notes)
         rows += extra.get("rows", [])
         per_class_frames += extra.get("per_class", [])
         comparison = pd.DataFrame(rows)
@@ -197,7 +215,8 @@ def _build(options, location, store, out: Path, candidates, notes) -> BuildResul
                              comparison, best, y_val, extra)
         manifest = write_manifest(staging, manifest)
     float_format = lambda v: f"{v:.4f}"  # noqa: E731
-    _say(options, "\ncombiners (chosen by out-of-fold validation accuracy; test shown for information):")
+    _say(options, "\ncombiners (chosen on out-of-fold validation, clean and corrupted copies; test shown for "
+                  "information only):")
     _say(options, choice.table.to_string(index=False, float_format=float_format))
     _say(options, "\n" + comparison.to_string(index=False, float_format=float_format))
     if "distill" in extra:
@@ -218,57 +237,80 @@ class _TrialStub:
         self.user_attrs = candidate.user_attrs
 
 
-def _evaluate_on_images(options, staging, members, combiner, reference, best_position, X_test, names,
-                        notes) -> dict:
-    """Load the saved member models (as the artifact will be loaded), check them against their saved test
-    predictions, evaluate on the corrupted test copy, and optionally distill."""
+def _load_members(staging: Path, members, options):
+    """The members as the artifact will load them (safe_mode on), behind a classifier whose combiner is
+    set once it is chosen."""
     import backbones.preprocessing  # noqa: F401  (registers the custom layer)
-    from data_pipeline.corrupt import corrupt_dataset
     from ensemble.classifier import EnsembleClassifier
-    from ensemble.data import load_split_images
-    from ensemble.evaluate import comparison_rows, corruption_breakdown, per_class_rows
-    from ensemble.metrics import save_confusion_png
     from ensemble.standalone import load_member_models
 
-    ensemble_name, best_name, average_name = names
     models = load_member_models(staging, {"members": [{"file": _member_file(m)} for m in members]},
                                 custom_layer=False)
-    classifier = EnsembleClassifier(models, combiner, reference.class_names, options.tta)
-    result: dict = {"input_size": list(classifier.input_size)}
+    return EnsembleClassifier(models, None, members[0].class_names, options.tta)
+
+
+def _member_images(options, classifier, reference, X_test, notes) -> dict:
+    """Check the reloaded members against their saved test predictions, and predict them on the corrupted
+    copies of the test split and (robust validation) of the validation split."""
+    from data_pipeline.corrupt import corrupt_dataset
+    from ensemble.data import load_split_images
+
+    images: dict = {}
     try:
-        test_images = load_split_images(reference.config, reference.test_ids, reference.test_labels)
+        images["test"] = load_split_images(reference.config, reference.test_ids, reference.test_labels)
     except EnsembleError as exc:
         if options.corrupt_severities or options.distill:
             raise EnsembleError(f"{exc} (pass --corrupt-severities none to skip the corrupted evaluation)") from None
         notes.append(f"test images not loaded, no consistency check: {exc}")
-        return result
-    check = min(256, len(test_images))
-    drift = float(np.abs(classifier.member_proba(test_images[:check]) - X_test[:check]).max())
-    result["consistency_max_abs_diff"] = drift
+        return images
+    check = min(256, len(images["test"]))
+    drift = float(np.abs(classifier.member_proba(images["test"][:check]) - X_test[:check]).max())
+    images["consistency_max_abs_diff"] = drift
     if drift > 1e-3:
         notes.append(f"reloaded members differ from their saved test predictions by up to {drift:.2g} "
                      "(different hardware/precision, or not the same data)")
         _say(options, f"  warning: {notes[-1]}")
-    y_test = reference.test_labels
-    if options.corrupt_severities:
-        corrupted, kinds, severities = corrupt_dataset(test_images, options.corrupt_severities, seed=options.seed)
-        _say(options, f"corrupted test copy (severities {list(options.corrupt_severities)}): "
-                      f"{len(members)} member(s) x {options.tta} view(s) on {len(corrupted)} images")
+    if not options.corrupt_severities:
+        return images
+    splits = [("test", reference.test_ids, reference.test_labels, options.seed)]
+    if options.robust:
+        splits.append(("val", reference.val_ids, reference.val_labels, options.seed + 1))
+    for split, ids, labels, seed in splits:
+        clean = images["test"] if split == "test" else load_split_images(reference.config, ids, labels, "val")
+        corrupted, kinds, severities = corrupt_dataset(clean, options.corrupt_severities, seed=seed)
+        _say(options, f"corrupted {split} copy (severities {list(options.corrupt_severities)}): "
+                      f"{classifier.n_members} member(s) x {options.tta} view(s) on {len(corrupted)} images")
         started = time.perf_counter()
-        member_probs = classifier.member_proba(corrupted, progress=options.progress).astype(np.float64)
-        result["images_per_second"] = len(corrupted) / (time.perf_counter() - started)
-        probs = {ensemble_name: combiner.predict_proba(member_probs), best_name: member_probs[:, best_position],
-                 average_name: member_probs.mean(axis=1)}
+        images[f"{split}_corrupted"] = classifier.member_proba(corrupted, progress=options.progress).astype(np.float64)
+        if split == "test":
+            images["images_per_second"] = len(corrupted) / (time.perf_counter() - started)
+            images["test_kinds"], images["test_severities"] = kinds, severities
+    return images
+
+
+def _evaluate_on_images(options, staging, classifier, reference, best_position, images, names, notes) -> dict:
+    """Rows for the corrupted test copy (ensemble vs best single vs plain average), and optional distillation."""
+    from ensemble.evaluate import comparison_rows, corruption_breakdown, per_class_rows
+    from ensemble.metrics import save_confusion_png
+
+    ensemble_name, best_name, average_name = names
+    result: dict = {"input_size": list(classifier.input_size)}
+    result.update({k: images[k] for k in ("consistency_max_abs_diff", "images_per_second") if k in images})
+    y_test = reference.test_labels
+    if "test_corrupted" in images:
+        member_probs = images["test_corrupted"]
+        probs = {ensemble_name: classifier.combiner.predict_proba(member_probs),
+                 best_name: member_probs[:, best_position], average_name: member_probs.mean(axis=1)}
         result["rows"] = comparison_rows("test_corrupted", y_test, probs)
         result["per_class"] = [per_class_rows("test_corrupted", y_test, probs, reference.class_names)]
-        result["breakdown"] = corruption_breakdown(y_test, kinds, severities, probs)
+        result["breakdown"] = corruption_breakdown(y_test, images["test_kinds"], images["test_severities"], probs)
         save_confusion_png(probs[ensemble_name], y_test, reference.class_names,
                            staging / "report" / "confusion_test_corrupted.png", f"{ensemble_name}: corrupted test")
     if options.distill:
         from ensemble.distill import distill_student
 
         _say(options, f"distilling a {options.distill_backbone} student for {options.distill_epochs} epoch(s)")
-        result["distill"] = distill_student(classifier, reference, test_images, options, notes,
+        result["distill"] = distill_student(classifier, reference, images["test"], options, notes,
                                             backbone=options.distill_backbone, staging=staging)
     return result
 
@@ -288,6 +330,9 @@ def _manifest(options, location, members, selection, combiner, choice, class_nam
         "combiner": combiner.params(),
         "combiner_file": COMBINER_FILE,
         "combiners_considered": json.loads(choice.table.to_json(orient="records")),
+        "robust_validation": {"corrupted_val_weights": list(options.corrupted_val_weights) if options.robust else [0.0],
+                              "clean_tolerance": options.clean_tolerance,
+                              "chosen_weight": float(choice.table.loc[choice.table["chosen"], "corrupted_weight"].iloc[0])},
         "tta_views": options.tta,
         "views": list(VIEW_SETS[options.tta]),
         "class_names": list(class_names),
@@ -315,6 +360,15 @@ def parse_severities(text: str) -> tuple[int, ...]:
         raise EnsembleError(f"--corrupt-severities: expected e.g. 3 or 1,2,3,4,5 or none, got {text!r}") from None
 
 
+def parse_weights(text: str) -> tuple[float, ...]:
+    if text.strip().lower() in ("", "none"):
+        return (0.0,)
+    try:
+        return tuple(float(s) for s in text.split(","))
+    except ValueError:
+        raise EnsembleError(f"--corrupted-val-weights: expected e.g. 0,0.01,0.1 or none, got {text!r}") from None
+
+
 def parse_args(argv: list[str] | None) -> BuildOptions:
     parser = argparse.ArgumentParser(prog="python -m ensemble.build", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -330,6 +384,11 @@ def parse_args(argv: list[str] | None) -> BuildOptions:
     parser.add_argument("--out", help="output folder (default runs/<study>/ensemble)")
     parser.add_argument("--corrupt-severities", default="1,2,3,4,5",
                         help="severities of the corrupted test copy, e.g. 3 or 1,2,3,4,5, or none")
+    parser.add_argument("--corrupted-val-weights", default="0,0.01,0.03,0.1,0.3",
+                        help="weights of the corrupted validation copy tried when fitting combiners "
+                             "(robust validation; 'none' or 0: fit on clean validation only)")
+    parser.add_argument("--clean-tolerance", type=float, default=0.002,
+                        help="a more robust combiner may lose at most this much clean validation accuracy")
     parser.add_argument("--seed", type=int, default=0, help="corruption and fold seed")
     parser.add_argument("--distill", action="store_true", help="also train one student on the ensemble's soft labels")
     parser.add_argument("--distill-epochs", type=int, default=8)
@@ -339,7 +398,9 @@ def parse_args(argv: list[str] | None) -> BuildOptions:
     return BuildOptions(study=args.study, storage=args.storage, artifacts=args.artifacts, pointer=args.pointer,
                         top=args.top, method=args.method, combiner=args.combiner, tta=args.tta,
                         calibrate=not args.no_calibrate, out=args.out,
-                        corrupt_severities=parse_severities(args.corrupt_severities), seed=args.seed,
+                        corrupt_severities=parse_severities(args.corrupt_severities),
+                        corrupted_val_weights=parse_weights(args.corrupted_val_weights),
+                        clean_tolerance=args.clean_tolerance, seed=args.seed,
                         progress=not args.no_progress, distill=args.distill, distill_epochs=args.distill_epochs,
                         distill_backbone=args.distill_backbone)
 

@@ -14,6 +14,10 @@ seen by `fit` (build.py passes val arrays only, and the tests check it).
 `calibrate=True` adds temperature scaling: one scalar T fit by minimising the log-loss of out-of-fold
 combined probabilities on validation (out-of-fold, so a fitted combiner's in-sample over-confidence
 does not bias T). `params()` returns the plain numbers the standalone runtime needs (see standalone.py).
+
+`fit` takes optional `sample_weight` and `groups`: the build can fit on the validation images plus a
+corrupted copy of them (ensemble.robust), the copy down-weighted, and an image and its corrupted copy
+always fall in the same cross-validation fold (otherwise out-of-fold scores would leak).
 """
 
 from __future__ import annotations
@@ -44,9 +48,10 @@ def check_member_probs(X: Any, n_members: int | None = None) -> np.ndarray:
     return X
 
 
-def log_loss(probs: np.ndarray, y: np.ndarray) -> float:
-    """Mean negative log-likelihood of the true labels (probabilities clipped away from 0)."""
-    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], _LOG_EPS, 1.0))))
+def log_loss(probs: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+    """(Weighted) mean negative log-likelihood of the true labels (probabilities clipped away from 0)."""
+    losses = -np.log(np.clip(probs[np.arange(len(y)), y], _LOG_EPS, 1.0))
+    return float(np.average(losses, weights=sample_weight))
 
 
 def fold_splitter(y: np.ndarray, n_splits: int = 5, seed: int = 0):
@@ -58,13 +63,29 @@ def fold_splitter(y: np.ndarray, n_splits: int = 5, seed: int = 0):
     return KFold(n_splits=int(min(n_splits, len(y))), shuffle=True, random_state=seed)
 
 
-def fit_temperature(probs: np.ndarray, y: np.ndarray) -> float:
+def folds(y: np.ndarray, groups: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) index pairs: `fold_splitter`'s folds over the groups (one label per group, e.g. an
+    image and its corrupted copy), expanded to the rows of each group; without groups, over the rows."""
+    if groups is None:
+        return list(fold_splitter(y).split(np.zeros(len(y)), y))
+    groups = np.asarray(groups)
+    unique, first = np.unique(groups, return_index=True)
+    rows_of = {g: np.flatnonzero(groups == g) for g in unique}
+    pairs = []
+    for train, test in fold_splitter(y[first]).split(np.zeros(len(unique)), y[first]):
+        expand = lambda part: np.sort(np.concatenate([rows_of[g] for g in unique[part]]))  # noqa: E731
+        pairs.append((expand(train), expand(test)))
+    return pairs
+
+
+def fit_temperature(probs: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
     """The T in [0.05, 20] minimising the log-loss of softmax(log p / T) (1-D bounded search on log T)."""
-    result = minimize_scalar(lambda log_t: log_loss(apply_temperature(probs, float(np.exp(log_t))), y),
-                             bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    loss = lambda t: log_loss(apply_temperature(probs, t), y, sample_weight)  # noqa: E731
+    result = minimize_scalar(lambda log_t: loss(float(np.exp(log_t))), bounds=(np.log(0.05), np.log(20.0)),
+                             method="bounded")
     temperature = float(np.exp(result.x))
     # keep T = 1 unless scaling actually helps (a flat objective would otherwise pick an arbitrary T)
-    return temperature if log_loss(apply_temperature(probs, temperature), y) < log_loss(probs, y) - 1e-9 else 1.0
+    return temperature if loss(temperature) < loss(1.0) - 1e-9 else 1.0
 
 
 class _Combiner(ClassifierMixin, BaseEstimator):
@@ -72,29 +93,33 @@ class _Combiner(ClassifierMixin, BaseEstimator):
 
     kind = ""
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None, groups=None):
         # One BLAS thread: these matrices are tiny, and on a busy 2-core machine OpenBLAS threads
         # spin-waiting for each other made a logistic-regression fit 10x slower, not faster.
         with threadpool_limits(1):
-            return self._fit(X, y)
+            return self._fit(X, y, sample_weight, groups)
 
-    def _fit(self, X, y):
+    def _fit(self, X, y, sample_weight, groups):
         X = check_member_probs(X)
         y = np.asarray(y, dtype=np.int64)
         if len(X) != len(y):
             raise ValueError(f"{len(X)} samples but {len(y)} labels")
+        weight = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        if weight.shape != (len(y),) or np.any(weight < 0) or weight.sum() <= 0:
+            raise ValueError(f"sample_weight must be {len(y)} non-negative numbers, not all 0")
         self.n_members_, self.n_classes_ = X.shape[1], X.shape[2]
         self.classes_ = np.arange(self.n_classes_)
         self.n_fit_samples_ = len(y)
         self.temperature_ = 1.0
         if getattr(self, "calibrate", False) and len(y) >= 4:
             uncalibrated = clone(self).set_params(calibrate=False)
-            oof = cross_val_predict(uncalibrated, X, y, cv=fold_splitter(y), method="predict_proba")
-            self.temperature_ = fit_temperature(oof, y)
-        self._fit_base(X, y)
+            oof = cross_val_predict(uncalibrated, X, y, cv=folds(y, groups), method="predict_proba",
+                                    params=_fold_params(weight, groups))
+            self.temperature_ = fit_temperature(oof, y, weight)
+        self._fit_base(X, y, weight)
         return self
 
-    def _fit_base(self, X: np.ndarray, y: np.ndarray) -> None:
+    def _fit_base(self, X: np.ndarray, y: np.ndarray, weight: np.ndarray) -> None:
         raise NotImplementedError
 
     def _base_params(self) -> dict[str, Any]:
@@ -123,7 +148,7 @@ class SoftVoting(_Combiner):
         self.weights = weights
         self.calibrate = calibrate
 
-    def _fit_base(self, X, y):
+    def _fit_base(self, X, y, weight):
         weights = np.ones(X.shape[1]) if self.weights is None else np.asarray(self.weights, dtype=np.float64)
         if weights.shape != (X.shape[1],) or np.any(weights < 0) or weights.sum() <= 0:
             raise ValueError(f"weights must be {X.shape[1]} non-negative numbers, not all 0; got {self.weights}")
@@ -146,16 +171,17 @@ class WeightedVoting(_Combiner):
         self.l2 = l2
         self.calibrate = calibrate
 
-    def _fit_base(self, X, y):
+    def _fit_base(self, X, y, weight):
         picked = X[np.arange(len(y)), :, y]  # (N, M): each member's probability of the true class
+        share = weight / weight.sum()
 
         def objective(theta):
             w = np.exp(theta - theta.max())
             w /= w.sum()
             p = np.clip(picked @ w, _LOG_EPS, None)
-            loss = -np.mean(np.log(p)) + self.l2 * np.sum(theta ** 2)
+            loss = -share @ np.log(p) + self.l2 * np.sum(theta ** 2)
             # gradient through the softmax: dL/dtheta = w * (g - w.g) with g = dL/dw
-            g = -np.mean(picked / p[:, None], axis=0)
+            g = -share @ (picked / p[:, None])
             return loss, w * (g - w @ g) + 2 * self.l2 * theta
 
         result = minimize(objective, np.zeros(X.shape[1]), jac=True, method="L-BFGS-B")
@@ -186,11 +212,14 @@ class Stacking(_Combiner):
     def features(X: np.ndarray) -> np.ndarray:
         return np.log(np.clip(X, _LOG_EPS, 1.0)).reshape(len(X), -1)
 
-    def _fit_base(self, X, y):
+    def _fit_base(self, X, y, weight):
         self.meta_learner_ = make_pipeline(StandardScaler(),
                                            LogisticRegression(C=self.C, max_iter=self.max_iter,
                                                               solver="newton-cholesky"))
-        self.meta_learner_.fit(self.features(X), y)
+        # weights as given: LogisticRegression sums weighted losses, so a weight-0 row changes nothing and
+        # a clean image keeps weight 1 however many down-weighted corrupted copies are added
+        self.meta_learner_.fit(self.features(X), y, standardscaler__sample_weight=weight,
+                               logisticregression__sample_weight=weight)
         scaler, regression = self.meta_learner_[0], self.meta_learner_[-1]
         classes = regression.classes_
         coef = regression.coef_ / scaler.scale_
@@ -222,13 +251,22 @@ def make_combiner(kind: str, *, calibrate: bool = False, vote_weights=None) -> _
     raise ValueError(f"unknown combiner {kind!r} (known: {', '.join(COMBINERS)})")
 
 
-def out_of_fold_proba(combiner: _Combiner, X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Validation probabilities of `combiner` where each image is scored by a combiner not fit on it.
+def _fold_params(sample_weight, groups) -> dict:
+    """fit() keyword arguments that cross_val_predict slices per fold (both are per-row arrays)."""
+    params = {} if sample_weight is None else {"sample_weight": np.asarray(sample_weight, dtype=np.float64)}
+    return params if groups is None else {**params, "groups": np.asarray(groups)}
+
+
+def out_of_fold_proba(combiner: _Combiner, X: np.ndarray, y: np.ndarray, sample_weight=None,
+                      groups=None) -> np.ndarray:
+    """Validation probabilities of `combiner` where each image is scored by a combiner not fit on it
+    (nor on any image of its group).
 
     This is how stacking (and the fitted weights) are scored on validation: never on their own training
     predictions, and never on test data.
     """
     if isinstance(combiner, SoftVoting) and not combiner.calibrate:
         return clone(combiner).fit(X, y).predict_proba(X)  # nothing is fit on the labels
+    params = _fold_params(sample_weight, groups)
     with threadpool_limits(1):
-        return cross_val_predict(clone(combiner), X, y, cv=fold_splitter(y), method="predict_proba")
+        return cross_val_predict(clone(combiner), X, y, cv=folds(y, groups), method="predict_proba", params=params)

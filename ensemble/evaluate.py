@@ -20,41 +20,72 @@ from ensemble.metrics import expected_calibration_error, per_class, summary
 
 @dataclass
 class CombinerChoice:
-    table: pd.DataFrame  # one row per combiner
-    fitted: dict  # kind -> combiner fit on all validation images
-    chosen: str
+    table: pd.DataFrame  # one row per combiner and corrupted-copy weight
+    fitted: dict  # label -> combiner fit on all validation images
+    chosen: str  # label of the chosen row
+
+
+def combiner_label(kind: str, corrupted_weight: float) -> str:
+    return kind if corrupted_weight == 0 else f"{kind} +corrupted {corrupted_weight:g}"
 
 
 def score_combiners(X_val: np.ndarray, y_val: np.ndarray, X_test: np.ndarray | None, y_test: np.ndarray | None,
                     kinds: Sequence[str] = COMBINERS, calibrate: bool = True,
-                    vote_weights: Sequence[float] | None = None, preferred: str = "auto") -> CombinerChoice:
-    """Fit each combiner on validation, score it out-of-fold on validation (and on test, for the report),
-    and choose `preferred` or, for "auto", the best out-of-fold validation accuracy (ties: log-loss, then
-    the simpler combiner, in the order vote, weighted, stacking)."""
+                    vote_weights: Sequence[float] | None = None, preferred: str = "auto",
+                    X_val_corrupted: np.ndarray | None = None, X_test_corrupted: np.ndarray | None = None,
+                    corrupted_weights: Sequence[float] = (0.0,), clean_tolerance: float = 0.0) -> CombinerChoice:
+    """Fit each combiner on validation (plus, per weight in `corrupted_weights`, the corrupted validation
+    copy: see ensemble.robust), score it out-of-fold on validation (and on test, for the report only), and
+    choose with `choose_row`. `preferred` restricts the choice to one kind ("auto": any)."""
+    from ensemble.robust import mixed_validation
+
+    weights = sorted(set(corrupted_weights)) if X_val_corrupted is not None else [0.0]
+    n = len(y_val)
     rows, fitted = [], {}
     for kind in kinds:
-        combiner = make_combiner(kind, calibrate=calibrate, vote_weights=vote_weights)
-        oof = out_of_fold_proba(combiner, X_val, y_val)
-        fitted[kind] = clone(combiner).fit(X_val, y_val)
-        row = {"combiner": kind, "val_accuracy_oof": float(np.mean(oof.argmax(1) == y_val)),
-               "val_log_loss_oof": log_loss(oof, y_val), "val_ece_oof": expected_calibration_error(oof, y_val),
-               "temperature": fitted[kind].temperature_}
-        if X_test is not None:
-            test = fitted[kind].predict_proba(X_test)
-            row.update(test_accuracy=float(np.mean(test.argmax(1) == y_test)), test_log_loss=log_loss(test, y_test),
-                       test_ece=expected_calibration_error(test, y_test))
-        rows.append(row)
+        for weight in weights:
+            if kind == "vote" and weight > 0 and not calibrate:
+                continue  # an uncalibrated vote fits nothing: the weight would change nothing
+            X, y, sample_weight, groups = mixed_validation(X_val, y_val, X_val_corrupted, weight)
+            combiner = make_combiner(kind, calibrate=calibrate, vote_weights=vote_weights)
+            oof = out_of_fold_proba(combiner, X, y, sample_weight, groups)
+            label = combiner_label(kind, weight)
+            fitted[label] = clone(combiner).fit(X, y, sample_weight=sample_weight, groups=groups)
+            row = {"combiner": label, "kind": kind, "corrupted_weight": weight,
+                   "val_accuracy_oof": _accuracy(oof[:n], y_val), "val_log_loss_oof": log_loss(oof[:n], y_val),
+                   "val_ece_oof": expected_calibration_error(oof[:n], y_val),
+                   "temperature": fitted[label].temperature_}
+            if X_val_corrupted is not None:
+                row["val_corrupted_accuracy_oof"] = _accuracy(oof[n:], y_val)
+            if X_test is not None:
+                test = fitted[label].predict_proba(X_test)
+                row.update(test_accuracy=_accuracy(test, y_test), test_log_loss=log_loss(test, y_test),
+                           test_ece=expected_calibration_error(test, y_test))
+            if X_test_corrupted is not None:
+                row["test_corrupted_accuracy"] = _accuracy(fitted[label].predict_proba(X_test_corrupted), y_test)
+            rows.append(row)
+    chosen = choose_row(rows, preferred, clean_tolerance)["combiner"]
     table = pd.DataFrame(rows)
-    if preferred == "auto":
-        order = {k: i for i, k in enumerate(COMBINERS)}
-        best = min(rows, key=lambda r: (-r["val_accuracy_oof"], r["val_log_loss_oof"], order[r["combiner"]]))
-        chosen = best["combiner"]
-    elif preferred in fitted:
-        chosen = preferred
-    else:
-        raise ValueError(f"unknown combiner {preferred!r}")
     table["chosen"] = table["combiner"] == chosen
     return CombinerChoice(table, fitted, chosen)
+
+
+def _accuracy(probs: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(probs.argmax(1) == y))
+
+
+def choose_row(rows: list[dict], preferred: str = "auto", clean_tolerance: float = 0.0) -> dict:
+    """The row to use: among rows of the `preferred` kind whose out-of-fold clean validation accuracy is
+    within `clean_tolerance` of the best, the highest corrupted-validation accuracy (when measured), then
+    clean accuracy, log-loss, the simpler kind (vote, weighted, stacking) and the smaller weight."""
+    pool = [r for r in rows if preferred in ("auto", r["kind"])]
+    if not pool:
+        raise ValueError(f"unknown combiner {preferred!r}")
+    best_clean = max(r["val_accuracy_oof"] for r in pool)
+    eligible = [r for r in pool if r["val_accuracy_oof"] >= best_clean - clean_tolerance - 1e-12]
+    order = {k: i for i, k in enumerate(COMBINERS)}
+    return min(eligible, key=lambda r: (-r.get("val_corrupted_accuracy_oof", 0.0), -r["val_accuracy_oof"],
+                                        r["val_log_loss_oof"], order[r["kind"]], r["corrupted_weight"]))
 
 
 def comparison_rows(split: str, y: np.ndarray, probs_by_model: dict[str, np.ndarray]) -> list[dict]:

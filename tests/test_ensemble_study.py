@@ -103,7 +103,14 @@ def test_build_cli_writes_a_complete_artifact_and_one_table(built):
     per_class = pd.read_csv(out / "report" / "per_class.csv")
     assert {"precision", "recall"} <= set(per_class.columns) and len(per_class) == 6 * 8
     combiners = pd.read_csv(out / "report" / "combiners.csv")
-    assert list(combiners["combiner"]) == ["vote", "weighted", "stacking"]
+    weights = [0.0, 0.01, 0.03, 0.1, 0.3]  # robust validation: each kind also fit with the corrupted val copy
+    assert list(combiners["kind"]) == [k for k in ("vote", "weighted", "stacking") for _ in weights]
+    assert list(combiners["corrupted_weight"]) == weights * 3
+    assert combiners["val_corrupted_accuracy_oof"].between(0, 1).all()
+    chosen = combiners[combiners["chosen"]].iloc[0]
+    assert chosen["kind"] == "stacking" and manifest["robust_validation"]["chosen_weight"] == chosen["corrupted_weight"]
+    stacking = combiners[combiners["kind"] == "stacking"]
+    assert chosen["val_accuracy_oof"] >= stacking["val_accuracy_oof"].max() - 0.002 - 1e-9
     assert manifest["consistency_max_abs_diff"] < 1e-3  # reloaded members reproduce their saved predictions
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".ens.")]  # no staging left behind
     distilled = pd.read_csv(out / "report" / "distillation.csv")

@@ -200,3 +200,48 @@ def test_greedy_selection_is_not_fooled_by_under_confident_accurate_members():
     selection = greedy_selection([accurate_soft, worse_sharp], y, max_members=2, n_iterations=10)
     weights = dict(zip(selection.indices, selection.weights))
     assert weights[0] > 0.5
+
+
+def test_an_image_and_its_corrupted_copy_share_a_fold():
+    from ensemble.combiners import folds
+    from ensemble.robust import mixed_validation
+
+    X, y = noisy_members(60, seed=4)
+    X_mixed, y_mixed, weight, groups = mixed_validation(X, y, X[::-1].copy(), 0.1)
+    assert len(y_mixed) == 120 and weight[:60].tolist() == [1.0] * 60 and weight[60:].tolist() == [0.1] * 60
+    for train, test in folds(y_mixed, groups):
+        assert not set(groups[train]) & set(groups[test])
+        assert sorted(np.concatenate([train, test]).tolist()) == list(range(120))
+
+
+def test_zero_weight_rows_are_scored_but_never_fit():
+    from ensemble.robust import mixed_validation
+
+    X, y = noisy_members(200, seed=5)
+    garbage = np.random.default_rng(0).dirichlet(np.ones(X.shape[2]), X.shape[:2])
+    X_mixed, y_mixed, weight, groups = mixed_validation(X, y, garbage, 0.0)
+    for combiner in (Stacking(), WeightedVoting()):
+        plain = combiner.fit(X, y).params()
+        mixed = type(combiner)().fit(X_mixed, y_mixed, sample_weight=weight, groups=groups).params()
+        for key in ("coef", "weights"):
+            if key in plain:
+                np.testing.assert_allclose(mixed[key], plain[key], rtol=1e-4, atol=1e-6)
+    oof = out_of_fold_proba(Stacking(), X_mixed, y_mixed, weight, groups)
+    assert oof.shape == (400, X.shape[2])
+
+
+def test_the_most_robust_combiner_within_the_clean_tolerance_is_chosen():
+    from ensemble.evaluate import choose_row
+
+    def row(kind, weight, clean, corrupted):
+        return {"combiner": f"{kind}/{weight}", "kind": kind, "corrupted_weight": weight, "val_accuracy_oof": clean,
+                "val_log_loss_oof": 0.1, "val_corrupted_accuracy_oof": corrupted}
+
+    rows = [row("vote", 0.0, 0.980, 0.50), row("stacking", 0.0, 0.982, 0.52), row("stacking", 0.1, 0.981, 0.70),
+            row("stacking", 0.3, 0.975, 0.80)]
+    assert choose_row(rows, "auto", clean_tolerance=0.002)["combiner"] == "stacking/0.1"
+    assert choose_row(rows, "auto", clean_tolerance=0.0)["combiner"] == "stacking/0.0"
+    assert choose_row(rows, "auto", clean_tolerance=0.01)["combiner"] == "stacking/0.3"
+    assert choose_row(rows, "vote", clean_tolerance=0.01)["combiner"] == "vote/0.0"
+    with pytest.raises(ValueError, match="unknown combiner"):
+        choose_row(rows, "median")

@@ -1,0 +1,40 @@
+"""Robust validation: fit the combiner on the validation images AND a corrupted copy of them.
+
+Members trained on clean images fail differently under noise, blur, compression or stain shifts: their
+log-probabilities drift in systematic ways (e.g. everything blurred looks like a lymphocyte to one
+member and like an erythroblast to another). A stacking meta-learner can learn to undo part of that drift,
+but only if it sees corrupted inputs while it is fit. So the build predicts the members on a corrupted
+copy of the validation split (the data pipeline's corruption suite, other random draws than the test
+copy's) and fits every combiner on clean + corrupted validation, the corrupted rows down-weighted by a
+weight w. Each w is scored out-of-fold on both halves; `evaluate.choose_row` keeps the combiners whose
+clean validation accuracy stays within a tolerance of the best and takes the most robust of them. An
+image and its corrupted copy always share a fold, so no out-of-fold score is fit on its own image.
+
+Measured on the 60-minute default search (5 members, stacking): w = 0.01 kept clean test accuracy
+(0.984 vs 0.985) and lifted corrupted test accuracy from 0.51 to 0.66; w = 0.1 gave 0.981 / 0.73.
+The corrupted validation copy uses the same corruption kinds as the corrupted test copy, so these gains
+are for corruptions of known kinds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def mixed_validation(X_val: np.ndarray, y_val: np.ndarray, X_val_corrupted: np.ndarray | None,
+                     corrupted_weight: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(X, y, sample_weight, groups) to fit a combiner on: the clean rows (weight 1) followed by their
+    corrupted copies (weight `corrupted_weight`, possibly 0: then they are only scored, never fit), each
+    copy in its image's group. Without a corrupted copy: the clean rows, no weights, no groups."""
+    if X_val_corrupted is None:
+        return X_val, y_val, None, None
+    if X_val_corrupted.shape != X_val.shape:
+        raise ValueError(f"corrupted validation copy has shape {X_val_corrupted.shape}, clean {X_val.shape}")
+    if corrupted_weight < 0:
+        raise ValueError(f"corrupted weight must be >= 0, got {corrupted_weight}")
+    n = len(y_val)
+    X = np.concatenate([X_val, X_val_corrupted])
+    y = np.concatenate([y_val, y_val])
+    weight = np.concatenate([np.ones(n), np.full(n, float(corrupted_weight))])
+    groups = np.concatenate([np.arange(n), np.arange(n)])
+    return X, y, weight, groups
