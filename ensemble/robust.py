@@ -1,12 +1,11 @@
 """Robust validation: fit the combiner on the validation images AND a corrupted copy of them.
 
-Members trained on clean images fail differently under noise, blur, compression or stain shifts: their
-log-probabilities drift in systematic ways (e.g. everything blurred looks like a lymphocyte to one
-member and like an erythroblast to another). A stacking meta-learner can learn to undo part of that drift,
-but only if it sees corrupted inputs while it is fit. So the build predicts the members on a corrupted
-copy of the validation split (the data pipeline's corruption suite, other random draws than the test
-copy's) and fits every combiner on clean + corrupted validation, the corrupted rows down-weighted by a
-weight w. Each w is scored out-of-fold on both halves; `evaluate.choose_row` keeps the combiners whose
+Members trained on clean images fail under noise, blur, compression or stain shifts, and their
+log-probabilities then drift in systematic, member-specific ways. A combiner (most of all a stacking
+meta-learner) can learn to undo part of that drift, but only if it sees corrupted inputs while it is fit.
+So the build predicts the members on a corrupted copy of the validation split (the data pipeline's
+corruption suite, other random draws than the test copy's) and fits every combiner on clean + corrupted
+validation, the corrupted rows down-weighted by a weight w. Each w is scored out-of-fold on both halves; `evaluate.choose_row` keeps the combiners whose
 clean validation accuracy stays within a tolerance of the best and takes the most robust of them. An
 image and its corrupted copy always share a fold, so no out-of-fold score is fit on its own image.
 

@@ -40,7 +40,8 @@ def apply_overrides(spec: StudySpec, args: argparse.Namespace) -> StudySpec:
         ("budget", "trials"): args.trials, ("budget", "timeout_s"): args.timeout,
         ("storage", "url"): args.storage, ("storage", "artifacts"): args.artifacts,
         ("executor", "kind"): args.executor, ("executor", "workers"): args.workers,
-        ("executor", "gpus"): args.gpus, ("executor", "cpus"): args.cpus, ("executor", "address"): args.address, ("data", "path"): args.data,
+        ("executor", "gpus"): args.gpus, ("executor", "cpus"): args.cpus, ("executor", "address"): args.address,
+        ("data", "path"): args.data,
     }
     for (section, key), value in overrides.items():
         if value is not None:

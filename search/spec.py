@@ -78,7 +78,7 @@ class AlgorithmSpec:
 @dataclass
 class ExecutorSpec:
     kind: str = "local"  # local | ray
-    workers: int | None = None  # None: one per GPU, else one per 2 CPU cores... see search.executors
+    workers: int | None = None  # None: one per GPU, else one per core (see search.executors.devices_plan)
     gpus: str | None = None  # None: detect; "0,1" or "2" to fake or choose devices
     cpus: int | None = None  # local executor: use only this many cores (None: all this process may use)
     gpus_per_trial: float = 1.0

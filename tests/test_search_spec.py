@@ -118,6 +118,7 @@ def test_cpus_limits_the_cores_and_bad_values_are_named():
 def test_a_worker_is_pinned_to_its_cores():
     device = plan_workers([], None, cores=usable_cores(1))[0]
     env = {**os.environ, **pin_environment(device)}
-    code = "import os; from search.devices import pin_cpu_cores; pin_cpu_cores(); print(sorted(os.sched_getaffinity(0)))"
+    code = ("import os; from search.devices import pin_cpu_cores; pin_cpu_cores(); "
+            "print(sorted(os.sched_getaffinity(0)))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(list(device.cpu_cores))
