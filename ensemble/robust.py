@@ -5,9 +5,10 @@ log-probabilities then drift in systematic, member-specific ways. A combiner (mo
 meta-learner) can learn to undo part of that drift, but only if it sees corrupted inputs while it is fit.
 So the build predicts the members on a corrupted copy of the validation split (the data pipeline's
 corruption suite, other random draws than the test copy's) and fits every combiner on clean + corrupted
-validation, the corrupted rows down-weighted by a weight w. Each w is scored out-of-fold on both halves; `evaluate.choose_row` keeps the combiners whose
-clean validation accuracy stays within a tolerance of the best and takes the most robust of them. An
-image and its corrupted copy always share a fold, so no out-of-fold score is fit on its own image.
+validation, the corrupted rows down-weighted by a weight w. Each w is scored out-of-fold on both halves;
+`evaluate.choose_row` keeps the combiners whose clean validation accuracy stays within a tolerance of the
+best and takes the most robust of them. An image and its corrupted copy always share a fold, so no
+out-of-fold score is fit on its own image.
 
 Measured on the 60-minute default search (top-5 members, 8 TTA views, corrupted test accuracy of the best
 single trial 0.528): stacking fit on clean validation 0.984 clean / 0.513 corrupted test accuracy; with the
