@@ -14,6 +14,7 @@ import optuna
 from optuna.artifacts import upload_artifact
 
 from search.config import TrialConfig
+from search.reseed import is_reseed
 from search.space import config_from_params, suggest_params
 from search.spec import StudySpec
 from search.trainer import ARTIFACT_FILES, TrialResult, train_trial
@@ -63,13 +64,14 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         config = trial_config(trial, self.spec)
+        trial.set_user_attr("seed", config.seed)
         trial.set_user_attr("device", device_label())
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         work_dir = self.spec.study_dir / "work" / f"trial_{trial.number:05d}"
 
         def report(epoch: int, val_accuracy: float) -> None:
             trial.report(val_accuracy, epoch)
-            if trial.should_prune():
+            if not is_reseed(trial) and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch} at val_accuracy {val_accuracy:.4f}")
 
         try:

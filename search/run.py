@@ -30,6 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", help="data: .npz (AN2DL or MedMNIST layout) or a class-per-folder tree")
     parser.add_argument("--out", help="output root (default runs/)")
     parser.add_argument("--name", help="study name (default: the spec's)")
+    parser.add_argument("--reseed-top", type=int, metavar="K",
+                        help="instead of searching, train the K best configurations once more with new seeds "
+                             "(extra ensemble members; see search/reseed.py)")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
     return parser.parse_args(argv)
 
@@ -46,6 +49,8 @@ def apply_overrides(spec: StudySpec, args: argparse.Namespace) -> StudySpec:
     for (section, key), value in overrides.items():
         if value is not None:
             setattr(getattr(spec, section), key, value)
+    if args.reseed_top is not None and args.reseed_top < 1:
+        raise ConfigError(f"invalid --reseed-top value {args.reseed_top}: need at least 1")
     spec.out = args.out or spec.out
     spec.name = args.name or spec.name
     validate_spec(spec, "command line")
@@ -60,6 +65,17 @@ def remember_last_study(spec: StudySpec, storage_url: str, artifacts: str) -> No
 
     pointer = {"study": spec.name, "storage": storage_url, "artifacts": artifacts}
     atomic_write_text(Path(spec.out) / "last_study.json", json.dumps(pointer, indent=2))
+
+
+def _plan_reseeds(spec: StudySpec, study, top: int) -> None:
+    """Enqueue the copies and shrink the budget to exactly the waiting trials: a reseed run adds no search."""
+    from search.reseed import enqueue_reseeds, waiting_count
+    from search.study import finished_count
+
+    copied = enqueue_reseeds(study, top)
+    spec.budget.trials = finished_count(study) + waiting_count(study)
+    print(f"reseeding: copies of trial(s) {copied or 'none (all already copied)'} enqueued; "
+          f"{waiting_count(study)} waiting trial(s) to run")
 
 
 def _describe(device) -> str:
@@ -86,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                            grace_period=spec.storage.grace_period, max_retry=spec.storage.max_retry)
     open_artifact_store(artifacts)
     study = prepare_study(spec, storage)
+    if args.reseed_top is not None:
+        _plan_reseeds(spec, study, args.reseed_top)
     remember_last_study(spec, storage_url, artifacts)
     deadline = time.time() + spec.budget.timeout_s if spec.budget.timeout_s else None
     gpus = parse_gpus(spec.executor.gpus)

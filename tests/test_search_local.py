@@ -243,3 +243,24 @@ def test_journal_storage_runs_a_study(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     study = optuna.load_study(study_name="journal", storage=open_storage(f"journal:{journal}"))
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
+
+
+def test_reseeding_trains_the_best_configurations_again_with_new_seeds(tmp_path):
+    spec_path = write_tiny_spec(tmp_path, name="reseed", trials=3, min_epochs=1, max_epochs=2)
+    assert run_search("--study", str(spec_path), "--workers", "1").returncode == 0
+    originals = load_study(spec_path).get_trials(states=(TrialState.COMPLETE,))
+    best_two = [t.number for t in sorted(originals, key=lambda t: (-t.value, t.number))[:2]]
+    done = run_search("--study", str(spec_path), "--workers", "1", "--reseed-top", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"copies of trial(s) {best_two} enqueued" in done.stdout
+    trials = load_study(spec_path).get_trials()
+    copies = [t for t in trials if "reseed_of" in t.user_attrs]
+    assert len(trials) == 5 and [t.user_attrs["reseed_of"] for t in copies] == best_two
+    for copy in copies:
+        original = trials[copy.user_attrs["reseed_of"]]
+        assert copy.state == TrialState.COMPLETE and copy.params == original.params
+        assert copy.user_attrs["seed"] != original.user_attrs["seed"]
+    again = run_search("--study", str(spec_path), "--workers", "1", "--reseed-top", "2")
+    assert "none (all already copied)" in again.stdout and len(load_study(spec_path).get_trials()) == 5
+    bad = run_search("--study", str(spec_path), "--reseed-top", "0")
+    assert bad.returncode == 2 and "invalid --reseed-top value 0" in bad.stderr
