@@ -70,12 +70,9 @@ def folds(y: np.ndarray, groups: np.ndarray | None = None) -> list[tuple[np.ndar
         return list(fold_splitter(y).split(np.zeros(len(y)), y))
     groups = np.asarray(groups)
     unique, first = np.unique(groups, return_index=True)
-    rows_of = {g: np.flatnonzero(groups == g) for g in unique}
-    pairs = []
-    for train, test in fold_splitter(y[first]).split(np.zeros(len(unique)), y[first]):
-        expand = lambda part: np.sort(np.concatenate([rows_of[g] for g in unique[part]]))  # noqa: E731
-        pairs.append((expand(train), expand(test)))
-    return pairs
+    splits = fold_splitter(y[first]).split(np.zeros(len(unique)), y[first])
+    return [(np.flatnonzero(np.isin(groups, unique[train])), np.flatnonzero(np.isin(groups, unique[test])))
+            for train, test in splits]
 
 
 def fit_temperature(probs: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:

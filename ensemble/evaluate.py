@@ -16,6 +16,8 @@ from sklearn.base import clone
 
 from ensemble.combiners import COMBINERS, log_loss, make_combiner, out_of_fold_proba
 from ensemble.metrics import expected_calibration_error, per_class, summary
+from ensemble.robust import mixed_validation
+from ensemble.selection import accuracy
 
 
 @dataclass
@@ -37,8 +39,6 @@ def score_combiners(X_val: np.ndarray, y_val: np.ndarray, X_test: np.ndarray | N
     """Fit each combiner on validation (plus, per weight in `corrupted_weights`, the corrupted validation
     copy: see ensemble.robust), score it out-of-fold on validation (and on test, for the report only), and
     choose with `choose_row`. `preferred` restricts the choice to one kind ("auto": any)."""
-    from ensemble.robust import mixed_validation
-
     weights = sorted(set(corrupted_weights)) if X_val_corrupted is not None else [0.0]
     n = len(y_val)
     rows, fitted = [], {}
@@ -52,26 +52,22 @@ def score_combiners(X_val: np.ndarray, y_val: np.ndarray, X_test: np.ndarray | N
             label = combiner_label(kind, weight)
             fitted[label] = clone(combiner).fit(X, y, sample_weight=sample_weight, groups=groups)
             row = {"combiner": label, "kind": kind, "corrupted_weight": weight,
-                   "val_accuracy_oof": _accuracy(oof[:n], y_val), "val_log_loss_oof": log_loss(oof[:n], y_val),
+                   "val_accuracy_oof": accuracy(oof[:n], y_val), "val_log_loss_oof": log_loss(oof[:n], y_val),
                    "val_ece_oof": expected_calibration_error(oof[:n], y_val),
                    "temperature": fitted[label].temperature_}
             if X_val_corrupted is not None:
-                row["val_corrupted_accuracy_oof"] = _accuracy(oof[n:], y_val)
+                row["val_corrupted_accuracy_oof"] = accuracy(oof[n:], y_val)
             if X_test is not None:
                 test = fitted[label].predict_proba(X_test)
-                row.update(test_accuracy=_accuracy(test, y_test), test_log_loss=log_loss(test, y_test),
+                row.update(test_accuracy=accuracy(test, y_test), test_log_loss=log_loss(test, y_test),
                            test_ece=expected_calibration_error(test, y_test))
             if X_test_corrupted is not None:
-                row["test_corrupted_accuracy"] = _accuracy(fitted[label].predict_proba(X_test_corrupted), y_test)
+                row["test_corrupted_accuracy"] = accuracy(fitted[label].predict_proba(X_test_corrupted), y_test)
             rows.append(row)
     chosen = choose_row(rows, preferred, clean_tolerance)["combiner"]
     table = pd.DataFrame(rows)
     table["chosen"] = table["combiner"] == chosen
     return CombinerChoice(table, fitted, chosen)
-
-
-def _accuracy(probs: np.ndarray, y: np.ndarray) -> float:
-    return float(np.mean(probs.argmax(1) == y))
 
 
 def choose_row(rows: list[dict], preferred: str = "auto", clean_tolerance: float = 0.0) -> dict:
