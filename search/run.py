@@ -73,9 +73,10 @@ def _plan_reseeds(spec: StudySpec, study, top: int) -> None:
     from search.study import finished_count
 
     copied = enqueue_reseeds(study, top)
-    spec.budget.trials = finished_count(study) + waiting_count(study)
+    waiting = waiting_count(study)
+    spec.budget.trials = finished_count(study) + waiting
     print(f"reseeding: copies of trial(s) {copied or 'none (all already copied)'} enqueued; "
-          f"{waiting_count(study)} waiting trial(s) to run")
+          f"{waiting} waiting trial(s) to run")
 
 
 def _describe(device) -> str:
