@@ -28,7 +28,7 @@ REQUIRED = {
 }
 #: Blocks per entry (stem included): the unit of unfreeze depth.
 BLOCK_COUNTS = {
-    "compact_cnn": 3, "small_resnet": 4, "mobilenet_v3_small": 12, "efficientnet_b0": 17,
+    "compact_cnn": 3, "compact_cnn_s2": 3, "small_resnet": 4, "mobilenet_v3_small": 12, "efficientnet_b0": 17,
     "efficientnet_v2_b0": 22, "efficientnet_v2_s": 41, "efficientnet_v2_m": 58, "efficientnet_v2_l": 80,
     "convnext_tiny": 19, "convnext_base": 37, "convnext_large": 37, "resnet50": 17, "densenet121": 59,
 }
@@ -78,7 +78,7 @@ def test_registry_has_required_entries_with_sane_specs():
         assert spec.lr > 0 and spec.finetune_lr > 0
     assert not B.get_backbone("small_resnet").pretrained and not B.get_backbone("compact_cnn").pretrained
     assert all(B.get_backbone(n).pretrained for n in REQUIRED - {"small_resnet", "compact_cnn"})
-    assert B.list_backbones(pretrained=False) == ["compact_cnn", "small_resnet"]
+    assert B.list_backbones(pretrained=False) == ["compact_cnn", "compact_cnn_s2", "small_resnet"]
 
 
 def test_spec_is_immutable():
@@ -142,6 +142,16 @@ def test_scratch_models_keep_size_and_accept_options(name, size):
     feature_map = B.get_backbone_model(model).output.shape
     stem_stride = 1 if size < 48 else 2
     assert feature_map[1] == size // stem_stride // 2 and feature_map[-1] == 32
+
+
+def test_compact_cnn_s2_downsamples_in_its_stem():
+    """The budget member: 14x14 after the stem at 28 px, same parameters as compact_cnn, a quarter of the
+    work in its first stage (which is what makes 8 TTA views x 5 members affordable)."""
+    full, fast = B.build_classifier("compact_cnn"), B.build_classifier("compact_cnn_s2")
+    assert full.count_params() == fast.count_params()
+    first = lambda m: B.get_backbone_model(m).get_layer("stage1_block1_conv").output.shape[1:3]  # noqa: E731
+    assert tuple(first(full)) == (28, 28) and tuple(first(fast)) == (14, 14)
+    assert B.get_backbone_model(fast).output.shape[1] == 3  # 14 -> 7 -> 3 after the two poolings
 
 
 def test_resize_to_and_input_validation():
