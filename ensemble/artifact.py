@@ -83,8 +83,12 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def load_ensemble(folder: str | os.PathLike, *, resize: bool = True, batch_size: int | None = None):
+def load_ensemble(folder: str | os.PathLike, *, resize: bool = True, batch_size: int | None = None,
+                  precision: str | None = None):
     """Verify and load a built ensemble as an `EnsembleClassifier` (Keras safe_mode on).
+
+    `precision` None runs in the precision the ensemble was built and evaluated in (manifest
+    "inference"), float32 when this CPU has no native bfloat16.
 
     Raises `EnsembleError` for a missing, incomplete or modified artifact, before loading anything.
     """
@@ -109,8 +113,9 @@ def load_ensemble(folder: str | os.PathLike, *, resize: bool = True, batch_size:
     if n_classes != {len(manifest["class_names"])}:
         raise EnsembleError(f"{folder}: members output {sorted(n_classes)} classes, manifest names "
                             f"{len(manifest['class_names'])}")
+    precision = precision or manifest.get("inference", {}).get("precision", "float32")
     classifier = EnsembleClassifier(models, combiner, tuple(manifest["class_names"]), int(manifest["tta_views"]),
-                                    batch_size=batch_size, resize=resize)
+                                    batch_size=batch_size, resize=resize, precision=precision)
     if tuple(classifier.input_size) != tuple(manifest["input_size"]):
         raise EnsembleError(f"{folder}: members take {classifier.input_size}, manifest says "
                             f"{manifest['input_size']}")

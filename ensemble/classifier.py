@@ -29,20 +29,24 @@ class EnsembleClassifier(ClassifierMixin, BaseEstimator):
         tta_views: 1, 2, 4 or 8 dihedral views averaged per member before combining.
         batch_size: images per compiled forward call (None: about 2048 views of 28x28 per call).
         resize: resize images of another size (True) or refuse them (False).
+        precision: "float32", or "bfloat16" on CPUs with native bfloat16 (else float32 is used; the one in
+            effect is `precision_`).
     """
 
     def __init__(self, models: Sequence, combiner, class_names: Sequence[str], tta_views: int = 8,
-                 batch_size: int | None = None, resize: bool = True):
+                 batch_size: int | None = None, resize: bool = True, precision: str = "float32"):
         self.models = models
         self.combiner = combiner
         self.class_names = class_names
         self.tta_views = tta_views
         self.batch_size = batch_size
         self.resize = resize
+        self.precision = precision
         if tta_views not in VIEW_SETS:
             raise EnsembleError(f"tta_views must be one of {sorted(VIEW_SETS)}, got {tta_views}")
         self.classes_ = np.arange(len(class_names))
-        self._runner = TTARunner(models, VIEW_SETS[tta_views], batch_size)
+        self._runner = TTARunner(models, VIEW_SETS[tta_views], batch_size, precision)
+        self.precision_ = self._runner.precision
         self.manifest: dict[str, Any] | None = None  # set by load_ensemble
 
     @property

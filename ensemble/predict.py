@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ensemble.cli import run_cli
-from ensemble.standalone import EnsembleError, read_manifest
+from ensemble.standalone import PRECISIONS, EnsembleError, read_manifest
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 
@@ -170,6 +170,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--input", required=True, help=".npz, image folder, or image file")
     parser.add_argument("--output", help="CSV path (default: stdout)")
     parser.add_argument("--batch-size", type=int, help="images per forward call (default: automatic)")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="override the precision the ensemble was built in (bfloat16 only on CPUs with "
+                             "AVX512_BF16 or AMX; else float32)")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs.images = prepare_images(inputs.images, inputs.images.shape[1:3])
     from ensemble.artifact import load_ensemble
 
-    classifier = load_ensemble(args.ensemble, batch_size=args.batch_size)
+    classifier = load_ensemble(args.ensemble, batch_size=args.batch_size, precision=args.precision)
     probs = classifier.predict_proba(inputs.images, progress=not args.no_progress)
     frame = predictions_frame(inputs, probs, list(classifier.class_names))
     if args.output:
