@@ -3,6 +3,7 @@
     python benchmarks/bench_ensemble.py                         # the study in runs/last_study.json
     python benchmarks/bench_ensemble.py --study default --top 5 --method greedy
     python benchmarks/bench_ensemble.py --members 5 --images 4096   # throughput of a 5-member ensemble
+    python benchmarks/bench_ensemble.py --study fast --min-images-per-s 1000 --precision bfloat16
 
 1. Builds the ensemble with `ensemble.build` (into --out, default a temporary folder) and prints its table:
    ensemble, best single member and plain average on the clean and the corrupted test split.
@@ -27,33 +28,23 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def throughput(fn, n_images: int, repeats: int) -> float:
-    """Best-of-`repeats` images/s after one warm-up call (tracing, oneDNN kernel selection)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return n_images / best
-
-
 def timing_table(folder: Path, n_images: int, n_members: int | None, repeats: int, naive: bool):
     import numpy as np
     import pandas as pd
 
     from ensemble import EnsembleClassifier, load_ensemble
+    from ensemble.budget import images_per_second
     from ensemble.combiners import SoftVoting
     from search.predict import predict_views
 
     built = load_ensemble(folder)
+    precision = built.precision_
     models = list(built.models)
     if n_members:
         models = [models[i % len(models)] for i in range(n_members)]
     combiner = built.combiner if len(models) == built.n_members else SoftVoting().fit(
         np.full((2, len(models), len(built.class_names)), 1 / len(built.class_names)), np.array([0, 1]))
     height, width = built.input_size
-    images = np.random.default_rng(0).integers(0, 256, (n_images, height, width, 3), dtype=np.uint8)
     best = models[0]
     rows = []
     for label, members, views in ((f"ensemble ({len(models)} members)", models, 8),
@@ -61,13 +52,13 @@ def timing_table(folder: Path, n_images: int, n_members: int | None, repeats: in
                                   ("best single member", [best], 8), ("best single member", [best], 1)):
         member_combiner = combiner if members is models else SoftVoting().fit(
             np.full((2, 1, len(built.class_names)), 1 / len(built.class_names)), np.array([0, 1]))
-        clf = EnsembleClassifier(members, member_combiner, built.class_names, tta_views=views)
-        rate = throughput(lambda: clf.predict_proba(images), n_images, repeats)
-        rows.append({"model": label, "runner": "fused", "tta_views": views, "images_per_s": rate,
+        clf = EnsembleClassifier(members, member_combiner, built.class_names, tta_views=views, precision=precision)
+        rate = images_per_second(clf.predict_proba, (height, width), n_images, repeats)
+        rows.append({"model": label, "runner": f"fused {precision}", "tta_views": views, "images_per_s": rate,
                      "forward_passes_per_s": rate * views * len(members)})
     if naive:
-        small = images[: max(256, n_images // 8)]
-        rate = throughput(lambda: [predict_views(m, small, 8) for m in models], len(small), 1)
+        rate = images_per_second(lambda small: [predict_views(m, small, 8) for m in models], (height, width),
+                                 max(256, n_images // 8), repeats=1)
         rows.append({"model": f"ensemble ({len(models)} members)", "runner": "model.predict per view",
                      "tta_views": 8, "images_per_s": rate, "forward_passes_per_s": rate * 8 * len(models)})
     return pd.DataFrame(rows), (height, width)
@@ -83,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", choices=("topk", "greedy"), default="greedy")
     parser.add_argument("--combiner", default="auto")
     parser.add_argument("--corrupt-severities", default="1,2,3,4,5")
+    parser.add_argument("--min-images-per-s", type=float, help="inference budget for member selection")
+    parser.add_argument("--precision", default="float32", help="inference precision: float32 | bfloat16")
     parser.add_argument("--out", help="ensemble folder (default: a temporary folder, removed afterwards)")
     parser.add_argument("--ensemble", help="skip the build: time an existing ensemble folder")
     parser.add_argument("--images", type=int, default=4096, help="images for the throughput timing")
@@ -100,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             options = BuildOptions(study=args.study, storage=args.storage, artifacts=args.artifacts,
                                    pointer=args.pointer, top=args.top, method=args.method, combiner=args.combiner,
                                    out=str(folder), corrupt_severities=parse_severities(args.corrupt_severities),
-                                   progress=False)
+                                   progress=False, min_images_per_s=args.min_images_per_s,
+                                   precision=args.precision)
             started = time.perf_counter()
             code = run_cli(lambda _: (build_ensemble(options), 0)[1])
             if code:

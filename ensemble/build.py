@@ -3,7 +3,8 @@
 1. candidates: every COMPLETE trial's saved val/test probabilities, averaged over the --tta views
    (nothing is re-predicted; see ensemble.candidates);
 2. members: the --top K best by validation accuracy, or greedy selection with replacement on validation
-   log-loss (Caruana et al. 2004; at most K distinct members), both skipping near-identical members;
+   log-loss (Caruana et al. 2004; at most K distinct members), both skipping near-identical members and,
+   with --min-images-per-s, members the inference budget cannot afford (ensemble.budget);
 3. combiners: soft voting (uniform for topk, greedy counts for greedy), weights fit on validation
    log-loss, and logistic-regression stacking, each with optional temperature scaling, all fit on
    validation only and compared out-of-fold on validation; with the corruption suite on, each is also
@@ -28,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from ensemble.cli import run_cli
-from ensemble.standalone import VIEW_SETS, EnsembleError
+from ensemble.standalone import PRECISIONS, VIEW_SETS, EnsembleError
 
 METHODS = ("topk", "greedy")
 COMBINER_CHOICES = ("auto", "vote", "weighted", "stacking")
@@ -54,6 +55,8 @@ class BuildOptions:
     corrupt_severities: tuple[int, ...] = (1, 2, 3, 4, 5)
     corrupted_val_weights: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3)
     clean_tolerance: float = 0.002
+    min_images_per_s: float | None = None  # inference budget (this machine, --tta views, --precision)
+    precision: str = "float32"  # inference precision of the artifact: float32 | bfloat16
     seed: int = 0
     greedy_iterations: int = 25
     progress: bool = True  # tqdm bars
@@ -85,6 +88,10 @@ class BuildOptions:
         negative = [w for w in self.corrupted_val_weights if not w >= 0]
         if negative:
             raise EnsembleError(f"--corrupted-val-weights must be >= 0, got {negative[0]}")
+        if self.min_images_per_s is not None and not self.min_images_per_s > 0:
+            raise EnsembleError(f"--min-images-per-s must be > 0, got {self.min_images_per_s}")
+        if self.precision not in PRECISIONS:
+            raise EnsembleError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 0 <= self.clean_tolerance < 1:
             raise EnsembleError(f"--clean-tolerance must be in [0, 1), got {self.clean_tolerance}")
 
@@ -108,12 +115,25 @@ def _say(options: BuildOptions, message: str) -> None:
         print(message, flush=True)
 
 
-def _select(options: BuildOptions, val_probs: list[np.ndarray], y_val: np.ndarray):
+def _select(options: BuildOptions, val_probs: list[np.ndarray], y_val: np.ndarray, budget=None):
     from ensemble.selection import greedy_selection, select_top_k
 
     if options.method == "topk":
-        return select_top_k(val_probs, y_val, options.top)
-    return greedy_selection(val_probs, y_val, options.top, n_iterations=options.greedy_iterations)
+        return select_top_k(val_probs, y_val, options.top, budget)
+    return greedy_selection(val_probs, y_val, options.top, n_iterations=options.greedy_iterations, budget=budget)
+
+
+def _budget(options: BuildOptions, candidates, store, cache: Path):
+    """The inference budget from measured member throughput, or None without --min-images-per-s."""
+    if options.min_images_per_s is None:
+        return None
+    from ensemble.budget import make_budget, measure_candidates
+
+    _say(options, f"inference budget: >= {options.min_images_per_s:,.0f} img/s with {options.tta} view(s), "
+                  f"{options.precision}; timing each architecture on this machine")
+    rates = measure_candidates(candidates, store, cache, options.tta, options.precision,
+                               say=lambda line: _say(options, line))
+    return make_budget(options.min_images_per_s, rates)
 
 
 def _member_entry(candidate, selection, position: int, y_val: np.ndarray) -> dict:
@@ -146,10 +166,11 @@ def build_ensemble(options: BuildOptions) -> BuildResult:
         _say(options, f"study {location.study!r}: {len(candidates)} candidate trial(s), TTA {options.tta} view(s)")
         for note in notes:
             _say(options, f"  note: {note}")
-        return _build(options, location, store, out, candidates, notes)
+        budget = _budget(options, candidates, store, Path(cache))
+        return _build(options, location, store, out, candidates, notes, budget)
 
 
-def _build(options, location, store, out: Path, candidates, notes) -> BuildResult:
+def _build(options, location, store, out: Path, candidates, notes, budget) -> BuildResult:
     from ensemble.candidates import download
     from ensemble.evaluate import comparison_rows, per_class_rows, score_combiners
     from ensemble.selection import rank_candidates
@@ -157,7 +178,7 @@ def _build(options, location, store, out: Path, candidates, notes) -> BuildResul
     reference = candidates[0]
     y_val, y_test = reference.val_labels, reference.test_labels
     class_names = reference.class_names
-    selection = _select(options, [c.val_probs for c in candidates], y_val)
+    selection = _select(options, [c.val_probs for c in candidates], y_val, budget)
     for line in selection.log:
         _say(options, f"  selection: {line}")
     members = [candidates[i] for i in selection.indices]
@@ -173,9 +194,11 @@ def _build(options, location, store, out: Path, candidates, notes) -> BuildResul
         report = staging / "report"
         report.mkdir()
         for member in members:
-            download(store, _TrialStub(member), "model.keras", staging / _member_file(member))
+            download(store, member, "model.keras", staging / _member_file(member))
         classifier = _load_members(staging, members, options)
         images = _member_images(options, classifier, reference, X_test, notes)
+        if "test_runtime" in images:
+            X_test = images["test_runtime"]
         vote_weights = selection.weights if options.method == "greedy" else None
         choice = score_combiners(X_val, y_val, X_test, y_test, calibrate=options.calibrate,
                                  vote_weights=vote_weights, preferred=options.combiner,
@@ -211,8 +234,9 @@ def _build(options, location, store, out: Path, candidates, notes) -> BuildResul
                 extra[key].to_csv(report / f"{'corruption_breakdown' if key == 'breakdown' else 'distillation'}.csv",
                                   index=False)
         (report / "notes.txt").write_text("\n".join(notes + selection.log) + "\n")
+        inference = _inference_entry(options, classifier, selection, budget)
         manifest = _manifest(options, location, members, selection, combiner, choice, class_names, reference,
-                             comparison, best, y_val, extra)
+                             comparison, best, y_val, extra, inference)
         manifest = write_manifest(staging, manifest)
     float_format = lambda v: f"{v:.4f}"  # noqa: E731
     _say(options, "\ncombiners (chosen on out-of-fold validation, clean and corrupted copies; test shown for "
@@ -229,14 +253,6 @@ def _member_file(candidate) -> str:
     return f"members/trial_{candidate.number:05d}.keras"
 
 
-class _TrialStub:
-    """What `candidates.download` needs of a trial: its number and user attributes."""
-
-    def __init__(self, candidate) -> None:
-        self.number = candidate.number
-        self.user_attrs = candidate.user_attrs
-
-
 def _load_members(staging: Path, members, options):
     """The members as the artifact will load them (safe_mode on), behind a classifier whose combiner is
     set once it is chosen."""
@@ -246,7 +262,21 @@ def _load_members(staging: Path, members, options):
 
     models = load_member_models(staging, {"members": [{"file": _member_file(m)} for m in members]},
                                 custom_layer=False)
-    return EnsembleClassifier(models, None, members[0].class_names, options.tta)
+    return EnsembleClassifier(models, None, members[0].class_names, options.tta, precision=options.precision)
+
+
+def _inference_entry(options, classifier, selection, budget) -> dict:
+    """Precision in effect and, under a budget, the estimated and the measured images/s of the ensemble."""
+    entry = {"precision": classifier.precision_, "tta_views": options.tta,
+             "min_images_per_s": options.min_images_per_s}
+    if budget is not None:
+        from ensemble.budget import images_per_second
+
+        entry["estimated_images_per_s"] = budget.images_per_s(selection.indices)
+        entry["measured_images_per_s"] = images_per_second(classifier.member_proba, classifier.input_size)
+        _say(options, f"inference: {entry['measured_images_per_s']:,.0f} img/s measured "
+                      f"({entry['estimated_images_per_s']:,.0f} estimated; limit {options.min_images_per_s:,.0f})")
+    return entry
 
 
 def _member_images(options, classifier, reference, X_test, notes) -> dict:
@@ -263,10 +293,15 @@ def _member_images(options, classifier, reference, X_test, notes) -> dict:
             raise EnsembleError(f"{exc} (pass --corrupt-severities none to skip the corrupted evaluation)") from None
         notes.append(f"test images not loaded, no consistency check: {exc}")
         return images
+    if classifier.precision_ != "float32":
+        images["test_runtime"] = classifier.member_proba(images["test"]).astype(np.float64)
+        notes.append(f"clean test re-predicted in {classifier.precision_} (trials saved float32 predictions); "
+                     "the best single member's row is its saved float32 result")
     check = min(256, len(images["test"]))
-    drift = float(np.abs(classifier.member_proba(images["test"][:check]) - X_test[:check]).max())
+    runtime = images["test_runtime"] if "test_runtime" in images else classifier.member_proba(images["test"][:check])
+    drift = float(np.abs(runtime[:check] - X_test[:check]).max())
     images["consistency_max_abs_diff"] = drift
-    if drift > 1e-3:
+    if drift > (1e-3 if classifier.precision_ == "float32" else 0.1):
         notes.append(f"reloaded members differ from their saved test predictions by up to {drift:.2g} "
                      "(different hardware/precision, or not the same data)")
         _say(options, f"  warning: {notes[-1]}")
@@ -316,7 +351,7 @@ def _evaluate_on_images(options, staging, classifier, reference, best_position, 
 
 
 def _manifest(options, location, members, selection, combiner, choice, class_names, reference, comparison,
-              best, y_val, extra) -> dict:
+              best, y_val, extra, inference) -> dict:
     from ensemble.artifact import COMBINER_FILE, library_versions
     from search.storage import redact
 
@@ -337,6 +372,7 @@ def _manifest(options, location, members, selection, combiner, choice, class_nam
         },
         "tta_views": options.tta,
         "views": list(VIEW_SETS[options.tta]),
+        "inference": inference,
         "class_names": list(class_names),
         "input_size": extra["input_size"],
         "data": {"source": reference.config.data, "image_size": reference.config.image_size,
@@ -391,6 +427,12 @@ def parse_args(argv: list[str] | None) -> BuildOptions:
                              "(robust validation; 'none' or 0: fit on clean validation only)")
     parser.add_argument("--clean-tolerance", type=float, default=0.002,
                         help="a more robust combiner may lose at most this much clean validation accuracy")
+    parser.add_argument("--min-images-per-s", type=float, default=None, metavar="N",
+                        help="inference budget: only members whose ensemble (with --tta views) predicts at least N "
+                             "images/s on this machine, measured per architecture")
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32",
+                        help="inference precision saved with the artifact; bfloat16 needs a CPU with AVX512_BF16 "
+                             "or AMX (else float32 is used)")
     parser.add_argument("--seed", type=int, default=0, help="corruption and fold seed")
     parser.add_argument("--distill", action="store_true", help="also train one student on the ensemble's soft labels")
     parser.add_argument("--distill-epochs", type=int, default=8)
@@ -403,6 +445,7 @@ def parse_args(argv: list[str] | None) -> BuildOptions:
                         corrupt_severities=parse_severities(args.corrupt_severities),
                         corrupted_val_weights=parse_weights(args.corrupted_val_weights),
                         clean_tolerance=args.clean_tolerance, seed=args.seed,
+                        min_images_per_s=args.min_images_per_s, precision=args.precision,
                         progress=not args.no_progress, distill=args.distill, distill_epochs=args.distill_epochs,
                         distill_backbone=args.distill_backbone)
 

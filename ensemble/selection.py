@@ -15,11 +15,16 @@ Both guard against near-identical members (two trials with the same configuratio
 copy): a candidate whose validation predictions agree on >= 99.5% of images AND whose probabilities
 correlate >= 0.99 with an already chosen member adds cost and no diversity, so it only gets in if it
 scores strictly better than simply up-weighting its twin (greedy) / than leaving it out (top-K).
+
+Both accept an inference budget (`ensemble.budget.InferenceBudget`, anything with `allows(indices)`):
+a candidate that would push the ensemble below the required images/s is passed over, so top-K takes the
+best K that fit and greedy selection starts from the best candidate that fits on its own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -49,6 +54,10 @@ def near_identical(a: np.ndarray, b: np.ndarray, agreement: float = AGREEMENT_TH
     return agree >= agreement and corr >= correlation
 
 
+class Budget(Protocol):
+    def allows(self, indices: Sequence[int]) -> bool: ...
+
+
 @dataclass
 class Selection:
     """Chosen candidate indices (distinct, in order of first pick), their weights (sum 1), and a log."""
@@ -64,8 +73,9 @@ def rank_candidates(val_probs: list[np.ndarray], y: np.ndarray) -> list[int]:
     return sorted(range(len(val_probs)), key=lambda i: (-accuracy(val_probs[i], y), log_loss(val_probs[i], y), i))
 
 
-def select_top_k(val_probs: list[np.ndarray], y: np.ndarray, k: int) -> Selection:
-    """Up to `k` best candidates, uniform weights, skipping near-duplicates that do not lower log-loss."""
+def select_top_k(val_probs: list[np.ndarray], y: np.ndarray, k: int, budget: Budget | None = None) -> Selection:
+    """Up to `k` best candidates, uniform weights, skipping near-duplicates that do not lower log-loss and
+    candidates the budget cannot afford."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     chosen: list[int] = []
@@ -73,6 +83,9 @@ def select_top_k(val_probs: list[np.ndarray], y: np.ndarray, k: int) -> Selectio
     for index in rank_candidates(val_probs, y):
         if len(chosen) == k:
             break
+        if budget is not None and not budget.allows(chosen + [index]):
+            log.append(f"skipped candidate {index}: over the inference budget")
+            continue
         twins = [c for c in chosen if near_identical(val_probs[index], val_probs[c])]
         if twins:
             without = log_loss(np.mean([val_probs[c] for c in chosen], axis=0), y)
@@ -90,7 +103,7 @@ def calibrated(val_probs: list[np.ndarray], y: np.ndarray) -> list[np.ndarray]:
 
 
 def greedy_selection(val_probs: list[np.ndarray], y: np.ndarray, max_members: int, n_iterations: int = 25,
-                     tolerance: float = 1e-6) -> Selection:
+                     tolerance: float = 1e-6, budget: Budget | None = None) -> Selection:
     """Caruana forward selection with replacement (see module doc), stopping when no pick improves.
 
     `max_members` caps the DISTINCT members (inference cost grows with them, not with the weights).
@@ -98,13 +111,18 @@ def greedy_selection(val_probs: list[np.ndarray], y: np.ndarray, max_members: in
     if max_members < 1:
         raise ValueError(f"max_members must be >= 1, got {max_members}")
     val_probs = calibrated(val_probs, y)
-    best = rank_candidates(val_probs, y)[0]
+    affordable = [i for i in rank_candidates(val_probs, y) if budget is None or budget.allows([i])]
+    if not affordable:
+        raise ValueError("no candidate fits the inference budget on its own")
+    best = affordable[0]
     counts = {best: 1}
     total = val_probs[best].astype(np.float64).copy()
     current = log_loss(total, y)
     log = [f"start with candidate {best} (val log-loss {current:.4f})"]
     for step in range(1, n_iterations):
         options = list(counts) if len(counts) >= max_members else range(len(val_probs))
+        if budget is not None:
+            options = [i for i in options if i in counts or budget.allows(list(counts) + [i])]
         n = sum(counts.values()) + 1
         scores = {i: log_loss((total + val_probs[i]) / n, y) for i in options}
         for i in [i for i in scores if i not in counts]:

@@ -138,6 +138,36 @@ def test_a_failed_rebuild_leaves_the_existing_artifact_untouched(built, study, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ens"]
 
 
+def test_build_under_an_inference_budget_takes_only_what_fits(study, candidates, tmp_path):
+    from ensemble.budget import measure_candidates
+    from ensemble.candidates import artifact_store, locate_study
+
+    folder, _ = study
+    location = locate_study(pointer=folder / "runs" / "last_study.json")
+    lines: list[str] = []
+    rates = measure_candidates(candidates, artifact_store(location), tmp_path, 8, "float32", say=lines.append)
+    assert len(lines) == 1 and len(set(rates.values())) == 1  # three compact_cnn trials: timed once
+    limit = 0.4 * next(iter(rates.values()))  # about two of the three members fit
+    out = tmp_path / "fast"
+    command = [sys.executable, "-m", "ensemble.build", "--top", "3", "--method", "topk", "--corrupt-severities",
+               "none", "--no-progress", "--out", str(out), "--min-images-per-s"]
+    done = subprocess.run(command + [str(limit)], cwd=folder, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    inference = json.loads((out / "manifest.json").read_text())["inference"]
+    n = len(json.loads((out / "manifest.json").read_text())["members"])
+    alone = inference["estimated_images_per_s"] * n  # same architecture: each member costs the same
+    assert inference["estimated_images_per_s"] >= limit and inference["measured_images_per_s"] > 0
+    assert n == 3 or alone / (n + 1) < limit  # filled the budget, no further
+    assert n < 3 and "over the inference budget" in done.stdout
+    assert inference["precision"] == "float32" and inference["min_images_per_s"] == limit
+
+    before = (out / "manifest.json").read_bytes()
+    done = subprocess.run(command + ["1e9"], cwd=folder, capture_output=True, text=True, timeout=600)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1 and "fastest candidate predicts" in errors[0]
+    assert (out / "manifest.json").read_bytes() == before
+
+
 def test_every_combiner_on_real_member_predictions(candidates):
     from ensemble.evaluate import score_combiners
     from ensemble.selection import greedy_selection

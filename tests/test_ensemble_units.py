@@ -245,3 +245,55 @@ def test_the_most_robust_combiner_within_the_clean_tolerance_is_chosen():
     assert choose_row(rows, "vote", clean_tolerance=0.01)["combiner"] == "vote/0.0"
     with pytest.raises(ValueError, match="unknown combiner"):
         choose_row(rows, "median")
+
+
+def test_selection_respects_the_inference_budget():
+    from ensemble.budget import InferenceBudget, make_budget
+
+    y = np.random.default_rng(0).integers(0, 8, 1000)
+    # candidates 0 and 1 are the most accurate but slow; 2-4 are fast and a little worse
+    probs = [_predictions(y, a, 0.9, seed=s) for s, a in enumerate((0.97, 0.96, 0.93, 0.92, 0.91))]
+    rates = {0: 100.0, 1: 150.0, 2: 1000.0, 3: 1200.0, 4: 1500.0}
+    budget = make_budget(300.0, rates)
+    assert budget.images_per_s([2, 3]) == pytest.approx(1 / (1 / 1000 + 1 / 1200))
+    assert budget.images_per_s([2, 2, 2]) == pytest.approx(1000.0)  # a member picked again runs once
+
+    unlimited = select_top_k(probs, y, 3)
+    limited = select_top_k(probs, y, 3, budget)
+    assert unlimited.indices == [0, 1, 2] and limited.indices == [2, 3, 4]
+    assert budget.allows(limited.indices) and not budget.allows([0])
+    assert sum("over the inference budget" in line for line in limited.log) == 2
+
+    greedy = greedy_selection(probs, y, max_members=3, budget=budget)
+    assert greedy.indices[0] == 2 and budget.allows(greedy.indices)
+    assert greedy_selection(probs, y, max_members=3).indices[0] == 0
+    loose = InferenceBudget(90.0, {i: 1 / r for i, r in rates.items()})
+    assert select_top_k(probs, y, 2, loose).indices == [0, 2]  # 0 and 1 together fall below 90 img/s
+
+    with pytest.raises(EnsembleError, match=r"fastest candidate predicts 1,500 img/s"):
+        make_budget(5000.0, rates)
+
+
+def test_bfloat16_inference_is_close_to_float32_and_stays_scoped():
+    """bfloat16 where the CPU has it (this project's CPU has AVX512_BF16), float32 elsewhere; either way
+    float32 calls before and after give the same numbers: the graph option is switched per call."""
+    from backbones import build_classifier
+    from ensemble.standalone import TTARunner, cpu_has_bfloat16, usable_precision
+
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = build_classifier("compact_cnn", (28, 28, 3), 8)
+    images = np.random.default_rng(0).integers(0, 256, (300, 28, 28, 3), dtype=np.uint8)
+    before = TTARunner([model], range(8)).view_probs(images)
+    half = TTARunner([model], range(8), precision="bfloat16")
+    assert half.precision == ("bfloat16" if cpu_has_bfloat16() else "float32")
+    low = half.view_probs(images)
+    after = TTARunner([model], range(8)).view_probs(images)
+    np.testing.assert_array_equal(before, after)
+    np.testing.assert_allclose(low, before, atol=0.05)
+    assert np.mean(low.argmax(-1) == before.argmax(-1)) >= 0.95
+    if half.precision == "bfloat16":
+        assert np.abs(low - before).max() > 0  # the pass really ran
+    with pytest.raises(EnsembleError, match="precision must be one of"):
+        usable_precision("float16")
