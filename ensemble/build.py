@@ -272,10 +272,16 @@ def _inference_entry(options, classifier, selection, budget) -> dict:
     if budget is not None:
         from ensemble.budget import images_per_second
 
+        costs = [budget.costs[i] for i in selection.indices]
+        entry["member_seconds_per_image"] = [c.member for c in costs]
+        entry["shared_seconds_per_image"] = max(c.shared for c in costs)
         entry["estimated_images_per_s"] = budget.images_per_s(selection.indices)
-        entry["measured_images_per_s"] = images_per_second(classifier.member_proba, classifier.input_size)
+        entry["measured_images_per_s"] = images_per_second(classifier.predict_proba, classifier.input_size)
         _say(options, f"inference: {entry['measured_images_per_s']:,.0f} img/s measured "
                       f"({entry['estimated_images_per_s']:,.0f} estimated; limit {options.min_images_per_s:,.0f})")
+        if entry["measured_images_per_s"] < options.min_images_per_s:
+            _say(options, "  warning: measured below the limit (other load on this machine, or the estimate was "
+                          "optimistic); rebuild with a higher --min-images-per-s for a margin")
     return entry
 
 

@@ -80,11 +80,12 @@ def select_top_k(val_probs: list[np.ndarray], y: np.ndarray, k: int, budget: Bud
         raise ValueError(f"k must be >= 1, got {k}")
     chosen: list[int] = []
     log: list[str] = []
+    over_budget: list[int] = []
     for index in rank_candidates(val_probs, y):
         if len(chosen) == k:
             break
         if budget is not None and not budget.allows(chosen + [index]):
-            log.append(f"skipped candidate {index}: over the inference budget")
+            over_budget.append(index)
             continue
         twins = [c for c in chosen if near_identical(val_probs[index], val_probs[c])]
         if twins:
@@ -94,6 +95,9 @@ def select_top_k(val_probs: list[np.ndarray], y: np.ndarray, k: int, budget: Bud
                 log.append(f"skipped candidate {index}: near-identical to {twins[0]} and no log-loss gain")
                 continue
         chosen.append(index)
+    if over_budget:
+        shown = ", ".join(map(str, over_budget[:5])) + (", ..." if len(over_budget) > 5 else "")
+        log.append(f"passed over {len(over_budget)} candidate(s) that did not fit the inference budget: {shown}")
     return Selection(chosen, [1.0 / len(chosen)] * len(chosen), [1] * len(chosen), log)
 
 

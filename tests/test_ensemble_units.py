@@ -248,13 +248,14 @@ def test_the_most_robust_combiner_within_the_clean_tolerance_is_chosen():
 
 
 def test_selection_respects_the_inference_budget():
-    from ensemble.budget import InferenceBudget, make_budget
+    from ensemble.budget import InferenceBudget, MemberCost, make_budget
 
     y = np.random.default_rng(0).integers(0, 8, 1000)
     # candidates 0 and 1 are the most accurate but slow; 2-4 are fast and a little worse
     probs = [_predictions(y, a, 0.9, seed=s) for s, a in enumerate((0.97, 0.96, 0.93, 0.92, 0.91))]
     rates = {0: 100.0, 1: 150.0, 2: 1000.0, 3: 1200.0, 4: 1500.0}
-    budget = make_budget(300.0, rates)
+    costs = {i: MemberCost(member=1 / r, shared=0.0) for i, r in rates.items()}
+    budget = make_budget(300.0, costs)
     assert budget.images_per_s([2, 3]) == pytest.approx(1 / (1 / 1000 + 1 / 1200))
     assert budget.images_per_s([2, 2, 2]) == pytest.approx(1000.0)  # a member picked again runs once
 
@@ -262,16 +263,29 @@ def test_selection_respects_the_inference_budget():
     limited = select_top_k(probs, y, 3, budget)
     assert unlimited.indices == [0, 1, 2] and limited.indices == [2, 3, 4]
     assert budget.allows(limited.indices) and not budget.allows([0])
-    assert sum("over the inference budget" in line for line in limited.log) == 2
+    assert "passed over 2 candidate(s) that did not fit the inference budget: 0, 1" in limited.log
 
     greedy = greedy_selection(probs, y, max_members=3, budget=budget)
     assert greedy.indices[0] == 2 and budget.allows(greedy.indices)
     assert greedy_selection(probs, y, max_members=3).indices[0] == 0
-    loose = InferenceBudget(90.0, {i: 1 / r for i, r in rates.items()})
+    loose = InferenceBudget(90.0, costs)
     assert select_top_k(probs, y, 2, loose).indices == [0, 2]  # 0 and 1 together fall below 90 img/s
 
     with pytest.raises(EnsembleError, match=r"fastest candidate predicts 1,500 img/s"):
-        make_budget(5000.0, rates)
+        make_budget(5000.0, costs)
+
+
+def test_member_cost_splits_the_shared_part_of_a_fused_call():
+    from ensemble.budget import InferenceBudget, MemberCost
+
+    cost = MemberCost.from_timings(one=200e-6, two=370e-6)  # 170 us per member + 30 us per call
+    assert cost.member == pytest.approx(170e-6) and cost.shared == pytest.approx(30e-6)
+    five = InferenceBudget(1000.0, {i: cost for i in range(5)})
+    assert five.images_per_s(range(5)) == pytest.approx(1 / (30e-6 + 5 * 170e-6))
+    assert five.allows(range(5)) and not InferenceBudget(1200.0, five.costs).allows(range(5))
+    # timing noise can neither make a member nearly free nor dearer than it is alone
+    assert MemberCost.from_timings(one=200e-6, two=210e-6).member == pytest.approx(150e-6)
+    assert MemberCost.from_timings(one=200e-6, two=500e-6) == MemberCost(200e-6, 0.0)
 
 
 def test_bfloat16_inference_is_close_to_float32_and_stays_scoped():
