@@ -28,7 +28,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def timing_table(folder: Path, n_images: int, n_members: int | None, repeats: int, naive: bool):
+def timing_table(folder: Path, n_images: int, n_members: int | None, repeats: int, naive: bool,
+                 precision: str | None = None):
     import numpy as np
     import pandas as pd
 
@@ -37,7 +38,7 @@ def timing_table(folder: Path, n_images: int, n_members: int | None, repeats: in
     from ensemble.combiners import SoftVoting
     from search.predict import predict_views
 
-    built = load_ensemble(folder)
+    built = load_ensemble(folder, precision=precision)
     precision = built.precision_
     models = list(built.models)
     if n_members:
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--combiner", default="auto")
     parser.add_argument("--corrupt-severities", default="1,2,3,4,5")
     parser.add_argument("--min-images-per-s", type=float, help="inference budget for member selection")
-    parser.add_argument("--precision", default="float32", help="inference precision: float32 | bfloat16")
+    parser.add_argument("--precision", help="inference precision float32 | bfloat16 (default: float32 for a build, "
+                                             "the artifact's own with --ensemble)")
     parser.add_argument("--out", help="ensemble folder (default: a temporary folder, removed afterwards)")
     parser.add_argument("--ensemble", help="skip the build: time an existing ensemble folder")
     parser.add_argument("--images", type=int, default=4096, help="images for the throughput timing")
@@ -94,13 +96,14 @@ def main(argv: list[str] | None = None) -> int:
                                    pointer=args.pointer, top=args.top, method=args.method, combiner=args.combiner,
                                    out=str(folder), corrupt_severities=parse_severities(args.corrupt_severities),
                                    progress=False, min_images_per_s=args.min_images_per_s,
-                                   precision=args.precision)
+                                   precision=args.precision or "float32")
             started = time.perf_counter()
             code = run_cli(lambda _: (build_ensemble(options), 0)[1])
             if code:
                 return code
             print(f"build: {time.perf_counter() - started:.1f} s")
-        table, size = timing_table(folder, args.images, args.members, args.repeats, not args.no_naive)
+        table, size = timing_table(folder, args.images, args.members, args.repeats, not args.no_naive,
+                                   args.precision)
         print(f"\ninference on {args.images} random {size[0]}x{size[1]} images (best of {args.repeats}):")
         print(table.to_string(index=False, float_format=lambda v: f"{v:,.0f}"))
     return 0

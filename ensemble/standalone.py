@@ -40,7 +40,7 @@ VIEW_SETS: dict[int, tuple[int, ...]] = {1: (0,), 2: (0, 4), 4: (0, 1, 2, 3), 8:
 _BATCH_PIXELS = 2048 * 28 * 28
 _LOG_EPS = 1e-7
 #: Inference precisions. bfloat16 runs TensorFlow's oneDNN auto-mixed-precision graph pass (convolutions
-#: and matrix products in bfloat16, accumulation and softmax in float32): 1.3-1.4x on CPUs with
+#: and matrix products in bfloat16, probabilities cast back to float32): 1.3-1.4x on CPUs with
 #: AVX512_BF16 or AMX; elsewhere oneDNN would emulate it slowly, so it falls back to float32.
 PRECISIONS = ("float32", "bfloat16")
 _BF16_OPTION = "auto_mixed_precision_onednn_bfloat16"

@@ -231,6 +231,13 @@ def test_saved_ensemble_reloads_and_predicts_identically(built, classifier, test
     assert np.mean(first.argmax(1) == labels) == pytest.approx(reported, abs=2 / len(labels))
     assert list(classifier.classes_) == list(range(8)) and len(classifier.class_names) == 8
     np.testing.assert_array_equal(classifier.predict(images[:10]), first[:10].argmax(1))
+    from ensemble.standalone import usable_precision
+
+    assert classifier.precision_ == "float32"  # what the build saved
+    half = load_ensemble(built[0], precision="bfloat16")
+    assert half.precision_ == usable_precision("bfloat16")
+    low = half.predict_proba(images)  # stacking sharpens, so bfloat16 moves ambiguous images most
+    assert np.mean(low.argmax(1) == first.argmax(1)) >= 0.97 and np.abs(low - first).mean() < 0.01
 
 
 @pytest.mark.parametrize("damage, message", [
