@@ -77,11 +77,9 @@ def architecture(candidate) -> tuple:
 def measure_candidates(candidates, store, cache: Path, tta_views: int, precision: str,
                        n_images: int = 1024, say: Callable[[str], None] = print) -> dict[int, MemberCost]:
     """The cost of each candidate with `tta_views` views in `precision`, timed once per architecture."""
-    import keras
-
     import backbones.preprocessing  # noqa: F401  (registers the members' custom layer)
     from ensemble.candidates import download
-    from ensemble.standalone import TTARunner
+    from ensemble.standalone import TTARunner, load_member_models
 
     groups: dict[tuple, list[int]] = {}
     for index, candidate in enumerate(candidates):
@@ -89,8 +87,9 @@ def measure_candidates(candidates, store, cache: Path, tta_views: int, precision
     costs: dict[int, MemberCost] = {}
     for key, indices in groups.items():
         sample = candidates[indices[0]]
-        path = download(store, sample, "model.keras", cache / f"timing_{sample.number:05d}.keras")
-        model = keras.saving.load_model(path, safe_mode=True)
+        name = f"timing_{sample.number:05d}.keras"
+        download(store, sample, "model.keras", cache / name)
+        model = load_member_models(cache, {"members": [{"file": name}]}, custom_layer=False)[0]
         seconds = []
         for copies in (1, 2):
             runner = TTARunner([model] * copies, VIEW_SETS[tta_views], precision=precision)

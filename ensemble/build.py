@@ -131,9 +131,9 @@ def _budget(options: BuildOptions, candidates, store, cache: Path):
 
     _say(options, f"inference budget: >= {options.min_images_per_s:,.0f} img/s with {options.tta} view(s), "
                   f"{options.precision}; timing each architecture on this machine")
-    rates = measure_candidates(candidates, store, cache, options.tta, options.precision,
+    costs = measure_candidates(candidates, store, cache, options.tta, options.precision,
                                say=lambda line: _say(options, line))
-    return make_budget(options.min_images_per_s, rates)
+    return make_budget(options.min_images_per_s, costs)
 
 
 def _member_entry(candidate, selection, position: int, y_val: np.ndarray) -> dict:
