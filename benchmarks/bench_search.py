@@ -1,9 +1,11 @@
 """Timed searches on this machine: what a budget buys, and how well workers scale.
 
     python benchmarks/bench_search.py search --minutes 60            # studies/default.toml, all workers
+    python benchmarks/bench_search.py search --study accurate --minutes 45 --name bench_accurate
     python benchmarks/bench_search.py efficiency --minutes 5         # 1 worker vs 2 workers, same budget
 
-`search` prints trials completed/pruned/failed, the best single trial's test accuracy, seconds from a
+`--minutes` is the search's `--timeout`: no trial starts after it, running ones finish (the printed
+wall_seconds says how long it took). `search` prints trials completed/pruned/failed, the best single trial's test accuracy, seconds from a
 trial's start to its first training step, and how busy each core was. `efficiency` runs the same fixed-cost
 trials (one backbone, fixed epochs, no pruning) for the same wall-clock budget three ways and prints the
 ratios of finished trials:
@@ -61,8 +63,7 @@ def busy_fractions(before, after) -> list[float]:
 
 
 def run_search(out: Path, name: str, minutes: float, workers: int | None, extra_spec: str | None,
-               cpus: int | None = None) -> float:
-    study = "default"
+               cpus: int | None = None, study: str = "default") -> float:
     if extra_spec is not None:
         out.mkdir(parents=True, exist_ok=True)
         spec = out / f"{name}.toml"
@@ -112,7 +113,7 @@ def summarize(out: Path, name: str) -> dict:
 
 def bench_search(args) -> None:
     before = cpu_times()
-    seconds = run_search(args.out, args.name, args.minutes, args.workers, None)
+    seconds = run_search(args.out, args.name, args.minutes, args.workers, None, study=args.study)
     busy = busy_fractions(before, cpu_times())
     result = {"wall_seconds": round(seconds, 1), "core_busy": [round(b, 3) for b in busy],
               **summarize(args.out, args.name)}
@@ -143,6 +144,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench")
     parser.add_argument("--name", default="bench_default")
+    parser.add_argument("--study", default="default", help="search mode: a spec name or path")
     args = parser.parse_args()
     args.out = args.out.resolve()
     bench_search(args) if args.mode == "search" else bench_efficiency(args)

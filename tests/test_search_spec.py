@@ -15,7 +15,7 @@ from search.space import config_from_params, suggest_params, warm_start_params
 from search.spec import load_spec, spec_from_dict
 
 
-@pytest.mark.parametrize("name", ["default", "an2dl_gpu", "fast"])
+@pytest.mark.parametrize("name", ["default", "an2dl_gpu", "fast", "accurate"])
 def test_shipped_specs_load(name):
     spec = load_spec(name)
     assert spec.name == name
