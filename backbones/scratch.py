@@ -14,7 +14,7 @@ test split of 2734 images, so +-0.3 points is noise):
     compact_cnn_s2 (stem stride 2)   30     83    0.963     (0.971)
 
 `compact_cnn_d2` (the depth-2 row) is the accurate member (`studies/accurate.toml`): ~30M multiply-adds
-per 28x28 image, about twice compact_cnn's, and the best scratch model here; one core trains an epoch in ~40 s.
+per 28x28 image, nearly 4x compact_cnn's, and the best scratch model here; one core trains an epoch in ~40 s.
 
 `compact_cnn_s2` is the member for ensembles under an inference budget (`ensemble.build
 --min-images-per-s`): its stride-2 stem works at 14x14 from the first layer, a quarter of compact_cnn's

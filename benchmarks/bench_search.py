@@ -5,10 +5,10 @@
     python benchmarks/bench_search.py efficiency --minutes 5         # 1 worker vs 2 workers, same budget
 
 `--minutes` is the search's `--timeout`: no trial starts after it, running ones finish (the printed
-wall_seconds says how long it took). `search` prints trials completed/pruned/failed, the best single trial's test accuracy, seconds from a
-trial's start to its first training step, and how busy each core was. `efficiency` runs the same fixed-cost
-trials (one backbone, fixed epochs, no pruning) for the same wall-clock budget three ways and prints the
-ratios of finished trials:
+wall_seconds says how long it took). `search` prints trials completed/pruned/failed, the best single
+trial's test accuracy, seconds from a trial's start to its first training step, and how busy each core
+was. `efficiency` runs the same fixed-cost trials (one backbone, fixed epochs, no pruning) for the same
+wall-clock budget three ways and prints the ratios of finished trials:
 
 - 1 worker on 1 core (one device) vs 2 workers on 2 cores (one device each): how the search scales with
   devices, the CPU image of 1 GPU vs 2 GPUs;

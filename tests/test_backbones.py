@@ -28,8 +28,9 @@ REQUIRED = {
 }
 #: Blocks per entry (stem included): the unit of unfreeze depth.
 BLOCK_COUNTS = {
-    "compact_cnn": 3, "compact_cnn_s2": 3, "compact_cnn_d2": 6, "small_resnet": 4, "mobilenet_v3_small": 12, "efficientnet_b0": 17,
-    "efficientnet_v2_b0": 22, "efficientnet_v2_s": 41, "efficientnet_v2_m": 58, "efficientnet_v2_l": 80,
+    "compact_cnn": 3, "compact_cnn_s2": 3, "compact_cnn_d2": 6, "small_resnet": 4, "mobilenet_v3_small": 12,
+    "efficientnet_b0": 17, "efficientnet_v2_b0": 22, "efficientnet_v2_s": 41, "efficientnet_v2_m": 58,
+    "efficientnet_v2_l": 80,
     "convnext_tiny": 19, "convnext_base": 37, "convnext_large": 37, "resnet50": 17, "densenet121": 59,
 }
 
