@@ -30,6 +30,7 @@ Keras is imported inside the functions so that importing the registry stays free
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Sequence
 
 from backbones import blocks
@@ -130,21 +131,22 @@ register(BackboneSpec(
     defaults={"widths": (32, 64, 128), "depth": 1, "stem_stride": None}, default_input_size=28,
     description="ResNet from scratch, 3 stages x 1 basic block, widths 32/64/128, 0.3M params",
 ))
-register(BackboneSpec(
+COMPACT_CNN = register(BackboneSpec(
     name="compact_cnn", family="scratch_cnn", constructor=compact_cnn, preprocessing="unit",
     min_input_size=8, pretrained=False, block_grouping=blocks.scratch_blocks, lr=2e-3, finetune_lr=2e-4,
     defaults={"widths": (32, 64, 128), "depth": 1, "stem_stride": None}, default_input_size=28,
     description="plain conv-BN-ReLU CNN from scratch, widths 32/64/128",
 ))
-register(BackboneSpec(
-    name="compact_cnn_s2", family="scratch_cnn", constructor=compact_cnn, preprocessing="unit",
-    min_input_size=8, pretrained=False, block_grouping=blocks.scratch_blocks, lr=3e-3, finetune_lr=3e-4,
-    defaults={"widths": (32, 64, 128), "depth": 1, "stem_stride": 2}, default_input_size=28,
-    description="compact_cnn with a stride-2 stem: 1/4 of the compute, for fast ensembles under a budget",
-))
-register(BackboneSpec(
-    name="compact_cnn_d2", family="scratch_cnn", constructor=compact_cnn, preprocessing="unit",
-    min_input_size=8, pretrained=False, block_grouping=blocks.scratch_blocks, lr=3e-3, finetune_lr=3e-4,
-    defaults={"widths": (32, 64, 128), "depth": 2, "stem_stride": None}, default_input_size=28,
-    description="compact_cnn with two conv layers per stage: the most accurate scratch model at 28x28",
-))
+
+
+def _compact_cnn_variant(name: str, description: str, **defaults) -> BackboneSpec:
+    """compact_cnn with other constructor defaults, at the learning rate its study (fast.toml,
+    accurate.toml) warm-starts with."""
+    return register(replace(COMPACT_CNN, name=name, description=description, lr=3e-3, finetune_lr=3e-4,
+                            defaults={**COMPACT_CNN.defaults, **defaults}))
+
+
+_compact_cnn_variant("compact_cnn_s2", "compact_cnn with a stride-2 stem: 1/4 of the compute, for fast ensembles "
+                     "under a budget", stem_stride=2)
+_compact_cnn_variant("compact_cnn_d2", "compact_cnn with two conv layers per stage: the most accurate scratch "
+                     "model at 28x28", depth=2)
