@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from ensemble.standalone import MANIFEST, EnsembleError, read_manifest, sha256_file
+from ensemble.standalone import MANIFEST, EnsembleError, manifest_precision, read_manifest, sha256_file
 
 COMBINER_FILE = "combiner.joblib"
 MEMBERS_DIR = "members"
@@ -113,7 +113,7 @@ def load_ensemble(folder: str | os.PathLike, *, resize: bool = True, batch_size:
     if n_classes != {len(manifest["class_names"])}:
         raise EnsembleError(f"{folder}: members output {sorted(n_classes)} classes, manifest names "
                             f"{len(manifest['class_names'])}")
-    precision = precision or manifest.get("inference", {}).get("precision", "float32")
+    precision = precision or manifest_precision(manifest)
     classifier = EnsembleClassifier(models, combiner, tuple(manifest["class_names"]), int(manifest["tta_views"]),
                                     batch_size=batch_size, resize=resize, precision=precision)
     if tuple(classifier.input_size) != tuple(manifest["input_size"]):

@@ -60,6 +60,11 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def manifest_precision(manifest: dict[str, Any]) -> str:
+    """The precision an ensemble was built and evaluated in (float32 for artifacts from before bfloat16)."""
+    return manifest.get("inference", {}).get("precision", "float32")
+
+
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     """The manifest of an ensemble folder, after checking every listed file's sha256.
 
@@ -363,7 +368,7 @@ class Model:
         self.manifest = read_manifest(self.folder)
         models = load_member_models(self.folder, self.manifest)
         self.runner = TTARunner(models, VIEW_SETS[int(self.manifest["tta_views"])],
-                                precision=self.manifest.get("inference", {}).get("precision", "float32"))
+                                precision=manifest_precision(self.manifest))
         self.input_size = tuple(self.manifest["input_size"])
         self.class_names = list(self.manifest["class_names"])
 
