@@ -154,8 +154,8 @@ def test_build_under_an_inference_budget_takes_only_what_fits(study, candidates,
                "none", "--no-progress", "--out", str(out), "--min-images-per-s"]
     done = subprocess.run(command + [str(limit)], cwd=folder, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    inference = json.loads((out / "manifest.json").read_text())["inference"]
-    n = len(json.loads((out / "manifest.json").read_text())["members"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    inference, n = manifest["inference"], len(manifest["members"])
     members = inference["member_seconds_per_image"]
     total = inference["shared_seconds_per_image"] + sum(members)
     assert len(members) == n and len(set(members)) == 1  # one architecture, timed once
