@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from data_pipeline.errors import BackboneError
+
 if TYPE_CHECKING:  # keras is heavy; only type checkers need it here
     import keras
 
@@ -29,7 +31,7 @@ if TYPE_CHECKING:  # keras is heavy; only type checkers need it here
 PREPROCESSING_MODES = ("tf", "torch", "caffe", "unit")
 
 
-class UnknownBackboneError(KeyError, ValueError):
+class UnknownBackboneError(BackboneError, KeyError):
     """A backbone name that is not in the registry.
 
     Subclasses both KeyError (a failed lookup) and ValueError (a bad argument), so callers may catch

@@ -29,10 +29,12 @@ import numpy as np
 
 from backbones.registry import BackboneSpec
 
+from data_pipeline.errors import BackboneError
+
 WEIGHT_SUFFIXES = (".weights.h5", ".h5", ".hdf5")
 
 
-class WeightsError(ValueError):
+class WeightsError(BackboneError):
     """A `weights=` argument that cannot be honoured (bad value, missing or mismatched file)."""
 
 

@@ -46,7 +46,13 @@ PRECISIONS = ("float32", "bfloat16")
 _BF16_OPTION = "auto_mixed_precision_onednn_bfloat16"
 
 
-class EnsembleError(RuntimeError):
+try:  # inside the package, part of the error hierarchy; on Codabench (no cellsearch) a plain exception
+    from data_pipeline.errors import CellsearchError
+except ImportError:  # pragma: no cover - exercised only where cellsearch is absent
+    CellsearchError = Exception
+
+
+class EnsembleError(CellsearchError, RuntimeError):
     """The ensemble artifact or the input to it is unusable; the message says which file or value."""
 
 

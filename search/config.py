@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.errors import CellsearchError
+
 OPTIMIZERS = ("adam", "adamw", "lion", "sgd")
 
 
-class ConfigError(ValueError):
+class ConfigError(CellsearchError, ValueError):
     """A configuration value is invalid; the message names the key."""
 
 

@@ -16,8 +16,10 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
+from data_pipeline.errors import CellsearchError
 
-class StorageError(RuntimeError):
+
+class StorageError(CellsearchError, RuntimeError):
     """The study storage or artifact store can't be used; the message names the URL (password hidden)."""
 
 
