@@ -42,6 +42,11 @@ class TrialConfig:
     augment_strength: float = 0.5
     class_weighting: bool = False
     oversample: bool = False
+    # robustness (see data_pipeline.corrupt): which corruption families training augmentation may draw from,
+    # which are held out to score the trial on shift, and the seed of the held-out validation copy
+    train_families: list[str] | None = None  # None: data_pipeline.corrupt.DEFAULT_TRAIN_FAMILIES
+    heldout_families: list[str] | None = None  # None: data_pipeline.corrupt.DEFAULT_HELDOUT_FAMILIES
+    robust_seed: int = 0
     # optimisation
     optimizer: str = "adamw"
     learning_rate: float = 2e-3
