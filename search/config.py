@@ -29,6 +29,7 @@ class TrialConfig:
     test_fraction: float = 0.2
     split_seed: int = 0
     split_file: str | None = None  # where a made split is saved, so all trials share it
+    exclude_file: str | None = None  # JSON list of image ids cleaning removed (search.cleaning_step)
     max_train_images: int | None = None  # stratified subsample, for quick studies and tests
     # model
     backbone: str = "small_resnet"
@@ -58,6 +59,7 @@ class TrialConfig:
     finetune_lr_factor: float = 0.1
     warmup_epochs: float = 1.0
     early_stopping_patience: int = 5
+    early_stopping_monitor: str = "val_accuracy"  # or "val_robust": mean of clean and held-out-family accuracy
     time_budget_s: float | None = None  # stop training (not evaluation) after this many seconds
     # evaluation and runtime
     tta_views: int = 8
@@ -84,6 +86,7 @@ class TrialConfig:
             "tta_views": self.tta_views in (1, 2, 4, 8),
             "mixed_precision": self.mixed_precision in ("auto", "on", "off"),
             "jit_compile": self.jit_compile in ("auto", "on", "off"),
+            "early_stopping_monitor": self.early_stopping_monitor in ("val_accuracy", "val_robust"),
         }
         for key, ok in checks.items():
             if not ok:

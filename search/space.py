@@ -12,6 +12,7 @@ from typing import Any, Callable
 import optuna
 
 from search.config import TrialConfig
+from search.objectives import early_stopping_monitor
 from search.spec import StudySpec
 
 
@@ -37,17 +38,26 @@ def suggest_params(trial: optuna.Trial, spec: StudySpec, is_pretrained: Callable
     return params
 
 
+def fixed_fields(spec: StudySpec) -> dict[str, Any]:
+    """Everything of a TrialConfig that the spec fixes for every trial: data, cleaning, split, budget,
+    robustness protocol."""
+    data, budget, robustness, location = spec.data, spec.budget, spec.robustness, spec.location
+    return dict(
+        data=data.path, image_size=data.image_size, center_crop=data.center_crop,
+        val_fraction=data.val_fraction, test_fraction=data.test_fraction, split_seed=data.split_seed,
+        split_file=str(location.split_file), max_train_images=data.max_train_images,
+        exclude_file=str(location.removed_ids_file) if spec.cleaning.enabled else None,
+        head_epochs=spec.space.head_epochs, early_stopping_patience=budget.early_stopping_patience,
+        time_budget_s=budget.trial_time_budget_s, tta_views=budget.tta_views,
+        train_families=list(robustness.train_families), heldout_families=list(robustness.heldout_families),
+        robust_seed=robustness.seed, early_stopping_monitor=early_stopping_monitor(spec.algorithm.objective),
+    )
+
+
 def config_from_params(params: dict[str, Any], spec: StudySpec, is_pretrained: Callable[[str], bool],
                        seed: int) -> TrialConfig:
     """The full TrialConfig for sampled `params`: the spec fills everything the search does not tune."""
-    data, budget = spec.data, spec.budget
-    fixed = dict(
-        data=data.path, image_size=data.image_size, center_crop=data.center_crop,
-        val_fraction=data.val_fraction, test_fraction=data.test_fraction, split_seed=data.split_seed,
-        split_file=str(spec.study_dir / "split.json"), max_train_images=data.max_train_images,
-        head_epochs=spec.space.head_epochs, early_stopping_patience=budget.early_stopping_patience,
-        time_budget_s=budget.trial_time_budget_s, tta_views=budget.tta_views, seed=seed,
-    )
+    fixed = {**fixed_fields(spec), "seed": seed}
     if is_pretrained(params["backbone"]):
         fixed["weights"] = spec.space.weights
     else:

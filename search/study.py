@@ -7,10 +7,12 @@ import json
 import optuna
 from optuna.trial import TrialState
 
+from search.objectives import get_objective
 from search.space import warm_start_params
 from search.spec import AlgorithmSpec, StudySpec
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+# What `budget.trials` counts: a failed or interrupted trial does not, its configuration is queued again.
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def make_sampler(algorithm: AlgorithmSpec, worker_index: int = 0) -> optuna.samplers.BaseSampler:
@@ -38,15 +40,20 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
 
 def open_study(spec: StudySpec, storage, worker_index: int = 0) -> optuna.Study:
     return optuna.create_study(
-        study_name=spec.name, storage=storage, direction="maximize", load_if_exists=True,
-        sampler=make_sampler(spec.algorithm, worker_index), pruner=make_pruner(spec),
+        study_name=spec.name, storage=storage, directions=get_objective(spec.algorithm.objective).directions,
+        load_if_exists=True, sampler=make_sampler(spec.algorithm, worker_index), pruner=make_pruner(spec),
     )
 
 
 def prepare_study(spec: StudySpec, storage) -> optuna.Study:
-    """The driver's one-time set-up: record the spec and enqueue known-good configurations first."""
+    """The driver's set-up: fail and queue again the trials of workers that died unseen (see
+    search.lifecycle), record the spec, and enqueue known-good configurations first."""
+    from search.lifecycle import recover_stale_trials
+
     study = open_study(spec, storage)
+    recover_stale_trials(study)
     study.set_user_attr("spec", json.loads(json.dumps(spec.to_dict())))
+    study.set_metric_names(get_objective(spec.algorithm.objective).metric_names)
     if not study.get_trials(deepcopy=False):
         for params in warm_start_params(spec):
             study.enqueue_trial(params, skip_if_exists=True)
@@ -55,3 +62,9 @@ def prepare_study(spec: StudySpec, storage) -> optuna.Study:
 
 def finished_count(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def budget_callback(spec: StudySpec) -> optuna.study.MaxTrialsCallback:
+    """A worker starts no trial once the finished ones plus those running anywhere (other workers, other
+    drivers) fill the budget, so parallel workers overshoot it by at most one trial each."""
+    return optuna.study.MaxTrialsCallback(spec.budget.trials, states=(*FINISHED, TrialState.RUNNING))

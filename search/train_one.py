@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     from search.trainer import train_trial
 
     configure_tensorflow()
-    result = train_trial(config, out, report=lambda epoch, acc: print(f"epoch {epoch}: val_accuracy={acc:.4f}"))
+    result = train_trial(config, out, report=lambda epoch, scores: print(
+        f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items())))
     print(json.dumps(result.metrics, indent=2))
     print(f"artifacts: {result.directory}")
     return 0

@@ -14,13 +14,14 @@ How one trial flows
    number to the trial id with the public storage API. Numbers are assigned atomically by the storage and
    unique within a study, so this mapping holds even when other executors add trials to the same study at
    the same time -- unlike matching by parameters, which two trials (or an enqueued warm start) can share.
-   The actor records `device`, `worker` and its start/finish times (`started_at`, `finished_at`, unix
-   seconds), and reports every epoch to Tune with the epoch's validation accuracy under the objective's
-   name too (the running estimate the scheduler compares; Tune also insists every result carries the
-   searcher's metric). It publishes metrics (user attributes) and files (artifact store) with
-   `search.objective.publish_result`, and only then sends its final report (the true objective, flagged
-   final). Tune's function trainables report synchronously, so a trial stopped at an epoch never
-   publishes, and one stopped at its final report has already published everything.
+   It then runs the trial through `search.runner.run_trial`, the same runner the local executor uses
+   (seed, `device`, `worker`, `started_at`/`finished_at`, scratch folder, publication, failure reasons),
+   with a `TuneTrialChannel`: every epoch is reported to Tune under OBJECTIVE_KEY (the objective's
+   per-epoch value, which the scheduler compares). Metrics and files are published before the final report
+   (the true objective, flagged final). Tune's function trainables report synchronously, so a trial
+   stopped at an epoch never publishes, and one stopped at its final report has already published
+   everything. Reseeded copies carry PROTECTED_KEY in their Tune config and the scheduler
+   (`protect_reseeds`) never stops them.
 3. Tune feeds the results back: `StudySearch.on_trial_result` stores each epoch's validation accuracy as
    the Optuna intermediate value (step = epoch index, as the local executor does), and
    `on_trial_complete` tells the study COMPLETE (final report seen, value = the spec's objective),
@@ -59,10 +60,8 @@ import logging
 import math
 import os
 import shutil
-import socket
 import threading
 import time
-import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -78,8 +77,10 @@ from search.spec import StudySpec
 logger = logging.getLogger(__name__)
 
 TRIAL_NUMBER_KEY = "optuna_trial_number"
+PROTECTED_KEY = "never_prune"  # reseeded copies: the scheduler must let them finish
 FINAL_KEY = "trial_finished"
 EPOCH_KEY = "epoch"
+OBJECTIVE_KEY = "objective"  # the running (per epoch) and final objective value in Tune's results
 OBJECT_STORE_BYTES = 200 * 1024 * 1024
 # Environment of every trial actor: TensorFlow's C++ logs off, Keras on TensorFlow.
 TRIAL_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": "tensorflow"}
@@ -108,11 +109,6 @@ def absolute_storage_url(url: str) -> str:
 
 def absolute_location(location: str) -> str:
     return location if "://" in location else str(Path(location).resolve())
-
-
-def trial_work_dir(spec: StudySpec, number: int) -> Path:
-    """Same scratch folder as the local executor's objective; removed once the trial is published."""
-    return spec.study_dir / "work" / f"trial_{number:05d}"
 
 
 @contextlib.contextmanager
@@ -193,7 +189,7 @@ def start_ray(spec: StudySpec, gpus: list[str]) -> bool:
 
 # ------------------------------------------------------------------------------------------ searcher
 def is_pretrained(backbone: str) -> bool:
-    from search.objective import is_pretrained as lookup
+    from search.runner import is_pretrained as lookup
 
     return lookup(backbone)
 
@@ -209,10 +205,11 @@ class SearchSpace:
         self.spec = spec
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+        from search.reseed import is_reseed
         from search.space import suggest_params
 
         suggest_params(trial, self.spec, is_pretrained)
-        return {TRIAL_NUMBER_KEY: trial.number}
+        return {TRIAL_NUMBER_KEY: trial.number, PROTECTED_KEY: is_reseed(trial)}
 
 
 class StudySearch(OptunaSearch):
@@ -231,7 +228,9 @@ class StudySearch(OptunaSearch):
     def __init__(self, spec: StudySpec, storage: optuna.storages.BaseStorage, deadline: float | None) -> None:
         from search.study import make_sampler
 
-        super().__init__(space=SearchSpace(spec), metric=spec.algorithm.objective, mode="max",
+        keys = objective_keys(spec)
+        super().__init__(space=SearchSpace(spec), metric=keys if len(keys) > 1 else keys[0],
+                         mode=["max"] * len(keys) if len(keys) > 1 else "max",
                          sampler=make_sampler(spec.algorithm), study_name=spec.name, storage=storage)
         self._deadline = deadline
         self._parked_failures: dict[str, optuna.Trial] = {}
@@ -253,7 +252,9 @@ class StudySearch(OptunaSearch):
         if error:
             self._parked_failures[trial_id] = trial
         elif result and result.get(FINAL_KEY):
-            self._tell(trial, TrialState.COMPLETE, float(result[self.metric]))
+            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+            values = [float(result[key]) for key in metrics]
+            self._tell(trial, TrialState.COMPLETE, values if len(values) > 1 else values[0])
         else:
             # The scheduler skips on_trial_result for the epoch it stops a trial at: record it here.
             self._record_epoch(trial, result or {})
@@ -275,30 +276,40 @@ class StudySearch(OptunaSearch):
         return kept
 
     def fail_unfinished(self, reason: str) -> int:
-        """Fail every trial this searcher created that is still RUNNING; returns how many."""
+        """Fail every trial this searcher created that is still RUNNING; returns how many. Interrupted ones
+        (reason INTERRUPTED) are queued to run again."""
+        from search.lifecycle import INTERRUPTED, fail_interrupted
+
         for trial_id in list(self._parked_failures):
             self.record_failure(trial_id, reason)
-        storage, failed = self._ot_study._storage, 0
-        for trial_id, trial in self._ot_trials.items():
-            if storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
-                storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-                self._tell(trial, TrialState.FAIL)
-                self._completed_trials.add(trial_id)
-                failed += 1
-        return failed
+        storage = self._ot_study._storage
+        running = [trial for trial in self._ot_trials.values()
+                   if storage.get_trial(trial._trial_id).state == TrialState.RUNNING]
+        if reason == INTERRUPTED:
+            return fail_interrupted(self._ot_study, running)
+        for trial in running:
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+            self._tell(trial, TrialState.FAIL)
+        return len(running)
+
+    def running_ids(self) -> list[int]:
+        """Storage ids of the trials this searcher handed to Tune that Tune has not finished."""
+        return [trial._trial_id for tune_id, trial in self._ot_trials.items()
+                if tune_id not in self._completed_trials]
 
     def save(self, checkpoint_path: str) -> None:
         return None
 
     def _record_epoch(self, trial: optuna.Trial, result: dict) -> None:
         """Epoch results become intermediate values (step = epoch index); the final report does not."""
-        if result.get(FINAL_KEY) or EPOCH_KEY not in result or self.metric not in result:
+        if result.get(FINAL_KEY) or EPOCH_KEY not in result or not isinstance(self.metric, str) \
+                or self.metric not in result:
             return
         step = int(result[EPOCH_KEY]) - 1
         if step not in trial.storage.get_trial(trial._trial_id).intermediate_values:
             trial.report(float(result[self.metric]), step=step)
 
-    def _tell(self, trial: optuna.Trial, state: TrialState, value: float | None = None) -> None:
+    def _tell(self, trial: optuna.Trial, state: TrialState, value: float | list[float] | None = None) -> None:
         try:
             self._ot_study.tell(trial, value, state=state)
         except Exception as exc:  # e.g. already finished by another process; never stop the study for it
@@ -328,7 +339,7 @@ class TrialBookkeeping(tune.Callback):
     def _clean(self, trial) -> None:
         number = (trial.config or {}).get(TRIAL_NUMBER_KEY)
         if number is not None:
-            shutil.rmtree(trial_work_dir(self.spec, number), ignore_errors=True)
+            shutil.rmtree(self.spec.location.trial_work_dir(number), ignore_errors=True)
 
 
 def error_text(trial) -> str:
@@ -353,46 +364,72 @@ def numeric_metrics(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+class TuneTrialChannel:
+    """A trial seen from a Ray actor: attributes and files go straight to the storage, epochs to Tune,
+    whose scheduler decides on pruning (reseeded copies are protected there, see `protect_reseeds`)."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, trial: optuna.trial.FrozenTrial, artifact_store,
+                 metric: str) -> None:
+        self.storage, self.trial, self.artifact_store, self.metric = storage, trial, artifact_store, metric
+        self.number, self.params, self.user_attrs = trial.number, dict(trial.params), dict(trial.user_attrs)
+
+    def set_user_attr(self, key: str, value) -> None:
+        self.storage.set_trial_user_attr(self.trial._trial_id, key, value)
+
+    def report(self, epoch: int, value: float, may_prune: bool) -> None:
+        tune.report({EPOCH_KEY: epoch + 1, self.metric: value, FINAL_KEY: False})
+
+    def upload(self, path: Path) -> str:
+        from optuna.artifacts import upload_artifact
+
+        return upload_artifact(artifact_store=self.artifact_store, file_path=str(path), study_or_trial=self.trial,
+                               storage=self.storage)
+
+
 def run_tune_trial(config: dict, *, spec: StudySpec, storage_url: str, artifacts: str, cpu_threads: int) -> None:
-    """The Tune function trainable: train the Optuna trial named in `config`, publish it, report to Tune."""
+    """The Tune function trainable: run the Optuna trial named in `config` through the shared runner."""
     from search.devices import configure_tensorflow
-    from search.objective import device_label, publish_result
-    from search.space import config_from_params
+    from search.runner import run_trial
     from search.storage import open_artifact_store, open_storage
-    from search.trainer import train_trial
 
     configure_tensorflow(cpu_threads)
-    number = int(config[TRIAL_NUMBER_KEY])
-    params = {k: v for k, v in config.items() if k != TRIAL_NUMBER_KEY}
     storage = open_storage(storage_url, heartbeat_interval=None)
-    trial = find_trial(storage, spec.name, number)
-    attrs = {"device": device_label(), "worker": f"{socket.gethostname()}:{os.getpid()}",
-             "ray_trial_id": tune.get_context().get_trial_id(), "started_at": time.time()}
-    for key, value in attrs.items():
-        storage.set_trial_user_attr(trial._trial_id, key, value)
-    objective = spec.algorithm.objective
-    work_dir = trial_work_dir(spec, number)
+    trial = find_trial(storage, spec.name, int(config[TRIAL_NUMBER_KEY]))
+    storage.set_trial_user_attr(trial._trial_id, "ray_trial_id", tune.get_context().get_trial_id())
+    channel = TuneTrialChannel(storage, trial, open_artifact_store(artifacts), OBJECTIVE_KEY)
+    outcome = run_trial(channel, spec)
+    tune.report({**numeric_metrics(outcome.metrics), EPOCH_KEY: int(outcome.metrics["epochs_run"]),
+                 FINAL_KEY: True, **final_values(spec, outcome.values)})
 
-    def report(epoch: int, val_accuracy: float) -> None:
-        tune.report({EPOCH_KEY: epoch + 1, "val_accuracy": val_accuracy, objective: val_accuracy,
-                     FINAL_KEY: False})
 
-    try:
-        trial_config = config_from_params(params, spec, is_pretrained, (spec.algorithm.seed or 0) + number)
-        result = train_trial(trial_config, work_dir, report=report)
-        storage.set_trial_user_attr(trial._trial_id, "finished_at", time.time())
-        publish_result(trial, result, open_artifact_store(artifacts), storage=storage)
-    except Exception as exc:
-        storage.set_trial_user_attr(trial._trial_id, "fail_reason", f"{type(exc).__name__}: {exc}"[:500])
-        storage.set_trial_user_attr(trial._trial_id, "fail_traceback", traceback.format_exc()[-2000:])
-        raise
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    tune.report({**numeric_metrics(result.metrics), EPOCH_KEY: int(result.metrics["epochs_run"]),
-                 objective: float(result.metrics[objective]), FINAL_KEY: True})
+def final_values(spec: StudySpec, values: float | list[float]) -> dict[str, float]:
+    """The objective value(s) under the keys the searcher reads: OBJECTIVE_KEY, or one key per objective."""
+    if isinstance(values, list):
+        return dict(zip(objective_keys(spec), values))
+    return {OBJECTIVE_KEY: float(values)}
+
+
+def objective_keys(spec: StudySpec) -> list[str]:
+    from search.objectives import get_objective
+
+    objective = get_objective(spec.algorithm.objective)
+    return objective.metric_names if len(objective.directions) > 1 else [OBJECTIVE_KEY]
 
 
 # ----------------------------------------------------------------------------------------- scheduler
+def protect_reseeds(scheduler_class: type) -> type:
+    """`scheduler_class`, except that trials flagged PROTECTED_KEY (reseeded copies) always continue."""
+    from ray.tune.schedulers import TrialScheduler
+
+    class Protected(scheduler_class):
+        def on_trial_result(self, tune_controller, trial, result):
+            decision = super().on_trial_result(tune_controller, trial, result)
+            return TrialScheduler.CONTINUE if (trial.config or {}).get(PROTECTED_KEY) else decision
+
+    Protected.__name__ = f"Protected{scheduler_class.__name__}"
+    return Protected
+
+
 def make_scheduler(spec: StudySpec):
     """The spec's pruner, in Tune's terms: epochs are the resource, the objective's running value the signal."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
@@ -400,12 +437,12 @@ def make_scheduler(spec: StudySpec):
     algorithm = spec.algorithm
     max_epochs = spec.space.epochs[1] + spec.space.head_epochs
     grace = max(1, min(algorithm.min_resource, max_epochs))
-    common = dict(time_attr=EPOCH_KEY, metric=algorithm.objective, mode="max")
+    common = dict(time_attr=EPOCH_KEY, metric=OBJECTIVE_KEY, mode="max")
     if algorithm.pruner == "hyperband":
-        return ASHAScheduler(max_t=max_epochs, grace_period=grace, reduction_factor=algorithm.reduction_factor,
-                             **common)
+        return protect_reseeds(ASHAScheduler)(max_t=max_epochs, grace_period=grace,
+                                              reduction_factor=algorithm.reduction_factor, **common)
     if algorithm.pruner == "median":
-        return MedianStoppingRule(grace_period=grace, min_samples_required=4, **common)
+        return protect_reseeds(MedianStoppingRule)(grace_period=grace, min_samples_required=4, **common)
     return FIFOScheduler()
 
 
@@ -454,7 +491,7 @@ def build_tuner(spec: StudySpec, searcher: StudySearch, plan: RayPlan, samples: 
         trial_dirname_creator=lambda trial: f"trial_{trial.config.get(TRIAL_NUMBER_KEY, trial.trial_id)}",
     )
     run_config = tune.RunConfig(
-        name=f"tune_{time.strftime('%Y%m%d_%H%M%S')}", storage_path=str(spec.study_dir / "ray"),
+        name=f"tune_{time.strftime('%Y%m%d_%H%M%S')}", storage_path=str(spec.location.ray_dir),
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         callbacks=[TrialBookkeeping(searcher, spec)], verbose=0,
     )
@@ -464,33 +501,49 @@ def build_tuner(spec: StudySpec, searcher: StudySearch, plan: RayPlan, samples: 
 
 def run_ray(spec: StudySpec, storage_url: str, artifacts: str, gpus: list[str], deadline: float | None,
             show_progress: bool = True) -> dict:
-    """Run the study's missing trials on Ray Tune; returns a summary (workers, trials run, errors)."""
+    """Run the study's missing trials on Ray Tune; returns a summary (workers, trials run, errors).
+
+    Ctrl-C or SIGTERM stops Ray with its trial actors; the unfinished trials fail as interrupted and are
+    queued again, one line says how to resume, and `Interrupted` propagates (see search.lifecycle). The
+    driver keeps the heartbeats of its running trials (ask() starts none), so trials of a driver that died
+    unseen fail and are queued again by the next run once the grace period has passed."""
+    from search.lifecycle import INTERRUPTED, Interrupted, driver_signals, heartbeats, storage_failures
+    from search.progress import print_interrupted
     from search.storage import open_artifact_store, open_storage
     from search.study import prepare_study
 
     spec = absolute_spec(spec)
     storage_url, artifacts = absolute_storage_url(storage_url), absolute_location(artifacts)
-    # No heartbeats: trials made with ask() get no heartbeat thread; Tune watches the actors instead.
-    storage = open_storage(storage_url, heartbeat_interval=None)
+    storage = open_storage(storage_url, heartbeat_interval=spec.storage.heartbeat_interval,
+                           grace_period=spec.storage.grace_period, max_retry=spec.storage.max_retry)
     open_artifact_store(artifacts)
-    samples = missing_trials(spec, prepare_study(spec, storage))
+    study = prepare_study(spec, storage)
+    samples = missing_trials(spec, study)
     if samples <= 0 or (deadline is not None and time.time() >= deadline):
         return {"workers": 0, "trials": 0, "errors": 0}
     check_backbones(spec)
-    started = start_ray(spec, gpus)
-    searcher = None
+    started_at, started = time.time(), start_ray(spec, gpus)
+    searcher = interrupted = None
     try:
-        plan = plan_resources(spec, ray.cluster_resources())
-        print(plan.describe(), flush=True)
-        searcher = StudySearch(spec, storage, deadline)
-        tuner = build_tuner(spec, searcher, plan, samples, storage_url, artifacts)
-        with progress_thread(spec, storage_url, show_progress), scoped_environ(
-                TUNE_MAX_PENDING_TRIALS_PG=str(plan.workers), RAY_AIR_NEW_OUTPUT="0",
-                TUNE_PRINT_ALL_TRIAL_ERRORS="0"):
-            results = tuner.fit()
-        return {"workers": plan.workers, "trials": len(results), "errors": len(results.errors)}
+        with driver_signals():  # after ray.init, which installs its own SIGTERM handler
+            plan = plan_resources(spec, ray.cluster_resources())
+            print(plan.describe(), flush=True)
+            searcher = StudySearch(spec, storage, deadline)
+            tuner = build_tuner(spec, searcher, plan, samples, storage_url, artifacts)
+            with progress_thread(spec, storage_url, show_progress), heartbeats(storage, searcher.running_ids), \
+                    storage_failures(storage_url), scoped_environ(
+                        TUNE_MAX_PENDING_TRIALS_PG=str(plan.workers), RAY_AIR_NEW_OUTPUT="0",
+                        TUNE_PRINT_ALL_TRIAL_ERRORS="0", TUNE_DISABLE_SIGINT_HANDLER="1"):
+                results = tuner.fit()
+            return {"workers": plan.workers, "trials": len(results), "errors": len(results.errors)}
+    except Interrupted as stop:
+        interrupted = stop
+        raise
     finally:
-        if searcher is not None:
-            searcher.fail_unfinished("ray executor stopped before the trial finished")
         if started:
-            ray.shutdown()
+            ray.shutdown()  # the trial actors stop before their trials are failed
+        if searcher is not None:
+            with storage_failures(storage_url):
+                searcher.fail_unfinished(INTERRUPTED)
+                if interrupted is not None:
+                    print_interrupted(study, spec.budget.trials, started_at)
