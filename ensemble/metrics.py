@@ -14,24 +14,12 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (balanced_accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support,
-                             roc_auc_score)
+from sklearn.metrics import balanced_accuracy_score, f1_score, precision_recall_fscore_support, roc_auc_score
 
 from ensemble.combiners import log_loss
+from search.calibration import expected_calibration_error
 
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_ovr", "ece", "log_loss")
-
-
-def expected_calibration_error(probs: np.ndarray, y: np.ndarray, n_bins: int = 15) -> float:
-    """Top-label ECE: |accuracy - confidence| per equal-width confidence bin, weighted by bin size."""
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == y
-    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
-    total = 0.0
-    for b in np.unique(bins):
-        rows = bins == b
-        total += rows.sum() * abs(correct[rows].mean() - confidence[rows].mean())
-    return float(total / len(y))
 
 
 def roc_auc_ovr(probs: np.ndarray, y: np.ndarray) -> float:
@@ -69,26 +57,6 @@ def per_class(probs: np.ndarray, y: np.ndarray, class_names: Sequence[str]) -> p
 
 def save_confusion_png(probs: np.ndarray, y: np.ndarray, class_names: Sequence[str], path: str | Path,
                        title: str) -> None:
-    """Row-normalised confusion matrix (recall per true class) with the raw counts written in each cell."""
-    import matplotlib
+    from search.plots import confusion_matrix_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    counts = confusion_matrix(y, probs.argmax(axis=1), labels=np.arange(len(class_names)))
-    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    figure, axis = plt.subplots(figsize=(1.0 + 0.8 * len(class_names), 0.8 + 0.7 * len(class_names)))
-    image = axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    axis.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
-    axis.set_yticks(range(len(class_names)), class_names)
-    axis.set_xlabel("predicted")
-    axis.set_ylabel("true")
-    axis.set_title(title)
-    for i in range(len(class_names)):
-        for j in range(len(class_names)):
-            axis.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
-                      color="white" if rates[i, j] > 0.5 else "black")
-    figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04, label="fraction of true class")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    confusion_matrix_png(y, probs, class_names, path, title)

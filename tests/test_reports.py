@@ -1,0 +1,254 @@
+"""Robustness report, trial plots and the study report, on hand-made predictions and real Optuna studies."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta, upload_artifact
+from PIL import Image
+
+from data_pipeline.corrupt import shifted_copy
+from search.calibration import expected_calibration_error
+from search.plots import confusion_matrix_png, training_curves_png
+from search.report import top_trials, write_report
+from search.robust_report import ALL, REPORT_FILES, ShiftedRows, robustness_table, write_robustness_report
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+CLASSES = ["basophil", "eosinophil", "erythroblast", "immature_granulocyte", "lymphocyte", "monocyte",
+           "neutrophil", "platelet"]
+C = len(CLASSES)
+
+
+def probs_for(labels: np.ndarray, correct: np.ndarray, confidence: float = 0.8) -> np.ndarray:
+    """Probabilities whose argmax is the label where `correct`, the next class elsewhere."""
+    predicted = np.where(correct, labels, (labels + 1) % C)
+    probs = np.full((len(labels), C), (1 - confidence) / (C - 1))
+    probs[np.arange(len(labels)), predicted] = confidence
+    return probs
+
+
+def assert_png(path: Path, min_side: int = 300, max_side: int = 1600) -> None:
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert all(min_side <= side <= max_side for side in image.size), image.size
+
+
+# family, severity, shifted correct out of 4, clean correct out of 4
+CELLS = [("noise", 1, 4, 4), ("noise", 2, 2, 4), ("blur", 1, 3, 4), ("blur", 2, 1, 3)]
+
+
+def hand_example():
+    family = np.repeat([c[0] for c in CELLS], 4)
+    severity = np.repeat([c[1] for c in CELLS], 4)
+    shifted_correct = np.concatenate([np.arange(4) < c[2] for c in CELLS])
+    clean_correct = np.concatenate([np.arange(4) < c[3] for c in CELLS])
+    labels = np.arange(16) % C
+    return labels, probs_for(labels, clean_correct), probs_for(labels, shifted_correct), family, severity
+
+
+def test_robustness_table_on_a_hand_made_example():
+    labels, clean, shifted, family, severity = hand_example()
+    kind = np.where(family == "noise", "gaussian_noise", "defocus_blur")
+    table = robustness_table(labels, clean, shifted, family, severity, kind).set_index(["family", "severity"])
+    expected = {("noise", 1): (1.0, 1.0), ("noise", 2): (0.5, 1.0), ("blur", 1): (0.75, 1.0),
+                ("blur", 2): (0.25, 0.75), ("noise", ALL): (0.75, 1.0), ("blur", ALL): (0.5, 0.875),
+                (ALL, 1): (0.875, 1.0), (ALL, 2): (0.375, 0.875), (ALL, ALL): (0.625, 0.9375)}
+    assert list(table.index) == list(expected)
+    for key, (accuracy, clean_accuracy) in expected.items():
+        row = table.loc[key]
+        assert row.accuracy == pytest.approx(accuracy)
+        assert row.clean_accuracy == pytest.approx(clean_accuracy)
+        assert row["drop"] == pytest.approx(clean_accuracy - accuracy)
+    assert table.loc[("blur", 2)].n == 4 and table.loc[("noise", ALL)].n == 8 and table.loc[(ALL, ALL)].n == 16
+    assert table.loc[("blur", 1)].kinds == "defocus_blur"
+    assert table.loc[(ALL, ALL)].ece == pytest.approx(expected_calibration_error(shifted, labels))
+    # every prediction at confidence 0.8: the ECE is |accuracy - 0.8|
+    assert table.loc[("noise", 2)].ece == pytest.approx(0.3)
+
+
+def test_robustness_table_rejects_misaligned_arrays():
+    labels, clean, shifted, family, severity = hand_example()
+    with pytest.raises(ValueError, match="one length"):
+        robustness_table(labels, clean[:-1], shifted, family, severity)
+    with pytest.raises(ValueError, match="non-empty"):
+        robustness_table(labels[:0], clean[:0], shifted[:0], family[:0], severity[:0])
+
+
+def test_robustness_report_maps_shifted_rows_to_their_source(tmp_path):
+    labels_shifted, clean_shifted, shifted, family, severity = hand_example()
+    # 20 clean images; shifted row i was made from clean image source[i] (reversed, with repeats)
+    source = 19 - np.arange(16)
+    labels = np.zeros(20, dtype=int)
+    labels[source] = labels_shifted
+    clean_correct = np.ones(20, dtype=bool)
+    clean_correct[source] = clean_shifted.argmax(1) == labels_shifted
+    clean_correct[:4] = False  # images no shifted row comes from count for clean accuracy only
+    rows = ShiftedRows(source=source, family=family, kind=np.full(16, "k"), severity=severity)
+    summary = write_robustness_report(tmp_path, labels, probs_for(labels, clean_correct), shifted, rows, CLASSES,
+                                      title="hand")
+    assert summary.clean_accuracy == pytest.approx(15 / 20)
+    assert summary.shifted_accuracy == pytest.approx(0.625)
+    assert summary.per_family == pytest.approx({"noise": 0.75, "blur": 0.5})
+    assert summary.per_severity == pytest.approx({1: 0.875, 2: 0.375})
+    assert summary.table.set_index(["family", "severity"]).loc[(ALL, ALL)].clean_accuracy == pytest.approx(0.9375)
+    assert summary.ece_clean == pytest.approx(abs(0.75 - 0.8))
+    assert summary.ece_shifted == pytest.approx(abs(0.625 - 0.8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(REPORT_FILES)
+    saved = json.loads((tmp_path / "robustness.json").read_text())
+    assert saved["shifted_accuracy"] == pytest.approx(0.625) and saved["per_severity"]["2"] == pytest.approx(0.375)
+    assert saved["n_clean"] == 20 and saved["n_shifted"] == 16
+    csv = pd.read_csv(tmp_path / "robustness.csv")
+    assert len(csv) == len(summary.table) and {"ece", "clean_ece", "drop", "n"} <= set(csv.columns)
+
+
+def test_robustness_report_accepts_a_shifted_copy(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 28, 28, 3), dtype=np.uint8)
+    labels = np.arange(40) % C
+    copy = shifted_copy(images, ["acquisition", "artefact"], seed=1)
+    clean = probs_for(labels, rng.random(40) < 0.9)
+    shifted = probs_for(labels[copy.source], rng.random(len(copy.source)) < 0.6)
+    summary = write_robustness_report(tmp_path, labels, clean, shifted, copy, CLASSES)
+    assert set(summary.per_family) == {"acquisition", "artefact"}
+    assert set(summary.per_severity) == set(copy.severity.tolist())
+    assert summary.n_shifted == 80
+    assert summary.shifted_accuracy == pytest.approx(np.mean(shifted.argmax(1) == labels[copy.source]))
+    for name in ("robustness.png", "confusion_shifted.png"):
+        assert_png(tmp_path / name)
+
+
+def history_frame() -> pd.DataFrame:
+    epochs = np.arange(9)
+    return pd.DataFrame({"epoch": epochs, "stage": ["head"] * 3 + ["finetune_1"] * 3 + ["finetune_2"] * 3,
+                         "loss": 2 * np.exp(-epochs / 3), "accuracy": 1 - 0.8 * np.exp(-epochs / 3),
+                         "val_loss": 2.2 * np.exp(-epochs / 4), "val_accuracy": 0.95 - 0.8 * np.exp(-epochs / 4)})
+
+
+def test_trial_plots_are_valid_pngs_and_fast(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, C, 500)
+    probs = probs_for(labels, rng.random(500) < 0.8)
+    training_curves_png(history_frame(), tmp_path / "warm.png")  # the first figure pays for font loading
+    for name, draw in (("curves.png", lambda p: training_curves_png(history_frame(), p, title="trial 3")),
+                       ("confusion.png", lambda p: confusion_matrix_png(labels, probs, CLASSES, p, "trial 3"))):
+        started = time.perf_counter()
+        draw(tmp_path / name)
+        assert time.perf_counter() - started < 2.0  # ~0.25 s alone; generous for shared cores
+        assert_png(tmp_path / name)
+    training_curves_png(history_frame().drop(columns="stage"), tmp_path / "one_stage.png")
+    assert_png(tmp_path / "one_stage.png")
+
+
+def predictions_npz(path: Path, rng: np.random.Generator, clean_rate: float, shifted: bool) -> Path:
+    labels = np.arange(64) % C
+    arrays = {"class_names": np.array(CLASSES), "val_labels": labels,
+              "val_view_probs": np.stack([probs_for(labels, rng.random(64) < clean_rate) for _ in range(2)])}
+    if shifted:
+        rows = ShiftedRows(source=np.tile(np.arange(64), 2), family=np.repeat(["acquisition", "artefact"], 64),
+                           kind=np.repeat(["jpeg_compression", "dust"], 64), severity=np.tile(np.arange(64) % 5 + 1, 2))
+        arrays.update({f"shifted_{k}": getattr(rows, k) for k in ("source", "family", "kind", "severity")})
+        arrays["shifted_view_probs"] = np.stack([probs_for(labels[rows.source], rng.random(128) < 0.5)] * 2)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def add_trial(study, store, values, scratch: Path, shifted: bool = True, clean_rate: float = 0.9) -> int:
+    trial = study.ask({"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    trial.set_user_attr("backbone", "compact_cnn")
+    if store is not None:
+        folder = scratch / f"trial_{trial.number}"
+        folder.mkdir()
+        path = predictions_npz(folder / "predictions.npz", np.random.default_rng(trial.number), clean_rate, shifted)
+        upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
+    study.tell(trial, values)
+    return trial.number
+
+
+@pytest.fixture()
+def sqlite_study(tmp_path):
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    for folder in ("artifacts", "scratch"):
+        (tmp_path / folder).mkdir()
+    return (optuna.create_study(study_name="s", storage=storage, direction="maximize"),
+            FileSystemArtifactStore(str(tmp_path / "artifacts")))
+
+
+def study_artifacts(study, store, target: Path) -> dict[str, bytes]:
+    target.mkdir(exist_ok=True)
+    files = {}
+    for meta in get_all_artifact_meta(study):
+        path = target / meta.filename
+        download_artifact(artifact_store=store, file_path=str(path), artifact_id=meta.artifact_id)
+        files[meta.filename] = path.read_bytes()
+    return files
+
+
+def test_study_report_robustness_of_the_best_trial_uploaded_as_study_artifacts(tmp_path, sqlite_study):
+    study, store = sqlite_study
+    scratch = tmp_path / "scratch"
+    numbers = [add_trial(study, store, value, scratch) for value in (0.7, 0.9, 0.8)]
+    report = tmp_path / "report"
+    table = write_report(study, report, artifact_store=store)
+    assert list(table.number) == [numbers[1], numbers[2], numbers[0]]
+    assert (report / "optimization_history.html").is_file() and not (report / "pareto_front.csv").exists()
+    saved = json.loads((report / "robustness" / "robustness.json").read_text())
+    assert saved["title"].startswith(f"trial {numbers[1]},")
+    with np.load(predictions_npz(scratch / "again.npz", np.random.default_rng(numbers[1]), 0.9, True)) as arrays:
+        expected = write_robustness_report(tmp_path / "direct", arrays["val_labels"], arrays["val_view_probs"].mean(0),
+                                           arrays["shifted_view_probs"].mean(0), ShiftedRows.from_arrays(arrays),
+                                           CLASSES)
+    assert saved["shifted_accuracy"] == pytest.approx(expected.shifted_accuracy)
+    assert saved["clean_accuracy"] == pytest.approx(expected.clean_accuracy)
+    uploaded = study_artifacts(study, store, tmp_path / "downloaded")
+    assert set(uploaded) == {"top_trials.csv", "notes.txt", *REPORT_FILES}
+    assert uploaded["robustness.csv"] == (report / "robustness" / "robustness.csv").read_bytes()
+    assert uploaded["top_trials.csv"] == (report / "top_trials.csv").read_bytes()
+    assert "artifact:report/robustness/robustness.png" in study.user_attrs
+
+    add_trial(study, store, 0.95, scratch, shifted=False)  # the new best trial saved no shifted predictions
+    write_report(study, report, artifact_store=store)
+    uploaded = study_artifacts(study, store, tmp_path / "downloaded_again")
+    assert len(get_all_artifact_meta(study)) == len(uploaded)  # rewritten in place, not listed twice
+    assert b"saved no shifted_* predictions" in uploaded["notes.txt"]
+    assert uploaded["top_trials.csv"] == (report / "top_trials.csv").read_bytes()
+
+
+def test_study_report_without_an_artifact_store_keeps_the_old_call_working(tmp_path, sqlite_study):
+    study, _ = sqlite_study
+    for value in (0.5, 0.6):
+        add_trial(study, None, value, tmp_path)
+    table = write_report(study, tmp_path / "report")
+    assert list(table.columns[:2]) == ["number", "value"] and len(table) == 2
+    assert "no artifact store" in (tmp_path / "report" / "notes.txt").read_text()
+    assert get_all_artifact_meta(study) == []
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_multi_objective_report_holds_the_pareto_front(tmp_path):
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    study.set_metric_names(["val_accuracy_tta", "val_corrupted_accuracy_tta"])
+    store = FileSystemArtifactStore(str(tmp_path))
+    points = [(0.9, 0.5), (0.8, 0.7), (0.7, 0.6), (0.85, 0.55), (0.6, 0.4)]  # #2 and #4 are dominated
+    numbers = [add_trial(study, store, list(values), tmp_path) for values in points]
+    report = tmp_path / "report"
+    table = write_report(study, report, artifact_store=store)
+    assert list(table.number) == [numbers[i] for i in (0, 3, 1, 2, 4)]
+    front = pd.read_csv(report / "pareto_front.csv")
+    assert list(front.number) == [numbers[i] for i in (0, 1, 3)]
+    assert list(front.columns[:3]) == ["number", "val_accuracy_tta", "val_corrupted_accuracy_tta"]
+    assert front.val_corrupted_accuracy_tta.tolist() == pytest.approx([0.5, 0.7, 0.55])
+    assert (report / "pareto_front.html").is_file()
+    assert_png(report / "pareto_front.png")
+    assert not (report / "optimization_history.html").exists()
+    assert f"best trial {numbers[0]}" in (report / "notes.txt").read_text()
+    assert {"pareto_front.csv", "pareto_front.png", "robustness.png"} <= {m.filename for m in
+                                                                          get_all_artifact_meta(study)}
+    assert list(top_trials(study, 2).columns[:3]) == ["number", "val_accuracy_tta", "val_corrupted_accuracy_tta"]
