@@ -2,13 +2,16 @@
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from data_pipeline.corrupt import (CORRUPTIONS, SEVERITIES, SEVERITY_LEVELS, corrupt, corrupt_dataset,
                                    corruption_suite)
 from data_pipeline.errors import DataError
 
-RANDOM_KINDS = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "haze", "hue_shift",
-                "stain_shift")
+RANDOM_KINDS = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "motion_blur", "haze",
+                "hue_shift", "stain_shift", "gamma", "bubbles", "dust", "stain_deposit", "smudge")
+ARTEFACTS = ("bubbles", "dust", "stain_deposit", "smudge")
+NEW_KINDS = ("motion_blur", "gamma", "downsample") + ARTEFACTS
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,8 @@ def _mean_abs_change(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_catalogue_is_complete():
-    assert len(CORRUPTIONS) >= 13 and len(set(CORRUPTIONS)) == len(CORRUPTIONS)
+    assert len(CORRUPTIONS) == 21 and len(set(CORRUPTIONS)) == len(CORRUPTIONS)
+    assert set(NEW_KINDS) < set(CORRUPTIONS)
     assert set(SEVERITY_LEVELS) == set(CORRUPTIONS)
     assert all(len(levels) == len(SEVERITIES) for levels in SEVERITY_LEVELS.values())
 
@@ -49,6 +53,24 @@ def test_shape_and_dtype_kept_and_image_changed(suite, clean, kind):
 def test_damage_grows_with_severity(suite, clean, kind):
     changes = [_mean_abs_change(suite[kind, s], clean) for s in SEVERITIES]
     assert all(a < b for a, b in zip(changes, changes[1:])), changes
+
+
+@pytest.mark.parametrize("kind", ARTEFACTS)
+def test_artefacts_stay_in_place_and_grow(suite, clean, kind):
+    """Positions and shapes come from the seed: every pixel an artefact touches at one severity it still
+    touches at the next, only more pixels join."""
+    touched = [np.abs(suite[kind, s].astype(np.int16) - clean).max(axis=-1) > 0 for s in SEVERITIES]
+    for lower, higher in zip(touched, touched[1:]):
+        assert (lower & higher).sum() >= 0.999 * lower.sum()
+        assert higher.sum() > lower.sum()
+
+
+@pytest.mark.parametrize("kind", NEW_KINDS)
+def test_new_kinds_grow_with_severity_at_96(clean, kind):
+    large = np.stack([np.asarray(Image.fromarray(image).resize((96, 96), Image.Resampling.BICUBIC))
+                      for image in clean[:24]])
+    changes = [_mean_abs_change(corrupt(large, kind, s), large) for s in SEVERITIES]
+    assert changes[0] > 0.3 and all(a < b for a, b in zip(changes, changes[1:])), changes
 
 
 @pytest.mark.parametrize("kind", CORRUPTIONS)
