@@ -48,8 +48,6 @@ def _plan_reseeds(spec: StudySpec, study: optuna.Study, top: int) -> None:
     from search.reseed import enqueue_reseeds, waiting_count
     from search.study import finished_count
 
-    if top < 1:
-        raise ConfigError(f"invalid reseed_top value {top}: need at least 1")
     copied = enqueue_reseeds(study, top)
     waiting = waiting_count(study)
     spec.budget.trials = finished_count(study) + waiting
@@ -95,6 +93,8 @@ def run_study(spec: StudySpec, *, reseed_top: int | None = None, show_progress: 
     from search.storage import open_artifact_store, open_storage
     from search.study import prepare_study
 
+    if reseed_top is not None and reseed_top < 1:
+        raise ConfigError(f"invalid reseed_top value {reseed_top}: need at least 1")
     prepared = prepare_data(spec)
     print(prepared.describe(), flush=True)
     location = spec.location
@@ -109,5 +109,5 @@ def run_study(spec: StudySpec, *, reseed_top: int | None = None, show_progress: 
     print(f"study {spec.name!r}: storage {location.storage}, artifacts {location.artifacts}, "
           f"executor {spec.executor.kind}", flush=True)
     _execute(spec, study, show_progress)
-    write_report(study, location.report_dir)
+    write_report(study, location.report_dir, artifact_store=artifact_store)
     return study

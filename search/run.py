@@ -66,14 +66,19 @@ def summary(spec: StudySpec, study) -> str:
     ])
 
 
+def spec_from_args(args: argparse.Namespace) -> StudySpec:
+    """The spec `--study` names, with every given flag overriding it."""
+    from search.driver import OVERRIDES, apply_overrides
+
+    overrides = {key: getattr(args, key) for key in OVERRIDES}
+    return apply_overrides(load_spec(args.study), out=args.out, name=args.name, **overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from search.driver import apply_overrides, run_study
+    from search.driver import run_study
 
     args = parse_args(argv)
-    spec = apply_overrides(
-        load_spec(args.study), out=args.out, name=args.name, trials=args.trials, timeout=args.timeout,
-        storage=args.storage, artifacts=args.artifacts, executor=args.executor, workers=args.workers,
-        gpus=args.gpus, cpus=args.cpus, address=args.address, data=args.data, objective=args.objective)
+    spec = spec_from_args(args)
     study = run_study(spec, reseed_top=args.reseed_top, show_progress=not args.no_progress)
     print(summary(spec, study))
     return 0

@@ -63,12 +63,14 @@ def test_storage_alone_describes_each_trial(parallel_study, tmp_path):
     spec = load_spec(str(spec_path))
     store = open_artifact_store(str(spec.study_dir / "artifacts"))
     for trial in load_study(spec_path).get_trials(states=(TrialState.COMPLETE,)):
-        assert trial.value == pytest.approx(trial.user_attrs["val_accuracy_tta"])
+        assert trial.value == pytest.approx(trial.user_attrs["val_robust_tta"])
+        assert trial.user_attrs["val_robust_tta"] == pytest.approx(
+            (trial.user_attrs["val_accuracy_tta"] + trial.user_attrs["val_corrupted_accuracy_tta"]) / 2)
         assert 0 <= trial.user_attrs["test_accuracy"] <= 1
         target = tmp_path / f"metrics_{trial.number}.json"
         download_artifact(artifact_store=store, file_path=str(target),
                           artifact_id=trial.user_attrs[ARTIFACT_ATTR_PREFIX + "metrics.json"])
-        assert json.loads(target.read_text())["val_accuracy_tta"] == trial.value
+        assert json.loads(target.read_text())["val_robust_tta"] == trial.value
         assert ARTIFACT_ATTR_PREFIX + "model.keras" in trial.user_attrs
 
 
@@ -263,4 +265,4 @@ def test_reseeding_trains_the_best_configurations_again_with_new_seeds(tmp_path)
     again = run_search("--study", str(spec_path), "--workers", "1", "--reseed-top", "2")
     assert "none (all already copied)" in again.stdout and len(load_study(spec_path).get_trials()) == 5
     bad = run_search("--study", str(spec_path), "--reseed-top", "0")
-    assert bad.returncode == 2 and "invalid --reseed-top value 0" in bad.stderr
+    assert bad.returncode == 2 and "invalid reseed_top value 0" in bad.stderr

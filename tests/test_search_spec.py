@@ -10,7 +10,7 @@ import pytest
 from search.config import ConfigError
 from search.devices import pin_environment
 from search.executors.devices_plan import parse_gpus, plan_workers, usable_cores
-from search.run import apply_overrides, parse_args
+from search.run import parse_args, spec_from_args
 from search.space import config_from_params, suggest_params, warm_start_params
 from search.spec import load_spec, spec_from_dict
 
@@ -38,6 +38,14 @@ def test_an2dl_spec_is_the_competition_setting():
         ({"space": {"learning_rate": [1e-2, 1e-4]}}, "'space.learning_rate'"),
         ({"warm_start": {"backbone": "x"}}, "'warm_start' must be an array"),
         ({"space": {"backbones": ["vgg99"]}}, "unknown backbone 'vgg99' in 'space.backbones'"),
+        ({"space": {"augment_policies": ["light", "sparkle"]}}, "unknown augmentation policy 'sparkle'"),
+        ({"algorithm": {"objective": "val_loss"}}, "'algorithm.objective': 'val_loss'.*robust"),
+        ({"algorithm": {"objective": "multi", "pruner": "median"}}, "'multi' cannot prune.*'algorithm.pruner'"),
+        ({"robustness": {"heldout_families": ["weather"]}}, "unknown family 'weather' in 'robustness.heldout"),
+        ({"robustness": {"train_families": ["noise", "artefact"]}}, "'artefact' is in both"),
+        ({"robustness": {"heldout_families": []}}, "'robustness.heldout_families' is empty"),
+        ({"robustness": {"train_families": ["noise"], "heldout_families": ["colour"]}},
+         "policy 'light' .* held-out family 'colour'"),
     ],
 )
 def test_bad_spec_names_the_key(values, message):
@@ -57,11 +65,11 @@ def test_missing_and_invalid_spec_files(tmp_path):
 def test_cli_flags_override_the_spec(tmp_path):
     args = parse_args(["--trials", "7", "--timeout", "60", "--storage", "sqlite:///x.db", "--executor", "ray",
                        "--gpus", "2", "--data", "cells.npz", "--out", str(tmp_path), "--workers", "3", "--cpus", "1"])
-    spec = apply_overrides(load_spec("default"), args)
+    spec = spec_from_args(args)
     assert (spec.budget.trials, spec.budget.timeout_s, spec.storage.url) == (7, 60, "sqlite:///x.db")
     assert (spec.executor.kind, spec.executor.gpus, spec.executor.workers, spec.executor.cpus) == ("ray", "2", 3, 1)
     with pytest.raises(ConfigError, match="executor.cpus"):
-        apply_overrides(load_spec("default"), parse_args(["--cpus", "0"]))
+        spec_from_args(parse_args(["--cpus", "0"]))
     assert spec.data.path == "cells.npz" and spec.study_dir == tmp_path / "default"
 
 

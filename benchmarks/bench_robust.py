@@ -1,0 +1,132 @@
+"""Robust objective vs clean objective, side by side in one run, on images shifted in ways nobody trained for.
+
+    python benchmarks/bench_robust.py --minutes 60                 # the issue's benchmark
+    python benchmarks/bench_robust.py --minutes 60 --skip-search   # re-evaluate the studies of an earlier run
+
+Two searches of the same spec (`--study`, default `default`) run at the same time, one worker each, each
+pinned to its own core (`taskset`), so both see the same machine: one with `algorithm.objective = robust`
+(the default), one with `val_accuracy_tta` (the clean baseline). Each is then built into an ensemble,
+selected for the same goal (`objective="robust"` and `"clean"`). Both are scored on the clean test split
+and on a corrupted copy of it made with the held-out families (`robustness.heldout_families`) at every
+severity, with a seed no validation copy uses: images that neither training, validation nor selection
+ever saw, with corruption families that training never saw. Printed per family and per severity, with ECE,
+the ensemble's best single member, the oracle of all candidates, and BatchNorm adaptation on/off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OBJECTIVES = {"robust": "robust", "val_accuracy_tta": "clean"}  # search objective -> ensemble selection goal
+TEST_SEED = 1_000_003  # the corrupted test copy: a seed no study's validation copy uses
+
+
+def run_searches(args) -> None:
+    """Both searches at once, each on its own core; returns when both have finished."""
+    cores = sorted(os.sched_getaffinity(0))
+    processes = []
+    for core, objective in zip(cores, OBJECTIVES):
+        command = ["taskset", "-c", str(core), sys.executable, "-m", "search.run", "--study", args.study,
+                   "--objective", objective, "--name", f"{args.name}_{objective}", "--out", args.out,
+                   "--timeout", str(args.minutes * 60), "--trials", str(args.trials), "--workers", "1",
+                   "--no-progress"]
+        log = open(Path(args.out) / f"{args.name}_{objective}.log", "w")
+        processes.append(subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+    started = time.time()
+    codes = [p.wait() for p in processes]
+    print(f"searches finished in {time.time() - started:.0f} s, exit codes {codes}", flush=True)
+
+
+def test_data(study):
+    """The clean test split every trial of `study` saw (after cleaning), and its held-out-family copy."""
+    from data_pipeline.corrupt import check_families, shifted_copy
+    from search.config import TrialConfig
+    from search.space import fixed_fields
+    from search.spec import spec_from_dict
+    from search.trial_data import split_dataset
+
+    spec = spec_from_dict(study.optuna_study.user_attrs["spec"], origin="study")
+    test = split_dataset(TrialConfig(**fixed_fields(spec))).split("test")
+    _, heldout = check_families(spec.robustness.train_families, spec.robustness.heldout_families)
+    return test, shifted_copy(test.images, heldout, seed=TEST_SEED)
+
+
+def scores(probs_clean, probs_shifted, test, shifted) -> dict:
+    from search.robust_report import robustness_table
+
+    labels = test.labels
+    table = robustness_table(labels[shifted.source], probs_clean[shifted.source], probs_shifted,
+                             shifted.family, shifted.severity)
+    overall = table[(table.family == "all") & (table.severity == "all")].iloc[0]
+    families = table[(table.family != "all") & (table.severity == "all")]
+    severities = table[(table.family == "all") & (table.severity != "all")]
+    return {
+        "clean": float(np.mean(probs_clean.argmax(1) == labels)),
+        "heldout": float(overall.accuracy), "ece_heldout": float(overall.ece),
+        "ece_clean": float(overall.clean_ece),
+        "per_family": {r.family: round(float(r.accuracy), 4) for r in families.itertuples()},
+        "per_severity": {str(r.severity): round(float(r.accuracy), 4) for r in severities.itertuples()},
+    }
+
+
+def evaluate(study_name: str, goal: str, args) -> dict:
+    import cellsearch as cs
+
+    study = cs.load_study(study_name, out=args.out)
+    trials = study.optuna_study.get_trials(deepcopy=False)
+    counts = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")}
+    test, shifted = test_data(study)
+    started = time.time()
+    ens = cs.build_ensemble(study, objective=goal, out=str(Path(args.out) / study_name / "ensemble"))
+    build_seconds = time.time() - started
+    result = {"trials": counts, "build_seconds": round(build_seconds), "members": ens.report_.members}
+    for adapt in (False, True):
+        clean = ens.predict_proba(test.images, adapt_bn=adapt)
+        corrupted = ens.predict_proba(shifted.images, adapt_bn=adapt)
+        result["ensemble" + ("_bn_adapted" if adapt else "")] = scores(clean, corrupted, test, shifted)
+    result["members_alone"] = member_scores(ens, test, shifted)
+    return result
+
+
+def member_scores(ens, test, shifted) -> dict:
+    """Each member alone (same TTA), and the oracle of them: right whenever any member is right."""
+    rows, right_clean, right_shifted = {}, [], []
+    for index, member in enumerate(ens.member_classifiers()):
+        clean, corrupted = member.predict_proba(test.images), member.predict_proba(shifted.images)
+        rows[ens.members_[index]] = scores(clean, corrupted, test, shifted)
+        right_clean.append(clean.argmax(1) == test.labels)
+        right_shifted.append(corrupted.argmax(1) == test.labels[shifted.source])
+    rows["oracle"] = {"clean": float(np.any(right_clean, axis=0).mean()),
+                      "heldout": float(np.any(right_shifted, axis=0).mean())}
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=60.0, help="each search's --timeout")
+    parser.add_argument("--study", default="default")
+    parser.add_argument("--trials", type=int, default=1000)
+    parser.add_argument("--name", default="bench_robust")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
+    parser.add_argument("--skip-search", action="store_true")
+    args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if not args.skip_search:
+        run_searches(args)
+    results = {objective: evaluate(f"{args.name}_{objective}", goal, args) for objective, goal in OBJECTIVES.items()}
+    print(json.dumps(results, indent=2))
+    (Path(args.out) / f"{args.name}.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
