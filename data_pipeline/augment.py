@@ -9,6 +9,24 @@ Every policy except 'none' starts with a random element of the dihedral group D4
 90-degree rotations): blood cells have no canonical orientation, so these are always label-safe and
 cost nothing in image quality (no interpolation).
 
+Policies for robustness to distribution shift (see `data_pipeline.corrupt.FAMILIES`):
+- 'stain': stain jitter in the HED colour space (`data_pipeline.stain`; magnitudes: STAIN_JITTER).
+- 'corrupt': with probability `strength`, one corruption per image from the families training may draw
+  from (kind uniform over them, severity uniform in 1..1+round(4*strength)), plus stain jitter when
+  'colour' is allowed. The corruptions are `data_pipeline.corrupt.corrupt` in a `tf.numpy_function`.
+- 'augmix_jsd': AugMix with the Jensen-Shannon consistency loss (Hendrycks et al. 2020). Built with
+  `stack_views=True`, the augmenter returns the clean (oriented) batch and JSD_VIEWS independent AugMix
+  views of it stacked on the batch axis, (3B,H,W,3) with the (B,C) labels, for `search.jsd`; without,
+  it returns one AugMix view, like 'augmix'.
+
+Families: `policy_families(policy)` declares which corruption families a policy can touch (colour jitter
+and RandAugment/AugMix's colour ops: 'colour'; their sharpness op: 'blur'; their posterization, a
+bit-depth quantization like JPEG: 'acquisition'). `build_augmenter(..., families=...)` refuses a policy
+that needs a family training may not draw from ('light' without 'colour'), and leaves out the ops a policy
+can do without (RandAugment's posterization when 'acquisition' is held out; corruption kinds of held-out
+families). At run time `Augmenter.family_usage` counts, per family, the images that went through a step
+of that family.
+
 Randomness is stateless and keyed: `Augmenter(images, labels, seed=key)` with the same key gives the same
 output, in eager mode and inside `tf.data.Dataset.map` with parallel calls. Keras 3 random layers
 normally draw from a stateful `keras.random.SeedGenerator` (a variable), whose draws would be shared
@@ -75,6 +93,8 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import threading
+from collections import Counter
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -82,13 +102,19 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from data_pipeline import corrupt as corruptions
 from data_pipeline.errors import DataError
+from data_pipeline.stain import hed_jitter
 
 POLICIES: tuple[str, ...] = (
     "none", "light", "randaugment", "augmix", "cutmix", "mixup", "cutmix_mixup", "gridmask", "cutout",
+    "stain", "corrupt", "augmix_jsd",
 )
 #: Policies whose output labels are soft (mixtures of two one-hot rows).
 MIXING_POLICIES: tuple[str, ...] = ("cutmix", "mixup", "cutmix_mixup")
+#: Policies trained with a consistency loss over stacked views (`stack_views=True`, `search.jsd`).
+CONSISTENCY_POLICIES: tuple[str, ...] = ("augmix_jsd",)
+JSD_VIEWS = 2                  # augmented views next to the clean one (AugMix paper)
 
 VALUE_RANGE = (0, 255)
 # Magnitudes reached at strength 1 (they scale linearly with strength).
@@ -109,6 +135,11 @@ GRIDMASK_ROTATION = 0.15       # fraction of 2*pi
 # chroma about the brightest channel, YIQ about luma, so the mean pixel change is a bit smaller (64x64 PBC,
 # strength 1: 2.5 vs 3.4 of 255 for saturation + hue; brightness and contrast are unchanged).
 JITTER = {"brightness": 0.1, "contrast": 0.15, "saturation": 0.05, "hue": 0.04}
+# HED stain jitter at strength 1: each image's H, E, D concentrations x U[0.9, 1.1] + U[-0.1, 0.1] optical
+# density (Tellez et al. 2018 use 0.05 for "HED-light", 0.2 for "HED-strong"). On 28x28 PBC cells this
+# changes pixels by 8 of 255 on average (99th percentile 30), like corrupt's stain_shift at severity 2,
+# and keeps the grey-level structure (grey correlation with the original > 0.99).
+STAIN_JITTER = {"scale": 0.1, "bias": 0.1}
 AUGMIX_CHAINS = 3
 AUGMIX_MAX_DEPTH = 3           # each chain applies 1..3 ops, depth uniform per chain (AugMix paper)
 # RGB -> YIQ (NTSC): Y is luma, (I, Q) the chroma plane; hue turns rotate it, saturation scales it.
@@ -116,6 +147,24 @@ _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, 
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
 _HIST_BINS = 256
 _GREY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # keras / tf.image rgb_to_grayscale
+# The corruption family of each non-geometric RandAugment / AugMix op.
+_OP_FAMILIES = {
+    "random_brightness": "colour", "random_color_degeneration": "colour", "random_contrast": "colour",
+    "auto_contrast": "colour", "equalization": "colour", "random_sharpness": "blur",
+    "random_posterization": "acquisition",
+}
+# Families each policy touches: (required, optional); policies missing here touch none. A required family
+# training may not draw from makes `build_augmenter` refuse the policy; an optional one is left out (its ops
+# or corruption kinds dropped). RandAugment / AugMix need their colour ops; sharpness and posterization are optional.
+_COLOUR = frozenset({"colour"})
+_POLICY_FAMILIES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "light": (_COLOUR, frozenset()),
+    "stain": (_COLOUR, frozenset()),
+    "corrupt": (frozenset(), frozenset(corruptions.FAMILIES)),
+    **{policy: (_COLOUR, frozenset(_OP_FAMILIES.values()) - _COLOUR)
+       for policy in ("randaugment", "augmix", "augmix_jsd")},
+}
+_NO_FAMILIES = (frozenset(), frozenset())
 
 ImagesLabels = tuple[tf.Tensor, tf.Tensor]
 PolicyFn = Callable[[tf.Tensor, tf.Tensor], ImagesLabels]
@@ -171,6 +220,17 @@ def _posterize_factor(strength: float) -> tuple[int, int]:
 
 def _without_solarization(names: list[str]) -> list[str]:
     return [name for name in names if name != "solarization"]
+
+
+def _ops_within(names: list[str], families: tuple[str, ...] | None) -> list[str]:
+    """The ops of `names` that are geometric or of an allowed family (all of them for `families=None`)."""
+    if families is None:
+        return list(names)
+    return [name for name in names if name not in _OP_FAMILIES or _OP_FAMILIES[name] in families]
+
+
+def _op_families(names: list[str]) -> tuple[str, ...]:
+    return tuple(sorted({_OP_FAMILIES[name] for name in names if name in _OP_FAMILIES}))
 
 
 def _add_per_channel(images: tf.Tensor, offset: tf.Tensor) -> tf.Tensor:
@@ -344,15 +404,18 @@ def _replace_slow_ops(layer: keras.layers.Layer, strength: float) -> None:
 
 class _RandAugment(keras.layers.RandAugment):
     """Keras RandAugment without solarization, sane posterization, per-image vectorised equalization,
-    where-free autocontrast, and only the chosen op computed."""
+    where-free autocontrast, and only the chosen op computed; with `families`, only the geometric ops and
+    those of these corruption families."""
 
     _AUGMENT_LAYERS = _without_solarization(keras.layers.RandAugment._AUGMENT_LAYERS)
 
-    def __init__(self, strength: float, num_ops: int = 2, **kwargs: Any) -> None:
+    def __init__(self, strength: float, num_ops: int = 2, families: tuple[str, ...] | None = None,
+                 **kwargs: Any) -> None:
         kwargs.setdefault("name", "rand_augment")  # the default, "_rand_augment", is not a valid scope name
         super().__init__(value_range=VALUE_RANGE, num_ops=num_ops, factor=RANDAUGMENT_MAX_FACTOR * strength,
                          **kwargs)
         _replace_slow_ops(self, strength)
+        self._AUGMENT_LAYERS = _ops_within(self._AUGMENT_LAYERS, families)
 
     def transform_images(self, images: tf.Tensor, transformation: Any, training: bool = True) -> tf.Tensor:
         images = tf.cast(images, self.compute_dtype)
@@ -373,7 +436,8 @@ class _AugMix(keras.layers.AugMix):
     """Keras AugMix with the chain ops drawn per batch as tensors (not by Python `random` at trace time),
     chain depths uniform in 1..3 (the paper's default) instead of a fixed 3 with a "skip" choice,
     per-image mixing weights as in the paper, no solarization, sane posterization and the faster
-    equalization / autocontrast of `_RandAugment`.
+    equalization / autocontrast of `_RandAugment`; with `families`, only the geometric ops and those of
+    these corruption families.
 
     The num_chains x max_depth op slots run in one `tf.while_loop` around one `tf.switch_case`, so
     each op is traced once instead of once per slot (9x less graph: stream start-up drops from ~20 s to
@@ -382,12 +446,13 @@ class _AugMix(keras.layers.AugMix):
     not `tf.where`s on full batches (the old loop spent 110 of its 190 ms per 128x64x64 batch in them).
     """
 
-    def __init__(self, strength: float, stream: _SeedStream, **kwargs: Any) -> None:
+    def __init__(self, strength: float, stream: _SeedStream, families: tuple[str, ...] | None = None,
+                 **kwargs: Any) -> None:
         kwargs.setdefault("name", "aug_mix")
         super().__init__(value_range=VALUE_RANGE, num_chains=AUGMIX_CHAINS, chain_depth=AUGMIX_MAX_DEPTH,
                          factor=AUGMIX_MAX_FACTOR * strength, alpha=1.0, all_ops=True, **kwargs)
         _replace_slow_ops(self, strength)
-        self._augment_layers = _without_solarization(list(self._augment_layers))
+        self._augment_layers = _ops_within(_without_solarization(list(self._augment_layers)), families)
         self._stream = stream
         _seeded(self, stream)
 
@@ -505,6 +570,16 @@ def _make_colour_jitter(strength: float, stream: _SeedStream) -> Callable[[tf.Te
     return apply
 
 
+def _make_stain_jitter(strength: float, stream: _SeedStream) -> Callable[[tf.Tensor], tf.Tensor]:
+    """Per-image, per-stain HED scale and bias (magnitudes: see STAIN_JITTER), clipped to 0..255."""
+    def apply(images: tf.Tensor) -> tf.Tensor:
+        shape = tf.stack([tf.shape(images)[0], 3])
+        scale, bias = STAIN_JITTER["scale"] * strength, STAIN_JITTER["bias"] * strength
+        return hed_jitter(images, stream.stateless_uniform(shape, 1.0 - scale, 1.0 + scale),
+                          stream.stateless_uniform(shape, -bias, bias))
+    return apply
+
+
 def _dihedral_index_maps(images: tf.Tensor) -> tf.Tensor:
     """(V, H*W) int32: row v lists, for each output pixel, the input pixel of view v; row 0 is the identity.
 
@@ -549,16 +624,24 @@ class Augmenter:
     Call as `augmenter(images, labels, seed=key)`; `key` is an int, or an int tensor of shape () or (2,)
     (e.g. from `tf.data.Dataset.random`). Without a key the draws come from a stateful generator seeded
     with the constructor's `seed`: fine eagerly, non-deterministic inside a parallel `tf.data.map`.
+    `families`: the corruption families the policy may touch (None: the default training families).
+    `stack_views` (consistency policies only): return the clean batch and JSD_VIEWS augmented views of it
+    stacked on the batch axis, `views` times the batch.
     """
 
-    def __init__(self, policy: str, strength: float, num_classes: int, seed: int | None = None) -> None:
+    def __init__(self, policy: str, strength: float, num_classes: int, seed: int | None = None,
+                 families: Any = None, stack_views: bool = False) -> None:
         self.policy = _check_policy(policy)
         self.strength = _check_strength(strength)
         self.num_classes = _check_num_classes(num_classes)
         self.seed = seed
+        self.families = _check_families(policy, families)
         self.mixes_labels = self.policy in MIXING_POLICIES
+        self.views = 1 + JSD_VIEWS if _check_stack_views(policy, stack_views) else 1
         self._stream = _SeedStream()
         self._fallback = keras.random.SeedGenerator(seed)
+        self._usage: Counter[str] = Counter()
+        self._usage_lock = threading.Lock()
         self.is_identity = self.policy == "none" or self.strength == 0.0
         if not self.is_identity:
             with _float32_layers():
@@ -567,17 +650,41 @@ class Augmenter:
     def __repr__(self) -> str:
         return f"Augmenter(policy={self.policy!r}, strength={self.strength:g}, num_classes={self.num_classes})"
 
+    @property
+    def family_usage(self) -> Counter[str]:
+        """Images per corruption family that went through a step of that family, since construction: per
+        applied corruption for 'corrupt', per augmented image for colour jitter, and for RandAugment/AugMix
+        (whose ops are drawn per batch) per augmented image for each family of ops they may draw."""
+        with self._usage_lock:
+            return Counter(self._usage)
+
+    def count_usage(self, families: tuple[str, ...], images: int) -> None:
+        with self._usage_lock:
+            for family in families:
+                self._usage[family] += images
+
     @tf.autograph.experimental.do_not_convert  # plain Python control flow on build-time values
     def __call__(self, images: Any, labels: Any, *, seed: Any = None) -> ImagesLabels:
         images = tf.convert_to_tensor(images, tf.float32)
         labels = tf.convert_to_tensor(labels, tf.float32)
         self._check_batch(images, labels)
-        if self.is_identity:
+        if self.is_identity and self.views == 1:
             return images, labels
         with self._stream.bound(self._key(seed)):
-            out_images, out_labels = self._policy_fn(self._orient(images), labels)
-        out_images = tf.ensure_shape(tf.clip_by_value(tf.cast(out_images, tf.float32), *VALUE_RANGE), images.shape)
+            out_images, out_labels = self._augment(images, labels)
+        batch = None if images.shape[0] is None else images.shape[0] * self.views
+        out_images = tf.ensure_shape(tf.clip_by_value(tf.cast(out_images, tf.float32), *VALUE_RANGE),
+                                     [batch, *images.shape[1:]])
         return out_images, tf.ensure_shape(tf.cast(out_labels, tf.float32), labels.shape)
+
+    def _augment(self, images: tf.Tensor, labels: tf.Tensor) -> ImagesLabels:
+        if self.is_identity:  # stacked views of an identity policy: the clean batch, `views` times
+            return tf.concat([images] * self.views, axis=0), labels
+        oriented = self._orient(images)
+        if self.views == 1:
+            return self._policy_fn(oriented, labels)
+        views = [self._policy_fn(oriented, labels)[0] for _ in range(self.views - 1)]
+        return tf.concat([oriented, *views], axis=0), labels
 
     # -- helpers used by the policy builders -------------------------------------------------------------
 
@@ -588,11 +695,27 @@ class Augmenter:
         """Which images of the batch to augment: each with probability `strength`."""
         return self._stream.stateless_uniform(tf.shape(images)[:1]) < self.strength
 
-    def gated(self, augment: Callable[[tf.Tensor], tf.Tensor]) -> PolicyFn:
-        """A label-preserving policy: `augment` applied to a `strength` fraction of the images."""
+    def gated(self, augment: Callable[[tf.Tensor], tf.Tensor], families: tuple[str, ...] = ()) -> PolicyFn:
+        """A label-preserving policy: `augment` applied to a `strength` fraction of the images, each counted
+        in `family_usage` for every one of the corruption `families` `augment` touches."""
         def apply(images: tf.Tensor, labels: tf.Tensor) -> ImagesLabels:
-            return _select(self.gate(images), augment(images), images), labels
+            chosen = self.gate(images)
+            augmented = _select(chosen, augment(images), images)
+            return self.counted(augmented, families, tf.math.count_nonzero(chosen)), labels
         return apply
+
+    def counted(self, images: tf.Tensor, families: tuple[str, ...], count: tf.Tensor) -> tf.Tensor:
+        """`images`, once `count` images are added to each of `families` in `family_usage` (a py op, so it
+        counts in eager mode, in graphs and in `tf.data` alike)."""
+        if not families:
+            return images
+
+        def add(n: np.ndarray) -> np.ndarray:
+            self.count_usage(families, int(n))
+            return np.zeros((), np.int64)
+
+        with tf.control_dependencies([tf.numpy_function(add, [count], tf.int64, stateful=True)]):
+            return tf.identity(images)
 
     def _orient(self, images: tf.Tensor) -> tf.Tensor:
         """A random D4 element per image (flip and/or exact k*90 rotation) on a `strength` fraction of them.
@@ -638,17 +761,52 @@ def _light(aug: Augmenter) -> PolicyFn:
     c = JITTER["contrast"] * s  # a (low, high) pair: a single float gives x[1, 1+c] in Keras 3.15 (see above)
     contrast = aug.seeded(_Contrast((c, c), value_range=VALUE_RANGE, name="contrast"))
     colour = _make_colour_jitter(s, aug._stream)
-    return aug.gated(lambda images: colour(contrast(brightness(images, training=True), training=True)))
+    return aug.gated(lambda images: colour(contrast(brightness(images, training=True), training=True)), ("colour",))
 
 
 def _randaugment(aug: Augmenter) -> PolicyFn:
-    layer = aug.seeded(_RandAugment(aug.strength))
-    return aug.gated(lambda images: layer(images, training=True))
+    layer = aug.seeded(_RandAugment(aug.strength, families=aug.families))
+    return aug.gated(lambda images: layer(images, training=True), _op_families(layer._AUGMENT_LAYERS))
 
 
 def _augmix(aug: Augmenter) -> PolicyFn:
-    layer = _AugMix(aug.strength, aug._stream)
-    return aug.gated(lambda images: layer(images, training=True))
+    layer = _AugMix(aug.strength, aug._stream, families=aug.families)
+    return aug.gated(lambda images: layer(images, training=True), _op_families(layer._augment_layers))
+
+
+def _stain(aug: Augmenter) -> PolicyFn:
+    return aug.gated(_make_stain_jitter(aug.strength, aug._stream), ("colour",))
+
+
+def _corrupt(aug: Augmenter) -> PolicyFn:
+    """Stain jitter if 'colour' is allowed, then one corruption of an allowed family on a `strength`
+    fraction of the images (see the module docstring)."""
+    stain = _stain(aug) if "colour" in aug.families else None
+    kinds = [(family, kind) for family in aug.families for kind in corruptions.FAMILIES[family]]
+    max_severity = 1 + round((max(corruptions.SEVERITIES) - 1) * aug.strength)
+
+    def corrupt_rows(images: np.ndarray, kind: np.ndarray, severity: np.ndarray, seed: np.ndarray) -> np.ndarray:
+        out = images.copy()
+        for k, level in sorted(set(zip(kind[kind >= 0].tolist(), severity[kind >= 0].tolist()))):
+            rows = np.flatnonzero((kind == k) & (severity == level))
+            family, name = kinds[k]
+            out[rows] = corruptions.corrupt(np.rint(images[rows]).astype(np.uint8), name, level, int(seed))
+            aug.count_usage((family,), len(rows))
+        return out
+
+    def apply(images: tf.Tensor, labels: tf.Tensor) -> ImagesLabels:
+        if stain is not None:
+            images, labels = stain(images, labels)
+        if not kinds:
+            return images, labels
+        batch = tf.shape(images)[:1]
+        kind = tf.where(aug.gate(images), aug._stream.stateless_uniform(batch, 0, len(kinds), tf.int32), -1)
+        severity = aug._stream.stateless_uniform(batch, 1, max_severity + 1, tf.int32)
+        seed = aug._stream.stateless_uniform((), 0, 2**31 - 1, tf.int32)
+        out = tf.numpy_function(corrupt_rows, [images, kind, severity, seed], tf.float32, stateful=True)
+        return tf.ensure_shape(out, images.shape), labels
+
+    return apply
 
 
 def _cutout(aug: Augmenter) -> PolicyFn:
@@ -730,6 +888,9 @@ _POLICY_BUILDERS: dict[str, Callable[[Augmenter], PolicyFn]] = {
     "cutmix_mixup": _cutmix_mixup,
     "gridmask": _gridmask,
     "cutout": _cutout,
+    "stain": _stain,
+    "corrupt": _corrupt,
+    "augmix_jsd": _augmix,  # one view per call; the stacked views and the loss: see CONSISTENCY_POLICIES
 }
 assert set(_POLICY_BUILDERS) == set(POLICIES)
 
@@ -754,11 +915,50 @@ def _check_num_classes(num_classes: Any) -> int:
     return num_classes
 
 
-def build_augmenter(policy: str, strength: float, num_classes: int, seed: int | None = None) -> Augmenter:
+def _family_names(families: Any) -> tuple[str, ...]:
+    if families is None:
+        return corruptions.DEFAULT_TRAIN_FAMILIES
+    families = (families,) if isinstance(families, str) else tuple(families)
+    unknown = [family for family in families if family not in corruptions.FAMILIES]
+    if unknown:
+        raise DataError(f"augmentation families: unknown corruption family {unknown[0]!r}; "
+                        f"known: {', '.join(corruptions.FAMILIES)}")
+    return families
+
+
+def _check_families(policy: str, families: Any) -> tuple[str, ...]:
+    """The allowed families, if they include every family `policy` needs."""
+    families = _family_names(families)
+    outside = sorted(_POLICY_FAMILIES.get(policy, _NO_FAMILIES)[0] - set(families))
+    if outside:
+        raise DataError(f"augmentation policy {policy!r} applies the corruption family {outside[0]!r}, which "
+                        f"training may not draw from (allowed families: {', '.join(families) or 'none'})")
+    return families
+
+
+def _check_stack_views(policy: str, stack_views: bool) -> bool:
+    if stack_views and policy not in CONSISTENCY_POLICIES:
+        raise DataError(f"stack_views is only for the consistency policies ({', '.join(CONSISTENCY_POLICIES)}), "
+                        f"not {policy!r}")
+    return stack_views
+
+
+def policy_families(policy: str, families: Any = None) -> frozenset[str]:
+    """The corruption families `policy` can touch; with `families` (those training may draw from), the ones
+    it touches when built with them (a family it needs is touched regardless: `build_augmenter` refuses)."""
+    required, optional = _POLICY_FAMILIES.get(_check_policy(policy), _NO_FAMILIES)
+    return required | (optional if families is None else optional & set(_family_names(families)))
+
+
+def build_augmenter(policy: str, strength: float, num_classes: int, seed: int | None = None,
+                    families: Any = None, *, stack_views: bool = False) -> Augmenter:
     """The augmenter for a (policy, strength) pair; see the module docstring for what each policy does.
 
     `seed` is folded into every key, so two augmenters with different seeds differ even on the same key.
+    `families`: the corruption families training augmentation may draw from (None: the default training
+    families of `data_pipeline.corrupt`); a policy that needs another one is refused.
+    `stack_views`: for CONSISTENCY_POLICIES, yield the clean batch and its augmented views (see Augmenter).
     """
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise DataError(f"augmenter seed must be an integer or None, got {seed!r}")
-    return Augmenter(policy, strength, num_classes, seed)
+    return Augmenter(policy, strength, num_classes, seed, families, stack_views)

@@ -124,17 +124,23 @@ def _training_arrays(config: TrialConfig, data: TrialData) -> tuple[np.ndarray, 
 def _fit(model, config: TrialConfig, data: TrialData, report: ReportFn | None, started: float,
          timings: dict, pretrained: bool) -> pd.DataFrame:
     from backbones import set_unfreeze
+    from data_pipeline.augment import CONSISTENCY_POLICIES
+    from search.jsd import JSDTrainer
 
     images, labels = _training_arrays(config, data)
     n_classes = len(data.class_names)
-    augmenter = build_augmenter(config.augment_policy, config.augment_strength, n_classes, seed=config.seed)
+    consistency = config.augment_policy in CONSISTENCY_POLICIES
+    augmenter = build_augmenter(config.augment_policy, config.augment_strength, n_classes, seed=config.seed,
+                                families=config.train_families, stack_views=consistency)
     train = make_stream(images, labels, n_classes, config.batch_size, augmenter=augmenter, seed=config.seed)
     val = make_stream(data.val.images, data.val.labels, n_classes, config.batch_size, shuffle=False)
     weights = class_weights(labels, n_classes) if config.class_weighting else None
     steps = math.ceil(len(labels) / config.batch_size)
+    classifier = model
+    model = JSDTrainer(classifier) if consistency else classifier  # the wrapper trains the classifier's weights
     histories, epoch = [], 0
     for name, fraction, epochs, learning_rate in _stages(config, pretrained):
-        set_unfreeze(model, fraction)
+        set_unfreeze(classifier, fraction)
         _compile(model, config, learning_rate, epochs, steps)
         fitted = model.fit(train, validation_data=val, epochs=epochs, class_weight=weights, verbose=0, shuffle=False,
                            callbacks=_callbacks(config, report, epoch, started, timings))
