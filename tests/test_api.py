@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 
 import cellsearch as cs
 from search.objective import Objective
+from search.prepare import prepare_data
 from search.reseed import RESEED_ATTR
 from search.spec import spec_from_dict
 from search.storage import open_artifact_store, open_storage
@@ -135,6 +136,7 @@ def test_the_dashboard_shows_named_objectives_and_trial_plots(searched):
 
 def test_local_runner_records_the_seed_and_never_prunes_a_reseeded_copy(tmp_path):
     spec = spec_from_dict(tiny_spec(tmp_path, budget={"trials": 2}))
+    prepare_data(spec)
     storage = open_storage(spec.location.storage, heartbeat_interval=None)
     study = optuna.create_study(study_name=spec.name, storage=storage, direction="maximize",
                                 pruner=optuna.pruners.ThresholdPruner(lower=1.01))  # prunes every trial

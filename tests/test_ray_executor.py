@@ -15,7 +15,8 @@ import pytest
 from optuna.artifacts import download_artifact
 from optuna.trial import TrialState
 
-from search.executors.ray_tune import TRIAL_NUMBER_KEY, RayPlan, StudySearch, plan_resources, run_ray
+from search.executors.ray_tune import (PROTECTED_KEY, TRIAL_NUMBER_KEY, RayPlan, StudySearch, plan_resources,
+                                       protect_reseeds, run_ray)
 from search.objective import ARTIFACT_ATTR_PREFIX
 from search.spec import load_spec, spec_from_dict
 from search.storage import default_storage_url, open_artifact_store, open_storage
@@ -75,7 +76,8 @@ def test_storage_alone_describes_each_completed_trial(ray_study, tmp_path):
     spec = load_spec(str(spec_path))
     store = open_artifact_store(str(spec.study_dir / "artifacts"))
     for trial in load_study(spec_path).get_trials(states=(TrialState.COMPLETE,)):
-        assert trial.value == pytest.approx(trial.user_attrs["val_accuracy_tta"])
+        assert trial.value == pytest.approx(trial.user_attrs["val_robust_tta"])
+        assert trial.user_attrs["seed"] == (spec.algorithm.seed or 0) + trial.number  # same runner as local
         assert len(trial.intermediate_values) == trial.user_attrs["epochs_run"]
         assert 0 <= trial.user_attrs["test_accuracy"] <= 1
         for name in ARTIFACT_FILES:
@@ -83,7 +85,7 @@ def test_storage_alone_describes_each_completed_trial(ray_study, tmp_path):
         target = tmp_path / f"metrics_{trial.number}.json"
         download_artifact(artifact_store=store, file_path=str(target),
                           artifact_id=trial.user_attrs[ARTIFACT_ATTR_PREFIX + "metrics.json"])
-        assert json.loads(target.read_text())["val_accuracy_tta"] == trial.value
+        assert json.loads(target.read_text())["val_robust_tta"] == trial.value
         config = tmp_path / f"config_{trial.number}.json"
         download_artifact(artifact_store=store, file_path=str(config),
                           artifact_id=trial.user_attrs[ARTIFACT_ATTR_PREFIX + "config.json"])
@@ -132,6 +134,43 @@ def test_searcher_stops_at_the_deadline_and_fails_what_it_leaves_running(tmp_pat
     late = StudySearch(spec, storage, deadline=time.time() - 1)
     assert late.suggest("tune-trial-b") == late.FINISHED
     assert len(storage.get_all_trials(storage.get_study_id_from_name("raysearcher"))) == 1
+
+
+def test_asha_never_stops_a_reseeded_copy():
+    """Real ASHA on real (stub) Tune trials: the worst trial at the first rung is stopped, unless it is a
+    reseeded copy."""
+    from ray.tune import register_trainable
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import ASHAScheduler
+
+    register_trainable("cellsearch_probe", lambda config: None)
+    decisions = {}
+    for scheduler_class in (ASHAScheduler, protect_reseeds(ASHAScheduler)):
+        scheduler = scheduler_class(time_attr="epoch", metric="objective", mode="max", max_t=4, grace_period=1,
+                                    reduction_factor=2)
+        trials = [Trial("cellsearch_probe", config={PROTECTED_KEY: i == 3}, stub=True) for i in range(4)]
+        for trial in trials:
+            scheduler.on_trial_add(None, trial)
+        decisions[scheduler_class.__name__] = [
+            scheduler.on_trial_result(None, trial, {"epoch": 1, "objective": value, "training_iteration": 1})
+            for trial, value in zip(trials, (0.9, 0.8, 0.7, 0.1))]
+    assert decisions["AsyncHyperBandScheduler"][3] == "STOP"
+    assert decisions["ProtectedAsyncHyperBandScheduler"] == [*decisions["AsyncHyperBandScheduler"][:3], "CONTINUE"]
+
+
+def test_the_searcher_flags_reseeded_copies_for_the_scheduler(tmp_path):
+    spec = spec_from_dict({"name": "rayreseed", "out": str(tmp_path),
+                           "space": {"backbones": ["compact_cnn"], "augment_policies": ["none"]}})
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=None)
+    study = optuna.create_study(study_name="rayreseed", storage=storage, direction="maximize")
+    params = {"backbone": "compact_cnn", "augment_policy": "none", "optimizer": "adam", "learning_rate": 3e-3,
+              "batch_size": 64, "dropout": 0.0, "label_smoothing": 0.0, "epochs": 2, "class_weighting": False}
+    study.enqueue_trial(params)
+    study.enqueue_trial(params, user_attrs={"reseed_of": 0})
+    searcher = StudySearch(spec, storage, deadline=None)
+    first, copy = searcher.suggest("a"), searcher.suggest("b")
+    assert (first[PROTECTED_KEY], copy[PROTECTED_KEY]) == (False, True)
+    searcher.fail_unfinished("test over")
 
 
 @pytest.mark.parametrize("cluster, executor, expected", [

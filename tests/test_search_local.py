@@ -20,6 +20,7 @@ from optuna.artifacts import download_artifact
 from optuna.trial import TrialState
 
 from search.objective import ARTIFACT_ATTR_PREFIX, Objective
+from search.prepare import prepare_data
 from search.spec import load_spec
 from search.storage import default_storage_url, open_artifact_store, open_storage
 from search.study import make_pruner
@@ -172,6 +173,7 @@ def _wait_for_running_after_complete(spec, deadline: float) -> optuna.trial.Froz
 
 def _in_process_study(tmp_path, pruner: str = "none", train_images: int = 320):
     spec = load_spec(str(write_tiny_spec(tmp_path, pruner=pruner, train_images=train_images)))
+    prepare_data(spec)  # what the driver does before any trial: clean and split
     storage = open_storage(default_storage_url(spec.study_dir), heartbeat_interval=None)
     study = optuna.create_study(study_name=spec.name, storage=storage, direction="maximize",
                                 pruner=make_pruner(spec), sampler=optuna.samplers.RandomSampler(seed=0))
