@@ -24,10 +24,11 @@ from data_pipeline.imbalance import class_weights, oversample_indices
 from data_pipeline.stream import make_stream
 from search.config import TrialConfig
 from search.devices import resolve_switch
+from search.objectives import robust_score
 from search.predict import predict_views
 from search.trial_data import TrialData, prepare_trial_data
 
-ReportFn = Callable[[int, float], None]
+ReportFn = Callable[[int, dict], None]  # (epoch, validation scores of that epoch)
 ARTIFACT_FILES = ("config.json", "history.csv", "predictions.npz", "model.keras", "metrics.json")
 
 
@@ -41,12 +42,15 @@ class TrialResult:
     metrics: dict
 
 
-def _callbacks(config: TrialConfig, report: ReportFn | None, epoch_offset: int, started: float,
+def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, epoch_offset: int, started: float,
                timings: dict) -> list:
     import keras
 
+    score_shift = config.early_stopping_monitor == "val_robust"
+
     class Monitor(keras.callbacks.Callback):
-        """Reports each epoch's validation accuracy, stops on NaN, enforces the time budget."""
+        """Scores each epoch (on the held-out-family copy too, when the objective needs it), reports it,
+        stops on NaN, enforces the time budget. Runs before EarlyStopping, which reads what it adds."""
 
         def on_train_batch_begin(self, batch, logs=None):
             timings.setdefault("first_step", time.perf_counter() - started)
@@ -57,13 +61,18 @@ def _callbacks(config: TrialConfig, report: ReportFn | None, epoch_offset: int, 
                 raise TrainingDiverged(f"loss became {loss} at step {batch}")
 
         def on_epoch_end(self, epoch, logs=None):
+            if score_shift:
+                shifted = predict_views(self.model, data.val_shifted.images, 1)[0]
+                logs["val_corrupted_accuracy"] = _accuracy(shifted, data.val_shifted_labels)
+                logs["val_robust"] = robust_score(logs["val_accuracy"], logs["val_corrupted_accuracy"])
             if report is not None:
-                report(epoch_offset + epoch, float(logs["val_accuracy"]))
+                report(epoch_offset + epoch, {k: float(v) for k, v in logs.items() if k.startswith("val_")})
             if config.time_budget_s and time.perf_counter() - started > config.time_budget_s:
                 self.model.stop_training = True
 
     stopper = keras.callbacks.EarlyStopping(
-        monitor="val_accuracy", patience=config.early_stopping_patience, restore_best_weights=True
+        monitor=config.early_stopping_monitor, mode="max", patience=config.early_stopping_patience,
+        restore_best_weights=True,
     )
     return [Monitor(), stopper]
 
@@ -143,7 +152,7 @@ def _fit(model, config: TrialConfig, data: TrialData, report: ReportFn | None, s
         set_unfreeze(classifier, fraction)
         _compile(model, config, learning_rate, epochs, steps)
         fitted = model.fit(train, validation_data=val, epochs=epochs, class_weight=weights, verbose=0, shuffle=False,
-                           callbacks=_callbacks(config, report, epoch, started, timings))
+                           callbacks=_callbacks(config, data, report, epoch, started, timings))
         frame = pd.DataFrame(fitted.history)
         frame.insert(0, "epoch", range(epoch, epoch + len(frame)))
         frame.insert(1, "stage", name)
@@ -159,6 +168,7 @@ def _accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def _evaluate(model, config: TrialConfig, data: TrialData) -> tuple[dict, dict]:
+    """Clean val/test and held-out-family val accuracy, with and without TTA, and the arrays behind them."""
     arrays, metrics = {"class_names": np.array(data.class_names)}, {}
     for split in ("val", "test"):
         part = getattr(data, split)
@@ -166,6 +176,17 @@ def _evaluate(model, config: TrialConfig, data: TrialData) -> tuple[dict, dict]:
         arrays.update({f"{split}_ids": part.ids, f"{split}_labels": part.labels, f"{split}_view_probs": views})
         metrics[f"{split}_accuracy"] = _accuracy(views[0], part.labels)
         metrics[f"{split}_accuracy_tta"] = _accuracy(views.mean(axis=0), part.labels)
+    shifted, labels = data.val_shifted, data.val_shifted_labels
+    views = predict_views(model, shifted.images, config.tta_views)
+    arrays.update(shifted_view_probs=views, shifted_source=shifted.source, shifted_family=shifted.family,
+                  shifted_kind=shifted.kind, shifted_severity=shifted.severity)
+    metrics["val_corrupted_accuracy"] = _accuracy(views[0], labels)
+    metrics["val_corrupted_accuracy_tta"] = _accuracy(views.mean(axis=0), labels)
+    for family in sorted(set(shifted.family.tolist())):
+        rows = shifted.family == family
+        metrics[f"val_accuracy_{family}"] = _accuracy(views.mean(axis=0)[rows], labels[rows])
+    metrics["val_robust"] = robust_score(metrics["val_accuracy"], metrics["val_corrupted_accuracy"])
+    metrics["val_robust_tta"] = robust_score(metrics["val_accuracy_tta"], metrics["val_corrupted_accuracy_tta"])
     return metrics, arrays
 
 
@@ -186,8 +207,9 @@ def build_trial_model(config: TrialConfig, data: TrialData):
 def train_trial(config: TrialConfig, out_dir: str | Path, report: ReportFn | None = None) -> TrialResult:
     """Train `config`, evaluate with and without TTA, and write the trial's artifacts to `out_dir`.
 
-    `report(epoch, val_accuracy)` is called after every epoch; an exception it raises (a pruning signal)
-    stops the trial before anything but the config is written.
+    `report(epoch, scores)` is called after every epoch with that epoch's validation scores
+    (`val_accuracy`, and `val_corrupted_accuracy` / `val_robust` when early stopping monitors robustness);
+    an exception it raises (a pruning signal) stops the trial before anything but the config is written.
     """
     import keras
 
@@ -205,7 +227,7 @@ def train_trial(config: TrialConfig, out_dir: str | Path, report: ReportFn | Non
     history = _fit(model, config, data, report, started, timings, get_backbone(config.backbone).pretrained)
     train_seconds = time.perf_counter() - started
     metrics, arrays = _evaluate(model, config, data)
-    best = history["val_accuracy"].idxmax()
+    best = history[config.early_stopping_monitor].idxmax()
     metrics.update(
         epochs_run=len(history), best_epoch=int(history.loc[best, "epoch"]), train_seconds=train_seconds,
         seconds_to_first_step=timings.get("first_step"), total_seconds=time.perf_counter() - started,

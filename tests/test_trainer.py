@@ -12,14 +12,14 @@ from search.config import ConfigError, TrialConfig
 from search.trainer import ARTIFACT_FILES, is_complete, train_trial
 
 QUICK = dict(backbone="compact_cnn", epochs=4, batch_size=128, learning_rate=3e-3, max_train_images=4000,
-             augment_policy="light", augment_strength=0.3, tta_views=8, seed=1)
+             augment_policy="light", augment_strength=0.3, tta_views=8, seed=1, early_stopping_monitor="val_robust")
 
 
 @pytest.fixture(scope="module")
 def quick_trial(tmp_path_factory):
     reports = []
     out = tmp_path_factory.mktemp("trial")
-    result = train_trial(TrialConfig(**QUICK), out, report=lambda epoch, acc: reports.append((epoch, acc)))
+    result = train_trial(TrialConfig(**QUICK), out, report=lambda epoch, scores: reports.append((epoch, scores)))
     return result, reports
 
 
@@ -29,10 +29,29 @@ def test_compact_cnn_learns_real_cells(quick_trial):
     assert result.metrics["test_accuracy_tta"] > 0.80
 
 
-def test_every_epoch_is_reported(quick_trial):
+def test_every_epoch_is_reported_clean_and_shifted(quick_trial):
     result, reports = quick_trial
     assert [epoch for epoch, _ in reports] == list(range(result.metrics["epochs_run"]))
-    assert all(0 <= acc <= 1 for _, acc in reports)
+    for _, scores in reports:
+        assert all(0 <= scores[k] <= 1 for k in ("val_accuracy", "val_corrupted_accuracy", "val_robust"))
+        assert scores["val_robust"] == pytest.approx((scores["val_accuracy"] + scores["val_corrupted_accuracy"]) / 2)
+    history = pd.read_csv(result.directory / "history.csv")
+    assert result.metrics["best_epoch"] == int(history.loc[history["val_robust"].idxmax(), "epoch"])
+
+
+def test_trial_is_scored_on_the_heldout_families(quick_trial):
+    result, _ = quick_trial
+    saved = np.load(result.directory / "predictions.npz")
+    views, source = saved["shifted_view_probs"], saved["shifted_source"]
+    assert views.shape == (8, 2 * len(saved["val_labels"]), 8)
+    assert set(saved["shifted_family"]) == {"acquisition", "artefact"}
+    assert set(saved["shifted_severity"]) == {1, 2, 3, 4, 5}
+    correct = views.mean(axis=0).argmax(axis=1) == saved["val_labels"][source]
+    assert result.metrics["val_corrupted_accuracy_tta"] == pytest.approx(correct.mean())
+    for family in ("acquisition", "artefact"):
+        assert result.metrics[f"val_accuracy_{family}"] == pytest.approx(correct[saved["shifted_family"] == family].mean())
+    assert result.metrics["val_robust_tta"] == pytest.approx(
+        (result.metrics["val_accuracy_tta"] + result.metrics["val_corrupted_accuracy_tta"]) / 2)
 
 
 def test_artifacts_are_complete_and_consistent(quick_trial):
