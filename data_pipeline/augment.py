@@ -104,16 +104,10 @@ import tensorflow as tf
 
 from data_pipeline import corrupt as corruptions
 from data_pipeline.errors import DataError
+from data_pipeline.policies import (CONSISTENCY_POLICIES, MIXING_POLICIES, OP_FAMILIES, POLICIES,  # noqa: F401
+                                     check_policy, check_policy_families, policy_families)
 from data_pipeline.stain import hed_jitter
 
-POLICIES: tuple[str, ...] = (
-    "none", "light", "randaugment", "augmix", "cutmix", "mixup", "cutmix_mixup", "gridmask", "cutout",
-    "stain", "corrupt", "augmix_jsd",
-)
-#: Policies whose output labels are soft (mixtures of two one-hot rows).
-MIXING_POLICIES: tuple[str, ...] = ("cutmix", "mixup", "cutmix_mixup")
-#: Policies trained with a consistency loss over stacked views (`stack_views=True`, `search.jsd`).
-CONSISTENCY_POLICIES: tuple[str, ...] = ("augmix_jsd",)
 JSD_VIEWS = 2                  # augmented views next to the clean one (AugMix paper)
 
 VALUE_RANGE = (0, 255)
@@ -147,25 +141,6 @@ _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, 
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
 _HIST_BINS = 256
 _GREY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # keras / tf.image rgb_to_grayscale
-# The corruption family of each non-geometric RandAugment / AugMix op.
-_OP_FAMILIES = {
-    "random_brightness": "colour", "random_color_degeneration": "colour", "random_contrast": "colour",
-    "auto_contrast": "colour", "equalization": "colour", "random_sharpness": "blur",
-    "random_posterization": "acquisition",
-}
-# Families each policy touches: (required, optional); policies missing here touch none. A required family
-# training may not draw from makes `build_augmenter` refuse the policy; an optional one is left out (its ops
-# or corruption kinds dropped). RandAugment / AugMix need their colour ops; sharpness and posterization are optional.
-_COLOUR = frozenset({"colour"})
-_POLICY_FAMILIES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    "light": (_COLOUR, frozenset()),
-    "stain": (_COLOUR, frozenset()),
-    "corrupt": (frozenset(), frozenset(corruptions.FAMILIES)),
-    **{policy: (_COLOUR, frozenset(_OP_FAMILIES.values()) - _COLOUR)
-       for policy in ("randaugment", "augmix", "augmix_jsd")},
-}
-_NO_FAMILIES = (frozenset(), frozenset())
-
 ImagesLabels = tuple[tf.Tensor, tf.Tensor]
 PolicyFn = Callable[[tf.Tensor, tf.Tensor], ImagesLabels]
 
@@ -226,11 +201,11 @@ def _ops_within(names: list[str], families: tuple[str, ...] | None) -> list[str]
     """The ops of `names` that are geometric or of an allowed family (all of them for `families=None`)."""
     if families is None:
         return list(names)
-    return [name for name in names if name not in _OP_FAMILIES or _OP_FAMILIES[name] in families]
+    return [name for name in names if name not in OP_FAMILIES or OP_FAMILIES[name] in families]
 
 
 def _op_families(names: list[str]) -> tuple[str, ...]:
-    return tuple(sorted({_OP_FAMILIES[name] for name in names if name in _OP_FAMILIES}))
+    return tuple(sorted({OP_FAMILIES[name] for name in names if name in OP_FAMILIES}))
 
 
 def _add_per_channel(images: tf.Tensor, offset: tf.Tensor) -> tf.Tensor:
@@ -631,11 +606,11 @@ class Augmenter:
 
     def __init__(self, policy: str, strength: float, num_classes: int, seed: int | None = None,
                  families: Any = None, stack_views: bool = False) -> None:
-        self.policy = _check_policy(policy)
+        self.policy = check_policy(policy)
         self.strength = _check_strength(strength)
         self.num_classes = _check_num_classes(num_classes)
         self.seed = seed
-        self.families = _check_families(policy, families)
+        self.families = check_policy_families(policy, families)
         self.mixes_labels = self.policy in MIXING_POLICIES
         self.views = 1 + JSD_VIEWS if _check_stack_views(policy, stack_views) else 1
         self._stream = _SeedStream()
@@ -897,12 +872,6 @@ assert set(_POLICY_BUILDERS) == set(POLICIES)
 
 # -- validation and the public constructor ---------------------------------------------------------------
 
-def _check_policy(policy: Any) -> str:
-    if not isinstance(policy, str) or policy not in POLICIES:
-        raise DataError(f"unknown augmentation policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    return policy
-
-
 def _check_strength(strength: Any) -> float:
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
         raise DataError(f"augmentation strength must be a number in [0, 1], got {strength!r}")
@@ -915,39 +884,11 @@ def _check_num_classes(num_classes: Any) -> int:
     return num_classes
 
 
-def _family_names(families: Any) -> tuple[str, ...]:
-    if families is None:
-        return corruptions.DEFAULT_TRAIN_FAMILIES
-    families = (families,) if isinstance(families, str) else tuple(families)
-    unknown = [family for family in families if family not in corruptions.FAMILIES]
-    if unknown:
-        raise DataError(f"augmentation families: unknown corruption family {unknown[0]!r}; "
-                        f"known: {', '.join(corruptions.FAMILIES)}")
-    return families
-
-
-def _check_families(policy: str, families: Any) -> tuple[str, ...]:
-    """The allowed families, if they include every family `policy` needs."""
-    families = _family_names(families)
-    outside = sorted(_POLICY_FAMILIES.get(policy, _NO_FAMILIES)[0] - set(families))
-    if outside:
-        raise DataError(f"augmentation policy {policy!r} applies the corruption family {outside[0]!r}, which "
-                        f"training may not draw from (allowed families: {', '.join(families) or 'none'})")
-    return families
-
-
 def _check_stack_views(policy: str, stack_views: bool) -> bool:
     if stack_views and policy not in CONSISTENCY_POLICIES:
         raise DataError(f"stack_views is only for the consistency policies ({', '.join(CONSISTENCY_POLICIES)}), "
                         f"not {policy!r}")
     return stack_views
-
-
-def policy_families(policy: str, families: Any = None) -> frozenset[str]:
-    """The corruption families `policy` can touch; with `families` (those training may draw from), the ones
-    it touches when built with them (a family it needs is touched regardless: `build_augmenter` refuses)."""
-    required, optional = _POLICY_FAMILIES.get(_check_policy(policy), _NO_FAMILIES)
-    return required | (optional if families is None else optional & set(_family_names(families)))
 
 
 def build_augmenter(policy: str, strength: float, num_classes: int, seed: int | None = None,

@@ -9,17 +9,24 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from search.config import ConfigError
+from search.objectives import OBJECTIVES
+
+if TYPE_CHECKING:
+    from search.location import StudyLocation
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-STUDIES_DIR = Path(__file__).resolve().parents[1] / "studies"
+# The shipped specs are package data of the `studies` package, so they are found from any working directory
+# and in a non-editable install or wheel, not through the source tree.
+STUDIES_DIR = resources.files("studies")
 
 
 @dataclass
@@ -72,7 +79,29 @@ class AlgorithmSpec:
     pruner: str = "hyperband"  # hyperband | median | none
     min_resource: int = 2
     reduction_factor: int = 3
-    objective: str = "val_accuracy_tta"
+    objective: str = "robust"  # robust | val_accuracy_tta | multi (see search.objectives)
+
+
+@dataclass
+class RobustnessSpec:
+    """The leave-families-out protocol (data_pipeline.corrupt.FAMILIES): training augmentation may draw
+    only from `train_families`; every trial is also scored on a seeded corrupted copy of the validation
+    split made with the `heldout_families`, at every severity."""
+
+    train_families: list[str] = field(default_factory=lambda: ["noise", "blur", "colour"])
+    heldout_families: list[str] = field(default_factory=lambda: ["acquisition", "artefact"])
+    seed: int = 0
+
+
+@dataclass
+class CleaningSpec:
+    """Cleaning before the split (data_pipeline.cleaning): duplicates, label conflicts, non-cell outliers."""
+
+    enabled: bool = True
+    near_distance: int = 4  # pHash bits; -1: exact duplicates only
+    drop_label_conflicts: bool = True
+    outliers: bool = True
+    outlier_z: float = 4.5
 
 
 @dataclass
@@ -104,11 +133,19 @@ class StudySpec:
     algorithm: AlgorithmSpec = field(default_factory=AlgorithmSpec)
     executor: ExecutorSpec = field(default_factory=ExecutorSpec)
     storage: StorageSpec = field(default_factory=StorageSpec)
+    robustness: RobustnessSpec = field(default_factory=RobustnessSpec)
+    cleaning: CleaningSpec = field(default_factory=CleaningSpec)
     warm_start: list[dict[str, Any]] = field(default_factory=list)
 
     @property
+    def location(self) -> "StudyLocation":
+        from search.location import StudyLocation
+
+        return StudyLocation(self.name, self.out, self.storage.url or "", self.storage.artifacts or "")
+
+    @property
     def study_dir(self) -> Path:
-        return Path(self.out) / self.name
+        return self.location.folder
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,7 +153,9 @@ class StudySpec:
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(StudySpec)}
 SECTION_TYPES = {"data": DataSpec, "space": SpaceSpec, "budget": BudgetSpec, "algorithm": AlgorithmSpec,
-                 "executor": ExecutorSpec, "storage": StorageSpec}
+                 "executor": ExecutorSpec, "storage": StorageSpec, "robustness": RobustnessSpec,
+                 "cleaning": CleaningSpec}
+
 
 
 def _build_section(name: str, cls: type, values: Any, origin: str):
@@ -180,6 +219,7 @@ def validate_spec(spec: StudySpec, origin: str = "spec") -> None:
                 "unfreeze_fraction", "finetune_lr_factor"):
         low_high = getattr(spec.space, key)
         checks[f"space.{key}"] = len(low_high) == 2 and low_high[0] <= low_high[1]
+    checks["algorithm.objective"] = spec.algorithm.objective in OBJECTIVES
     from backbones import list_backbones
 
     unknown = [b for b in spec.space.backbones if b not in list_backbones()]
@@ -189,17 +229,50 @@ def validate_spec(spec: StudySpec, origin: str = "spec") -> None:
     for key, ok in checks.items():
         if not ok:
             section, name = key.split(".")
-            raise ConfigError(f"{origin}: invalid value for '{key}': {getattr(getattr(spec, section), name)!r}")
+            hint = f" (choose one of {', '.join(OBJECTIVES)})" if key == "algorithm.objective" else ""
+            raise ConfigError(f"{origin}: invalid value for '{key}': {getattr(getattr(spec, section), name)!r}"
+                              + hint)
+    if spec.algorithm.objective == "multi" and spec.algorithm.pruner != "none":
+        raise ConfigError(f"{origin}: 'algorithm.objective' = 'multi' cannot prune (Optuna does not prune "
+                          f"multi-objective studies): set 'algorithm.pruner' = 'none', not "
+                          f"{spec.algorithm.pruner!r}")
+    _validate_robustness(spec, origin)
 
 
-def resolve_spec_path(study: str | None) -> Path:
-    """A spec file path, or a name under studies/ (`default` -> studies/default.toml)."""
+def _validate_robustness(spec: StudySpec, origin: str) -> None:
+    """Families exist and do not overlap, and no searched policy reaches a held-out family."""
+    from data_pipeline.policies import POLICIES, policy_families
+    from data_pipeline.corrupt import FAMILIES
+
+    robustness = spec.robustness
+    for key in ("train_families", "heldout_families"):
+        unknown = [f for f in getattr(robustness, key) if f not in FAMILIES]
+        if unknown:
+            raise ConfigError(f"{origin}: unknown family {unknown[0]!r} in 'robustness.{key}' "
+                              f"(families: {', '.join(FAMILIES)})")
+    if not robustness.heldout_families:
+        raise ConfigError(f"{origin}: 'robustness.heldout_families' is empty: hold out at least one family "
+                          f"(default: acquisition, artefact) to score trials on shift nobody trained for")
+    both = sorted(set(robustness.train_families) & set(robustness.heldout_families))
+    if both:
+        raise ConfigError(f"{origin}: family {both[0]!r} is in both 'robustness.train_families' and "
+                          f"'robustness.heldout_families'")
+    for policy in spec.space.augment_policies:
+        if policy not in POLICIES:
+            raise ConfigError(f"{origin}: unknown augmentation policy {policy!r} in 'space.augment_policies' "
+                              f"(available: {', '.join(POLICIES)})")
+        leaked = sorted(policy_families(policy, robustness.train_families) & set(robustness.heldout_families))
+        if leaked:
+            raise ConfigError(f"{origin}: policy {policy!r} in 'space.augment_policies' applies the held-out "
+                              f"family {leaked[0]!r} ('robustness.heldout_families')")
+
+
+def resolve_spec_path(study: str | None) -> Path | resources.abc.Traversable:
+    """A `.toml` path as given, or the name of a shipped spec (`quick` -> studies/quick.toml in the package)."""
     name = study or "default"
-    path = Path(name)
-    if path.suffix != ".toml":
-        path = STUDIES_DIR / f"{name}.toml"
+    path = Path(name) if name.endswith(".toml") else STUDIES_DIR / f"{name}.toml"
     if not path.is_file():
-        available = ", ".join(sorted(p.stem for p in STUDIES_DIR.glob("*.toml")))
+        available = ", ".join(sorted(p.name[:-5] for p in STUDIES_DIR.iterdir() if p.name.endswith(".toml")))
         raise ConfigError(f"study spec not found: {path} (shipped specs: {available})")
     return path
 
@@ -207,7 +280,7 @@ def resolve_spec_path(study: str | None) -> Path:
 def load_spec(study: str | None = None) -> StudySpec:
     path = resolve_spec_path(study)
     try:
-        values = tomllib.loads(path.read_text())
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML ({exc})") from None
     return spec_from_dict(values, origin=str(path))
