@@ -1,0 +1,119 @@
+"""Packaging: the declared dependencies are the imported ones, and a built wheel, installed non-editable,
+finds the shipped study specs and the embedded data from any working directory (not through the source tree)."""
+
+import ast
+import re
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from search.config import ConfigError
+from search.spec import STUDIES_DIR, load_spec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+PACKAGES = ("search", "ensemble", "backbones", "data_pipeline", "cellsearch", "studies")
+PRESETS = ("quick", "medium", "best")
+# Needed at run time without an import statement in the packages (see the comment in pyproject.toml).
+USED_WITHOUT_IMPORT = {"plotly", "psycopg", "sqlalchemy", "optuna-dashboard"}
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _imported_modules() -> set[str]:
+    """Top-level third-party modules imported anywhere in the shipped packages."""
+    found = set()
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    found.update(alias.name.split(".")[0] for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    found.add(node.module.split(".")[0])
+    return found - set(sys.stdlib_module_names) - set(PACKAGES)
+
+
+def test_declared_dependencies_are_exactly_the_imported_ones():
+    declared = {_normalise(re.match(r"[A-Za-z0-9._-]+", r).group()) for r in PYPROJECT["project"]["dependencies"]}
+    providers = metadata.packages_distributions()
+    used = set(USED_WITHOUT_IMPORT)
+    for module in _imported_modules():
+        dists = {_normalise(d) for d in providers.get(module, [module])} & declared
+        assert dists, f"{module} is imported but no distribution providing it is declared"
+        used |= dists
+    assert declared == used, f"declared but never used: {sorted(declared - used)}"
+
+
+def test_specs_are_package_data_and_presets_load():
+    assert "*.toml" in PYPROJECT["tool"]["setuptools"]["package-data"]["studies"]
+    shipped = {p.name for p in STUDIES_DIR.iterdir()}
+    assert {f"{name}.toml" for name in ("default", *PRESETS)} <= shipped
+    for name in PRESETS:
+        spec = load_spec(name)
+        assert spec.name == name and spec.budget.timeout_s and spec.warm_start
+    with pytest.raises(ConfigError, match=r"study spec not found: .*nope\.toml \(shipped specs: .*quick"):
+        load_spec("nope")
+
+
+# Run in the installed copy, from another folder: the source tree must not be importable.
+CHECK_INSTALLED = """
+import sys
+from pathlib import Path
+root, target = Path(sys.argv[1]), Path(sys.argv[2])
+assert all(Path(p or ".").resolve() != root for p in sys.path), sys.path
+import data_pipeline.loaders, search.spec, studies
+for module in (data_pipeline.loaders, search.spec, studies):
+    assert Path(module.__file__).resolve().is_relative_to(target), module.__file__
+from search.config import ConfigError
+print(search.spec.load_spec("quick").name)
+try:
+    search.spec.load_spec("nope")
+except ConfigError as exc:
+    print(exc)
+data = data_pipeline.loaders.load()
+print(len(data.images), sorted(data.splits))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_wheel_installs_and_runs_from_another_folder(tmp_path):
+    source = tmp_path / "source"  # build from a copy: the build writes build/ and *.egg-info beside the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE", "NOTICE"):
+        shutil.copy(ROOT / name, source / name)
+    for package in PACKAGES:
+        if (ROOT / package).is_dir():
+            shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", source],
+                   check=True, timeout=240)
+    wheel = next((tmp_path / "dist").glob("cellsearch-*.whl"))
+    target = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", target, wheel], check=True, timeout=120)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {"PATH": str(Path(sys.executable).parent), "PYTHONPATH": str(target), "HOME": str(tmp_path)}
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], cwd=elsewhere, env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    done = run("-c", CHECK_INSTALLED, str(ROOT), str(target.resolve()))
+    assert done.returncode == 0, done.stderr[-2000:]
+    name, error, data = done.stdout.strip().splitlines()[-3:]
+    assert name == "quick"
+    assert "shipped specs: " in error and all(p in error for p in ("default", *PRESETS))
+    assert data == "13673 ['test', 'train', 'val']"
+    usage = run("-m", "search.run", "--study", "quick", "--help")
+    assert usage.returncode == 0 and "--study" in usage.stdout, usage.stderr[-2000:]
