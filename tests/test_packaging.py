@@ -72,8 +72,8 @@ import sys
 from pathlib import Path
 root, target = Path(sys.argv[1]), Path(sys.argv[2])
 assert all(Path(p or ".").resolve() != root for p in sys.path), sys.path
-import data_pipeline.loaders, search.spec, studies
-for module in (data_pipeline.loaders, search.spec, studies):
+import cellsearch, data_pipeline.loaders, search.spec, studies
+for module in (cellsearch, data_pipeline.loaders, search.spec, studies):
     assert Path(module.__file__).resolve().is_relative_to(target), module.__file__
 from search.config import ConfigError
 print(search.spec.load_spec("quick").name)
