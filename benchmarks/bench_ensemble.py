@@ -6,7 +6,9 @@
     python benchmarks/bench_ensemble.py --study fast --min-images-per-s 1000 --precision bfloat16
 
 1. Builds the ensemble with `ensemble.build` (into --out, default a temporary folder) and prints its table:
-   ensemble, best single member and plain average on the clean and the corrupted test split.
+   ensemble, best single member and plain average on the clean test split and its held-out-family copy;
+   then the ensemble with and without test-time BatchNorm adaptation (--adapt-bn-batch images per call)
+   on both, which is what decides the artifact's `adapt_bn` default.
 2. Times inference in images/s on --images random uint8 images of the members' input size:
    - the fused runner (all members x all TTA views in one compiled call per batch), with 8 views and with 1;
    - the best single member alone, with 8 views and with 1;
@@ -30,30 +32,25 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 def timing_table(folder: Path, n_images: int, n_members: int | None, repeats: int, naive: bool,
                  precision: str | None = None):
-    import numpy as np
     import pandas as pd
 
-    from ensemble import EnsembleClassifier, load_ensemble
+    from ensemble import load_ensemble
     from ensemble.budget import images_per_second
-    from ensemble.combiners import SoftVoting
+    from ensemble.classifier import uniform_vote
     from search.predict import predict_views
 
     built = load_ensemble(folder, precision=precision)
     precision = built.precision_
-    models = list(built.models)
+    models = list(built.members_)
     if n_members:
         models = [models[i % len(models)] for i in range(n_members)]
-    combiner = built.combiner if len(models) == built.n_members else SoftVoting().fit(
-        np.full((2, len(models), len(built.class_names)), 1 / len(built.class_names)), np.array([0, 1]))
-    height, width = built.input_size
+    height, width = built.input_size_
     best = models[0]
     rows = []
     for label, members, views in ((f"ensemble ({len(models)} members)", models, 8),
                                   (f"ensemble ({len(models)} members)", models, 1),
                                   ("best single member", [best], 8), ("best single member", [best], 1)):
-        member_combiner = combiner if members is models else SoftVoting().fit(
-            np.full((2, 1, len(built.class_names)), 1 / len(built.class_names)), np.array([0, 1]))
-        clf = EnsembleClassifier(members, member_combiner, built.class_names, tta_views=views, precision=precision)
+        clf = uniform_vote(members, built.class_names_, views, precision)  # combining costs next to nothing
         rate = images_per_second(clf.predict_proba, (height, width), n_images, repeats)
         rows.append({"model": label, "runner": f"fused {precision}", "tta_views": views, "images_per_s": rate,
                      "forward_passes_per_s": rate * views * len(members)})
@@ -65,6 +62,29 @@ def timing_table(folder: Path, n_images: int, n_members: int | None, repeats: in
     return pd.DataFrame(rows), (height, width)
 
 
+def adapt_bn_table(ens, batch_size: int):
+    """The built ensemble with and without BatchNorm adaptation on the clean test split and its held-out-family
+    copy (the build's copy: same families and seed), batches of `batch_size` images in test order."""
+    import pandas as pd
+
+    from ensemble.build import heldout_test_copy
+    from ensemble.metrics import summary
+    from search.config import TrialConfig
+    from search.trial_data import split_dataset
+
+    config = TrialConfig.from_dict(ens.manifest_["members"][0]["config"])
+    test = split_dataset(config).split("test")
+    copy = heldout_test_copy(config, test.images)
+    ens.set_params(batch_size=batch_size)  # adaptation sees one call's batch: its size matters
+    rows = []
+    for split, images, labels in (("test", test.images, test.labels), ("test_heldout", copy.images,
+                                                                          test.labels[copy.source])):
+        for adapt in (False, True):
+            scores = summary(ens.predict_proba(images, adapt_bn=adapt), labels)
+            rows.append({"split": split, "adapt_bn": adapt, "accuracy": scores["accuracy"], "ece": scores["ece"]})
+    return pd.DataFrame(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study")
@@ -74,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=5)
     parser.add_argument("--method", choices=("topk", "greedy"), default="greedy")
     parser.add_argument("--combiner", default="auto")
-    parser.add_argument("--corrupt-severities", default="1,2,3,4,5")
+    parser.add_argument("--objective", choices=("robust", "clean"), default="robust")
+    parser.add_argument("--adapt-bn-batch", type=int, default=256,
+                        help="images per call when comparing BatchNorm adaptation (0: skip the comparison)")
     parser.add_argument("--min-images-per-s", type=float, help="inference budget for member selection")
     parser.add_argument("--precision", help="inference precision float32 | bfloat16 (default: float32 for a build, "
                                              "the artifact's own with --ensemble)")
@@ -86,22 +108,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-naive", action="store_true", help="skip the slow model.predict-per-view reference")
     args = parser.parse_args(argv)
 
-    from ensemble.build import BuildOptions, build_ensemble, parse_severities
+    from ensemble.build import BuildOptions, build_ensemble
+    from ensemble.candidates import locate_study
     from ensemble.cli import run_cli
 
     with tempfile.TemporaryDirectory(prefix="bench-ensemble-") as scratch:
         folder = Path(args.ensemble) if args.ensemble else Path(args.out or Path(scratch) / "ensemble")
         if not args.ensemble:
-            options = BuildOptions(study=args.study, storage=args.storage, artifacts=args.artifacts,
-                                   pointer=args.pointer, top=args.top, method=args.method, combiner=args.combiner,
-                                   out=str(folder), corrupt_severities=parse_severities(args.corrupt_severities),
-                                   progress=False, min_images_per_s=args.min_images_per_s,
-                                   precision=args.precision or "float32")
+            options = BuildOptions(pointer=args.pointer, top=args.top, method=args.method, combiner=args.combiner,
+                                   objective=args.objective, out=str(folder), progress=False,
+                                   min_images_per_s=args.min_images_per_s, precision=args.precision or "float32")
+            built = []
             started = time.perf_counter()
-            code = run_cli(lambda _: (build_ensemble(options), 0)[1])
+            code = run_cli(lambda _: (built.append(build_ensemble(
+                locate_study(args.study, args.storage, args.artifacts, args.pointer), options)), 0)[1])
             if code:
                 return code
             print(f"build: {time.perf_counter() - started:.1f} s")
+            if args.adapt_bn_batch:
+                print(f"\ntest-time BatchNorm adaptation ({args.adapt_bn_batch} images per call):")
+                print(adapt_bn_table(built[0], args.adapt_bn_batch).to_string(index=False,
+                                                                               float_format="{:.4f}".format))
         table, size = timing_table(folder, args.images, args.members, args.repeats, not args.no_naive,
                                    args.precision)
         print(f"\ninference on {args.images} random {size[0]}x{size[1]} images (best of {args.repeats}):")

@@ -4,8 +4,10 @@
     python -m ensemble.predict --ensemble DIR --input images.npz --output predictions.csv
     python -m ensemble.export --ensemble DIR --codabench submission.zip
 
-    from ensemble import load_ensemble
-    clf = load_ensemble("runs/default/ensemble")  # EnsembleClassifier; .predict_proba(uint8 (N,H,W,3))
+    from ensemble import build_ensemble, load_ensemble
+    ens = build_ensemble("default")               # fitted EnsembleClassifier, saved; ens.report_ its evaluation
+    clf = load_ensemble("runs/default/ensemble")  # the same from disk; .predict_proba(uint8 (N,H,W,3))
+    clf.predict(images, adapt_bn=True)            # test-time BatchNorm adaptation to this batch
 
 Importing this package does not import TensorFlow: the names below load on first access.
 """
@@ -21,6 +23,7 @@ _LAZY = {
     "EnsembleClassifier": "ensemble.classifier",
     "load_ensemble": "ensemble.artifact",
     "BuildOptions": "ensemble.build",
+    "EnsembleReport": "ensemble.build",
     "build_ensemble": "ensemble.build",
     "SoftVoting": "ensemble.combiners",
     "WeightedVoting": "ensemble.combiners",

@@ -83,20 +83,90 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+PREPROCESSING_NOTE = ("members take raw RGB 0..255 (uint8 cast to float32); resizing and normalisation are "
+                      "layers inside each model (custom layer 'cellsearch>ImageNetPreprocess', re-declared in "
+                      "ensemble/standalone.py); other image sizes are resized to input_size with antialiased "
+                      "bicubic resampling; TTA views are the dihedral views listed in 'views', probabilities "
+                      "averaged per member before combining; with adapt_bn, BatchNorm layers normalise with "
+                      "the predicted batch's statistics mixed with their own (weight bn_prior images)")
+#: Manifest keys that describe the classifier itself; `write_artifact` always recomputes them.
+CORE_KEYS = ("format_version", "members", "combiner", "combiner_file", "class_names", "input_size", "tta_views",
+             "views", "adapt_bn", "bn_prior", "preprocessing", "versions", "files")
+
+
+def member_files(classifier) -> list[str]:
+    names = classifier.member_names or [f"member_{i:02d}" for i in range(classifier.n_members_)]
+    return [f"{MEMBERS_DIR}/{name}.keras" for name in names]
+
+
+def write_artifact(classifier, folder: Path, extra: dict[str, Any] | None = None,
+                   members_written: bool = False) -> dict[str, Any]:
+    """Write a fitted classifier into `folder` (members unless `members_written`, the combiner pickle and
+    the manifest, last) and return the manifest. `extra` adds build information; its "members" entries
+    are merged into the per-member entries, its "inference" entry into the precision entry."""
+    import joblib
+
+    from ensemble.standalone import FORMAT_VERSION, VIEW_SETS
+
+    extra = {k: v for k, v in (extra or {}).items() if k not in CORE_KEYS or k == "members"}
+    files = member_files(classifier)
+    if len(set(files)) != len(files):
+        raise EnsembleError(f"member_names must be distinct, got {classifier.member_names}")
+    if not members_written:
+        (folder / MEMBERS_DIR).mkdir(parents=True, exist_ok=True)
+        for model, name in zip(classifier.members_, files):
+            model.save(folder / name)
+    joblib.dump(classifier.combiner_, folder / COMBINER_FILE)
+    given = extra.pop("members", None) or [{} for _ in files]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        **extra,
+        "members": [{**entry, "file": name} for entry, name in zip(given, files)],
+        "combiner": classifier.combiner_.params(),
+        "combiner_file": COMBINER_FILE,
+        "class_names": classifier.class_names_.tolist(),
+        "input_size": list(classifier.input_size_),
+        "tta_views": int(classifier.tta_views),
+        "views": list(VIEW_SETS[classifier.tta_views]),
+        "inference": {**extra.get("inference", {}), "precision": classifier.precision_,
+                      "tta_views": int(classifier.tta_views)},
+        "adapt_bn": bool(classifier.adapt_bn),
+        "bn_prior": float(classifier.bn_prior),
+        "preprocessing": PREPROCESSING_NOTE,
+        "versions": library_versions(),
+    }
+    return write_manifest(folder, manifest)
+
+
+def save_ensemble(classifier, path: str | os.PathLike) -> Path:
+    """`classifier.save(path)`: the artifact folder, written atomically (the build information of a built
+    or loaded classifier's manifest is kept; its report/ folder stays where the build wrote it)."""
+    with atomic_folder(path) as staging:
+        write_artifact(classifier, staging, {k: v for k, v in (classifier.manifest_ or {}).items()
+                                             if k not in ("files", "student")})
+    return Path(path)
+
+
 def load_ensemble(folder: str | os.PathLike, *, resize: bool = True, batch_size: int | None = None,
-                  precision: str | None = None):
-    """Verify and load a built ensemble as an `EnsembleClassifier` (Keras safe_mode on).
+                  precision: str | None = None, adapt_bn: bool | None = None):
+    """Verify and load a built ensemble as a fitted `EnsembleClassifier` (Keras safe_mode on).
 
     `precision` None runs in the precision the ensemble was built and evaluated in (manifest
-    "inference"), float32 when this CPU has no native bfloat16.
+    "inference"), float32 when this CPU has no native bfloat16; `adapt_bn` None follows the manifest's
+    "adapt_bn" (False for artifacts from before it existed).
 
     Raises `EnsembleError` for a missing, incomplete or modified artifact, before loading anything.
+
+    Example:
+        >>> from ensemble import load_ensemble
+        >>> clf = load_ensemble("runs/default/ensemble")  # doctest: +SKIP
+        >>> clf.predict(images[:4]), clf.manifest_["adapt_bn"]  # doctest: +SKIP
     """
     import joblib
 
     import backbones.preprocessing  # noqa: F401  (registers the members' custom layer)
     from ensemble.classifier import EnsembleClassifier
-    from ensemble.standalone import load_member_models
+    from ensemble.standalone import load_member_models, manifest_adapt_bn, manifest_bn_prior
 
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -113,11 +183,14 @@ def load_ensemble(folder: str | os.PathLike, *, resize: bool = True, batch_size:
     if n_classes != {len(manifest["class_names"])}:
         raise EnsembleError(f"{folder}: members output {sorted(n_classes)} classes, manifest names "
                             f"{len(manifest['class_names'])}")
-    precision = precision or manifest_precision(manifest)
-    classifier = EnsembleClassifier(models, combiner, tuple(manifest["class_names"]), int(manifest["tta_views"]),
-                                    batch_size=batch_size, resize=resize, precision=precision)
-    if tuple(classifier.input_size) != tuple(manifest["input_size"]):
-        raise EnsembleError(f"{folder}: members take {classifier.input_size}, manifest says "
+    classifier = EnsembleClassifier(
+        models, combiner, tuple(manifest["class_names"]), int(manifest["tta_views"]), batch_size=batch_size,
+        resize=resize, precision=precision or manifest_precision(manifest),
+        adapt_bn=manifest_adapt_bn(manifest) if adapt_bn is None else adapt_bn, bn_prior=manifest_bn_prior(manifest),
+        member_names=[Path(m["file"]).stem for m in manifest["members"]])
+    classifier._set_fitted(combiner)
+    if tuple(classifier.input_size_) != tuple(manifest["input_size"]):
+        raise EnsembleError(f"{folder}: members take {classifier.input_size_}, manifest says "
                             f"{manifest['input_size']}")
-    classifier.manifest = manifest
+    classifier.manifest_ = manifest
     return classifier

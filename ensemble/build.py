@@ -1,64 +1,84 @@
-"""Build an ensemble from a finished study: `python -m ensemble.build [--study NAME] [--top 5] ...`.
+"""Build an ensemble from a finished study: `build_ensemble(study)` or `python -m ensemble.build [--study NAME] ...`.
 
-1. candidates: every COMPLETE trial's saved val/test probabilities, averaged over the --tta views
-   (nothing is re-predicted; see ensemble.candidates);
-2. members: the --top K best by validation accuracy, or greedy selection with replacement on validation
+1. candidates: every COMPLETE trial's saved probabilities on validation, on its held-out-family shifted
+   copy and on test, averaged over the --tta views (nothing is re-predicted; see ensemble.candidates);
+2. the objective (ensemble.robust): "robust" (default) scores every choice below by the mean of the clean
+   and the shifted validation score; "clean" by clean validation only, which is also the fallback, with
+   one note, when the trials saved no shifted copy (older studies);
+3. members: the --top K best by the objective's accuracy, or greedy selection with replacement on its
    log-loss (Caruana et al. 2004; at most K distinct members), both skipping near-identical members and,
    with --min-images-per-s, members the inference budget cannot afford (ensemble.budget);
-3. combiners: soft voting (uniform for topk, greedy counts for greedy), weights fit on validation
-   log-loss, and logistic-regression stacking, each with optional temperature scaling, all fit on
-   validation only and compared out-of-fold on validation; with the corruption suite on, each is also
-   fit on validation plus a down-weighted corrupted copy of it (ensemble.robust) and --combiner auto
-   takes the most robust one whose clean validation accuracy is within --clean-tolerance of the best;
-4. evaluation on the clean test split (saved predictions) and on a corrupted copy of it (member models
-   run on the corrupted images with TTA): ensemble vs best single member vs plain average;
-5. the artifact folder (see ensemble.artifact), written atomically.
+4. the combiner: soft voting (uniform for topk, greedy counts for greedy), weights fit on log-loss, or
+   logistic-regression stacking, each with optional temperature scaling, fit on the same validation rows
+   (never on test data) and compared out-of-fold; --combiner auto takes the best;
+5. evaluation, ensemble vs its best single member vs the plain average: the clean test split (saved
+   predictions) and a shifted copy of it by the held-out families (`data_pipeline.corrupt.shifted_copy`,
+   another seed than the validation copy's; members run on it with TTA), with accuracy by family and
+   severity, ECE, and `search.robust_report.write_robustness_report`'s CSV and curves in report/;
+6. the artifact folder (ensemble.artifact), written atomically; the fitted `EnsembleClassifier` is
+   returned with `report_` (an `EnsembleReport`), ready to predict without reloading.
+
+Example (a finished study; see README "2. Ensemble"):
+
+    >>> from ensemble import build_ensemble
+    >>> ens = build_ensemble("default", top=5, method="greedy", quiet=True)   # doctest: +SKIP
+    >>> ens.report_.score("test_heldout"), ens.predict(images)              # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ensemble.cli import run_cli
-from ensemble.standalone import PRECISIONS, VIEW_SETS, EnsembleError
+from ensemble.robust import OBJECTIVES, ValidationRows
+from ensemble.standalone import BN_PRIOR, PRECISIONS, VIEW_SETS, EnsembleError
 
 METHODS = ("topk", "greedy")
 COMBINER_CHOICES = ("auto", "vote", "weighted", "stacking")
-PREPROCESSING_NOTE = ("members take raw RGB 0..255 (uint8 cast to float32); resizing and normalisation are "
-                      "layers inside each model (custom layer 'cellsearch>ImageNetPreprocess', re-declared in "
-                      "ensemble/standalone.py); other image sizes are resized to input_size with antialiased "
-                      "bicubic resampling; TTA views are the dihedral views listed in 'views', probabilities "
-                      "averaged per member before combining")
+#: The test copy's seed is the trials' robust_seed plus this, so it never repeats the validation copy's draws.
+TEST_SEED_OFFSET = 1
+ENSEMBLE, BEST, AVERAGE = "ensemble", "best single", "plain average"
 
 
 @dataclass
 class BuildOptions:
-    study: str | None = None
-    storage: str | None = None
-    artifacts: str | None = None
-    pointer: str = "runs/last_study.json"
+    """Settings of `build_ensemble` (each also a keyword argument of it, and a CLI flag).
+
+    top: at most this many distinct members. method: "greedy" or "topk". combiner: "auto", "vote",
+    "weighted" or "stacking". tta: TTA views 1, 2, 4 or 8 (of the ones trials saved). objective: "robust"
+    or "clean" (ensemble.robust). calibrate: temperature scaling. out: artifact folder (None: the study's
+    folder / "ensemble", or runs/<study>/ensemble). heldout_eval: evaluate on the held-out-family test copy.
+    min_images_per_s: inference budget on this machine. precision: "float32" or "bfloat16". adapt_bn,
+    bn_prior: the artifact's test-time BatchNorm adaptation default (ensemble.standalone). seed:
+    cross-validation fold seed. pointer: runs/last_study.json, to find the study when none is given.
+    """
+
     top: int = 5
     method: str = "greedy"
     combiner: str = "auto"
     tta: int = 8
+    objective: str = "robust"
     calibrate: bool = True
     out: str | None = None
-    corrupt_severities: tuple[int, ...] = (1, 2, 3, 4, 5)
-    corrupted_val_weights: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3)
-    clean_tolerance: float = 0.002
-    min_images_per_s: float | None = None  # inference budget (this machine, --tta views, --precision)
-    precision: str = "float32"  # inference precision of the artifact: float32 | bfloat16
+    heldout_eval: bool = True
+    min_images_per_s: float | None = None
+    precision: str = "float32"
+    adapt_bn: bool = False
+    bn_prior: float = BN_PRIOR
     seed: int = 0
     greedy_iterations: int = 25
+    pointer: str = "runs/last_study.json"
     progress: bool = True  # tqdm bars
     quiet: bool = False  # no printed tables or notes (library use, benchmarks)
     distill: bool = False
@@ -66,14 +86,13 @@ class BuildOptions:
     distill_backbone: str = "compact_cnn"
 
     def validate(self) -> None:
+        choices = (("method", METHODS), ("combiner", COMBINER_CHOICES), ("objective", OBJECTIVES),
+                   ("precision", PRECISIONS), ("tta", tuple(sorted(VIEW_SETS))))
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise EnsembleError(f"--{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.top < 1:
             raise EnsembleError(f"--top must be >= 1, got {self.top}")
-        if self.method not in METHODS:
-            raise EnsembleError(f"--method must be one of {METHODS}, got {self.method!r}")
-        if self.combiner not in COMBINER_CHOICES:
-            raise EnsembleError(f"--combiner must be one of {COMBINER_CHOICES}, got {self.combiner!r}")
-        if self.tta not in VIEW_SETS:
-            raise EnsembleError(f"--tta must be one of {sorted(VIEW_SETS)}, got {self.tta}")
         if self.distill and self.distill_epochs < 1:
             raise EnsembleError(f"--distill-epochs must be >= 1, got {self.distill_epochs}")
         if self.distill:
@@ -82,32 +101,59 @@ class BuildOptions:
             if self.distill_backbone not in list_backbones():
                 raise EnsembleError(f"--distill-backbone {self.distill_backbone!r} is not one of "
                                     f"{', '.join(list_backbones())}")
-        bad = [s for s in self.corrupt_severities if s not in (1, 2, 3, 4, 5)]
-        if bad:
-            raise EnsembleError(f"--corrupt-severities must be in 1..5, got {bad[0]}")
-        negative = [w for w in self.corrupted_val_weights if not w >= 0]
-        if negative:
-            raise EnsembleError(f"--corrupted-val-weights must be >= 0, got {negative[0]}")
         if self.min_images_per_s is not None and not self.min_images_per_s > 0:
             raise EnsembleError(f"--min-images-per-s must be > 0, got {self.min_images_per_s}")
-        if self.precision not in PRECISIONS:
-            raise EnsembleError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if not 0 <= self.clean_tolerance < 1:
-            raise EnsembleError(f"--clean-tolerance must be in [0, 1), got {self.clean_tolerance}")
-
-    @property
-    def robust(self) -> bool:
-        """Fit combiners on a corrupted validation copy too (needs the corruption suite switched on)."""
-        return bool(self.corrupt_severities) and any(w > 0 for w in self.corrupted_val_weights)
+        if not self.bn_prior >= 0:
+            raise EnsembleError(f"--bn-prior must be >= 0, got {self.bn_prior}")
 
 
 @dataclass
-class BuildResult:
+class EnsembleReport:
+    """What the build measured (`ens.report_`); the same tables are CSV files in `folder`/report.
+
+    Attributes:
+        folder: the artifact folder.
+        objective: the objective in effect ("clean" when the trials saved no shifted copy).
+        members: one row per member: trial, backbone, selection weight, validation scores.
+        combiners: one row per combiner considered: out-of-fold validation scores, test for information.
+        metrics: ensemble / best single / plain average on "test" and "test_heldout": accuracy, balanced
+            accuracy, macro F1, ROC AUC, ECE, log-loss.
+        heldout: accuracy on the held-out-family test copy per family, per severity and overall ("all"),
+            one column per model.
+        robustness: the ensemble's `search.robust_report.RobustnessSummary` (clean and shifted accuracy,
+            per family, per severity, ECE clean and shifted, and the family x severity `table`).
+        (heldout and robustness are None with the held-out evaluation off.)
+        notes: left-out trials, fallbacks, warnings.
+    """
+
     folder: Path
-    manifest: dict
-    comparison: pd.DataFrame
+    objective: str
+    members: pd.DataFrame
     combiners: pd.DataFrame
+    metrics: pd.DataFrame
+    heldout: pd.DataFrame | None = None
+    robustness: Any = None  # search.robust_report.RobustnessSummary
     notes: list[str] = field(default_factory=list)
+
+    def score(self, split: str = "test", metric: str = "accuracy", model: str = ENSEMBLE) -> float:
+        """One number of `metrics`, e.g. `score("test_heldout", "ece")`, `score(model="best single")`."""
+        rows = self.metrics[(self.metrics["split"] == split) & self.metrics["model"].str.startswith(model)]
+        if len(rows) != 1:
+            raise EnsembleError(f"no {metric} of {model!r} on {split!r} in this report")
+        return float(rows[metric].iloc[0])
+
+    def summary(self) -> str:
+        """The printed summary: combiners, clean vs held-out metrics, held-out accuracy by family/severity."""
+        number = lambda v: f"{v:.4f}"  # noqa: E731
+        parts = [f"objective: {self.objective}",
+                 "combiners (out-of-fold validation scores under the objective; no test data):",
+                 self.combiners.to_string(index=False, float_format=number), "",
+                 self.metrics[["model", "split", "accuracy", "balanced_accuracy", "macro_f1", "ece", "log_loss"]]
+                 .to_string(index=False, float_format=number)]
+        if self.heldout is not None:
+            parts += ["", "held-out-family test copy, accuracy by family and severity:",
+                      self.heldout.to_string(index=False, float_format=number)]
+        return "\n".join(parts)
 
 
 def _say(options: BuildOptions, message: str) -> None:
@@ -115,12 +161,74 @@ def _say(options: BuildOptions, message: str) -> None:
         print(message, flush=True)
 
 
-def _select(options: BuildOptions, val_probs: list[np.ndarray], y_val: np.ndarray, budget=None):
-    from ensemble.selection import greedy_selection, select_top_k
+def resolve_location(study: Any = None, pointer: str | Path = "runs/last_study.json"):
+    """(StudyLocation, folder or None) of `study`: None (the last study `search.run` ran), a study name, a
+    `StudyLocation`, or any object with a `.location` or with `storage`, `artifacts` and a `study`/`name`
+    (e.g. the `cellsearch` API's study; its `folder`, when it has one, holds the default output)."""
+    from ensemble.candidates import StudyLocation, locate_study
 
-    if options.method == "topk":
-        return select_top_k(val_probs, y_val, options.top, budget)
-    return greedy_selection(val_probs, y_val, options.top, n_iterations=options.greedy_iterations, budget=budget)
+    if study is None or isinstance(study, str):
+        return locate_study(study, pointer=pointer), None
+    where = getattr(study, "location", study)
+    name = next((getattr(where, a) for a in ("study", "name", "study_name") if getattr(where, a, None)), None)
+    storage, artifacts = getattr(where, "storage", None), getattr(where, "artifacts", None)
+    if not (name and storage and artifacts):
+        raise EnsembleError(f"cannot locate a study from {type(study).__name__}: it needs a name, storage and "
+                            "artifacts (or a .location with them)")
+    folder = getattr(where, "folder", None) or getattr(study, "folder", None)
+    return StudyLocation(str(name), str(storage), str(artifacts)), Path(folder) if folder else None
+
+
+def build_ensemble(study: Any = None, options: BuildOptions | None = None, **settings):
+    """Build, evaluate and save an ensemble of a finished study; return the fitted `EnsembleClassifier`.
+
+    Args:
+        study: None (the study in runs/last_study.json), a study name, or an object locating one (see
+            `resolve_location`, e.g. `cs.build_ensemble(study)` with `study.location`).
+        options: a `BuildOptions`; `settings` override its fields, e.g. `top=5, method="greedy",
+            combiner="auto", tta=8, out=None, objective="robust", adapt_bn=False, quiet=True`.
+
+    Returns:
+        The fitted classifier: `predict_proba`/`predict` on uint8 images right away, `report_` an
+        `EnsembleReport`, `manifest_` the saved manifest; the artifact folder is `report_.folder`.
+
+    Raises:
+        EnsembleError: one line naming what is wrong (no study, no usable trial, bad setting, ...).
+    """
+    try:
+        options = dataclasses.replace(options or BuildOptions(), **settings)
+    except TypeError as exc:
+        raise EnsembleError(f"build_ensemble: {exc}") from None
+    options.validate()
+    from ensemble.candidates import artifact_store, load_candidates, open_study
+
+    location, folder = resolve_location(study, options.pointer)
+    store = artifact_store(location)
+    trials = open_study(location)
+    default_out = (folder if folder else Path(options.pointer).parent / location.study) / "ensemble"
+    out = Path(options.out) if options.out else default_out
+    with tempfile.TemporaryDirectory(prefix="ensemble-cache-") as cache:
+        candidates, notes = load_candidates(trials, store, Path(cache), options.tta)
+        _say(options, f"study {location.study!r}: {len(candidates)} candidate trial(s), TTA {options.tta} view(s)")
+        rows = validation_rows(options.objective, candidates, notes)
+        for note in notes:
+            _say(options, f"  note: {note}")
+        budget = _budget(options, candidates, store, Path(cache))
+        return _build(options, location, store, out, candidates, notes, rows, budget)
+
+
+def validation_rows(objective: str, candidates, notes: list[str]) -> ValidationRows:
+    """The objective's validation rows; the clean ones, with a note, when the candidates do not all share
+    one saved held-out-family copy."""
+    reference = candidates[0]
+    if objective == "clean":
+        return ValidationRows.clean(reference.val_labels)
+    lacking = [c.number for c in candidates if not c.shares_shifted_copy(reference)]
+    if lacking:
+        notes.append(f"objective robust -> clean: {len(lacking)} of {len(candidates)} trial(s) saved no held-out-"
+                     "family validation copy, or another one (older trials); selecting on clean validation only")
+        return ValidationRows.clean(reference.val_labels)
+    return ValidationRows.robust(reference.val_labels, np.asarray(reference.shifted.source))
 
 
 def _budget(options: BuildOptions, candidates, store, cache: Path):
@@ -136,139 +244,74 @@ def _budget(options: BuildOptions, candidates, store, cache: Path):
     return make_budget(options.min_images_per_s, costs)
 
 
-def _member_entry(candidate, selection, position: int, y_val: np.ndarray) -> dict:
-    from ensemble.combiners import log_loss
+def _select(options: BuildOptions, val_probs: list[np.ndarray], rows: ValidationRows, budget):
+    from ensemble.selection import greedy_selection, select_top_k
 
-    config = candidate.config
-    return {
-        "trial": candidate.number, "file": _member_file(candidate),
-        "backbone": config.backbone, "trial_value": candidate.value,
-        "val_accuracy": float(np.mean(candidate.val_probs.argmax(1) == y_val)),
-        "val_log_loss": log_loss(candidate.val_probs, y_val),
-        "test_accuracy_tta_saved": candidate.user_attrs.get("test_accuracy_tta"),
-        "selection_weight": selection.weights[position], "selection_count": selection.counts[position],
-        "n_params": candidate.user_attrs.get("n_params"),
-        "config": {k: v for k, v in config.to_dict().items() if k not in ("extra",)},
-    }
+    if options.method == "topk":
+        return select_top_k(val_probs, rows.y, options.top, budget, sample_weight=rows.sample_weight)
+    return greedy_selection(val_probs, rows.y, options.top, n_iterations=options.greedy_iterations, budget=budget,
+                            sample_weight=rows.sample_weight)
 
 
-def build_ensemble(options: BuildOptions) -> BuildResult:
-    """Build, evaluate and save an ensemble (see the module doc). Returns the saved folder and tables."""
-    options.validate()
-    from ensemble.candidates import artifact_store, load_candidates, locate_study, open_study
-
-    location = locate_study(options.study, options.storage, options.artifacts, options.pointer)
-    study = open_study(location)
-    store = artifact_store(location)
-    out = Path(options.out) if options.out else Path(options.pointer).parent / location.study / "ensemble"
-    with tempfile.TemporaryDirectory(prefix="ensemble-cache-") as cache:
-        candidates, notes = load_candidates(study, store, Path(cache), options.tta)
-        _say(options, f"study {location.study!r}: {len(candidates)} candidate trial(s), TTA {options.tta} view(s)")
-        for note in notes:
-            _say(options, f"  note: {note}")
-        budget = _budget(options, candidates, store, Path(cache))
-        return _build(options, location, store, out, candidates, notes, budget)
-
-
-def _build(options, location, store, out: Path, candidates, notes, budget) -> BuildResult:
+def _build(options, location, store, out: Path, candidates, notes, rows: ValidationRows, budget):
+    from ensemble.artifact import atomic_folder, write_artifact
     from ensemble.candidates import download
-    from ensemble.evaluate import comparison_rows, per_class_rows, score_combiners
+    from ensemble.classifier import EnsembleClassifier
+    from ensemble.combiners import make_combiner
+    from ensemble.evaluate import score_combiners
     from ensemble.selection import rank_candidates
 
     reference = candidates[0]
-    y_val, y_test = reference.val_labels, reference.test_labels
-    class_names = reference.class_names
-    selection = _select(options, [c.val_probs for c in candidates], y_val, budget)
+    val = [rows.stack(c.val_probs, c.shifted_probs) for c in candidates]
+    selection = _select(options, val, rows, budget)
     for line in selection.log:
         _say(options, f"  selection: {line}")
     members = [candidates[i] for i in selection.indices]
-    best_index = rank_candidates([c.val_probs for c in candidates], y_val)[0]
-    best = candidates[best_index]
-    X_val = np.stack([m.val_probs for m in members], axis=1)
-    X_test = np.stack([m.test_probs for m in members], axis=1)
-    best_position = selection.indices.index(best_index)
-
-    from ensemble.artifact import COMBINER_FILE, atomic_folder, write_manifest
-
+    X_val = np.stack([val[i] for i in selection.indices], axis=1)
+    best_position = rank_candidates([val[i] for i in selection.indices], rows.y, rows.sample_weight)[0]
+    vote_weights = selection.weights if options.method == "greedy" else None
+    names = [f"trial_{m.number:05d}" for m in members]
     with atomic_folder(out) as staging:
-        report = staging / "report"
-        report.mkdir()
-        for member in members:
-            download(store, member, "model.keras", staging / _member_file(member))
-        classifier = _load_members(staging, members, options)
-        images = _member_images(options, classifier, reference, X_test, notes)
-        if "test_runtime" in images:
-            X_test = images["test_runtime"]
-        vote_weights = selection.weights if options.method == "greedy" else None
-        choice = score_combiners(X_val, y_val, X_test, y_test, calibrate=options.calibrate,
-                                 vote_weights=vote_weights, preferred=options.combiner,
-                                 X_val_corrupted=images.get("val_corrupted"),
-                                 X_test_corrupted=images.get("test_corrupted"),
-                                 corrupted_weights=options.corrupted_val_weights,
-                                 clean_tolerance=options.clean_tolerance)
-        combiner = classifier.combiner = choice.fitted[choice.chosen]
-        names = (f"ensemble ({choice.chosen}, {len(members)} members)", f"best single (trial {best.number})",
-                 f"plain average ({len(members)} members)")
-
-        def by_model(X: np.ndarray, best_probs: np.ndarray) -> dict[str, np.ndarray]:
-            return dict(zip(names, (combiner.predict_proba(X), best_probs, X.mean(axis=1))))
-
-        clean = by_model(X_test, best.test_probs)
-        rows = comparison_rows("test", y_test, clean)
-        per_class_frames = [per_class_rows("test", y_test, clean, class_names)]
-        import joblib
-
-        joblib.dump(combiner, staging / COMBINER_FILE)
-        from ensemble.metrics import save_confusion_png
-
-        save_confusion_png(clean[names[0]], y_test, class_names, report / "confusion_test.png", f"{names[0]}: test")
-        extra = _evaluate_on_images(options, staging, classifier, reference, best_position, images, names, notes)
-        rows += extra.get("rows", [])
-        per_class_frames += extra.get("per_class", [])
-        comparison = pd.DataFrame(rows)
-        comparison.to_csv(report / "metrics.csv", index=False)
-        pd.concat(per_class_frames, ignore_index=True).to_csv(report / "per_class.csv", index=False)
-        choice.table.to_csv(report / "combiners.csv", index=False)
-        for key in ("breakdown", "distill"):
-            if key in extra:
-                extra[key].to_csv(report / f"{'corruption_breakdown' if key == 'breakdown' else 'distillation'}.csv",
-                                  index=False)
-        (report / "notes.txt").write_text("\n".join(notes + selection.log) + "\n")
-        inference = _inference_entry(options, classifier, selection, budget)
-        manifest = _manifest(options, location, members, selection, combiner, choice, class_names, reference,
-                             comparison, best, y_val, extra, inference)
-        manifest = write_manifest(staging, manifest)
-    float_format = lambda v: f"{v:.4f}"  # noqa: E731
-    _say(options, "\ncombiners (chosen on out-of-fold validation, clean and corrupted copies; test shown for "
-                  "information only):")
-    _say(options, choice.table.to_string(index=False, float_format=float_format))
-    _say(options, "\n" + comparison.to_string(index=False, float_format=float_format))
-    if "distill" in extra:
-        _say(options, "\ndistillation:\n" + extra["distill"].to_string(index=False, float_format=float_format))
+        (staging / "report").mkdir()
+        for member, name in zip(members, names):
+            download(store, member, "model.keras", staging / "members" / f"{name}.keras")
+        choice = score_combiners(X_val, rows, calibrate=options.calibrate, vote_weights=vote_weights,
+                                 preferred=options.combiner)
+        combiner = make_combiner(choice.chosen, calibrate=options.calibrate, vote_weights=vote_weights)
+        ens = EnsembleClassifier(_load_members(staging, names), combiner, reference.class_names, options.tta,
+                                 calibrate=options.calibrate,
+                                 precision=options.precision, adapt_bn=options.adapt_bn, bn_prior=options.bn_prior,
+                                 member_names=names)
+        ens.fit_member_proba(X_val, rows.y, rows.sample_weight, rows.groups)
+        X_test = np.stack([m.test_probs for m in members], axis=1)
+        images = _member_images(options, ens, reference, X_test, notes)
+        X_test = images.get("test_runtime", X_test)
+        report = _evaluate(options, staging, ens, reference, members, best_position, images, X_test, choice,
+                           rows, notes)
+        inference = _inference_entry(options, ens, selection, budget)
+        extra = _manifest_extra(options, location, members, selection, rows, report, images, inference,
+                                members[best_position].number)
+        ens.manifest_ = write_artifact(ens, staging, extra, members_written=True)
+    report.folder = out
+    ens.report_ = report
+    _say(options, "\n" + report.summary())
     _say(options, f"\nensemble saved to {out}")
-    return BuildResult(out, manifest, comparison, choice.table, notes)
+    return ens
 
 
-def _member_file(candidate) -> str:
-    return f"members/trial_{candidate.number:05d}.keras"
-
-
-def _load_members(staging: Path, members, options):
-    """The members as the artifact will load them (safe_mode on), behind a classifier whose combiner is
-    set once it is chosen."""
+def _load_members(staging: Path, names: list[str]) -> list:
+    """The members as the artifact will load them (safe_mode on)."""
     import backbones.preprocessing  # noqa: F401  (registers the custom layer)
-    from ensemble.classifier import EnsembleClassifier
     from ensemble.standalone import load_member_models
 
-    models = load_member_models(staging, {"members": [{"file": _member_file(m)} for m in members]},
-                                custom_layer=False)
-    return EnsembleClassifier(models, None, members[0].class_names, options.tta, precision=options.precision)
+    return load_member_models(staging, {"members": [{"file": f"members/{n}.keras"} for n in names]},
+                              custom_layer=False)
 
 
-def _inference_entry(options, classifier, selection, budget) -> dict:
-    """Precision in effect and, under a budget, the estimated and the measured images/s of the ensemble."""
-    entry = {"precision": classifier.precision_, "tta_views": options.tta,
-             "min_images_per_s": options.min_images_per_s}
+def _inference_entry(options, ens, selection, budget) -> dict:
+    """Under a budget, the estimated and the measured images/s of the ensemble (precision is added by
+    write_artifact)."""
+    entry: dict[str, Any] = {"min_images_per_s": options.min_images_per_s}
     if budget is not None:
         from ensemble.budget import images_per_second
 
@@ -276,7 +319,7 @@ def _inference_entry(options, classifier, selection, budget) -> dict:
         entry["member_seconds_per_image"] = [c.member for c in costs]
         entry["shared_seconds_per_image"] = max(c.shared for c in costs)
         entry["estimated_images_per_s"] = budget.images_per_s(selection.indices)
-        entry["measured_images_per_s"] = images_per_second(classifier.predict_proba, classifier.input_size)
+        entry["measured_images_per_s"] = images_per_second(ens.predict_proba, ens.input_size_)
         _say(options, f"inference: {entry['measured_images_per_s']:,.0f} img/s measured "
                       f"({entry['estimated_images_per_s']:,.0f} estimated; limit {options.min_images_per_s:,.0f})")
         if entry["measured_images_per_s"] < options.min_images_per_s:
@@ -285,135 +328,152 @@ def _inference_entry(options, classifier, selection, budget) -> dict:
     return entry
 
 
-def _member_images(options, classifier, reference, X_test, notes) -> dict:
-    """Check the reloaded members against their saved test predictions, and predict them on the corrupted
-    copies of the test split and (robust validation) of the validation split."""
-    from data_pipeline.corrupt import corrupt_dataset
+def heldout_test_copy(config, test_images: np.ndarray):
+    """The test split shifted by the trials' held-out families (`data_pipeline.corrupt.shifted_copy`),
+    seeded `robust_seed + TEST_SEED_OFFSET` so it never repeats the validation copy's draws."""
+    from data_pipeline.corrupt import check_families, shifted_copy
+
+    _, heldout = check_families(config.train_families, config.heldout_families)
+    return shifted_copy(test_images, heldout, seed=int(config.robust_seed) + TEST_SEED_OFFSET)
+
+
+def _member_images(options, ens, reference, X_test, notes) -> dict:
+    """Check the reloaded members against their saved test predictions, and predict them on the
+    held-out-family test copy."""
     from ensemble.data import load_split_images
 
     images: dict = {}
     try:
         images["test"] = load_split_images(reference.config, reference.test_ids, reference.test_labels)
     except EnsembleError as exc:
-        if options.corrupt_severities or options.distill:
-            raise EnsembleError(f"{exc} (pass --corrupt-severities none to skip the corrupted evaluation)") from None
+        if options.heldout_eval or options.distill:
+            raise EnsembleError(f"{exc} (pass --no-heldout-eval to skip the held-out-family evaluation)") from None
         notes.append(f"test images not loaded, no consistency check: {exc}")
         return images
-    if classifier.precision_ != "float32":
-        images["test_runtime"] = classifier.member_proba(images["test"]).astype(np.float64)
-        notes.append(f"clean test re-predicted in {classifier.precision_} (trials saved float32 predictions); "
-                     "the best single member's row is its saved float32 result")
+    if ens.precision_ != "float32" or ens.adapt_bn:
+        images["test_runtime"] = ens.member_proba(images["test"]).astype(np.float64)
+        notes.append(f"clean test re-predicted as the artifact predicts ({ens.precision_}, adapt_bn "
+                     f"{ens.adapt_bn}); trials saved float32 predictions without adaptation")
     check = min(256, len(images["test"]))
-    runtime = images["test_runtime"] if "test_runtime" in images else classifier.member_proba(images["test"][:check])
-    drift = float(np.abs(runtime[:check] - X_test[:check]).max())
+    runtime = ens.member_proba(images["test"][:check], adapt_bn=False)
+    drift = float(np.abs(runtime - X_test[:check]).max())
     images["consistency_max_abs_diff"] = drift
-    if drift > (1e-3 if classifier.precision_ == "float32" else 0.1):
+    if drift > (1e-3 if ens.precision_ == "float32" else 0.1):
         notes.append(f"reloaded members differ from their saved test predictions by up to {drift:.2g} "
                      "(different hardware/precision, or not the same data)")
         _say(options, f"  warning: {notes[-1]}")
-    if not options.corrupt_severities:
-        return images
-    splits = [("test", reference.test_ids, reference.test_labels, options.seed)]
-    if options.robust:
-        splits.append(("val", reference.val_ids, reference.val_labels, options.seed + 1))
-    for split, ids, labels, seed in splits:
-        clean = images["test"] if split == "test" else load_split_images(reference.config, ids, labels, "val")
-        corrupted, kinds, severities = corrupt_dataset(clean, options.corrupt_severities, seed=seed)
-        _say(options, f"corrupted {split} copy (severities {list(options.corrupt_severities)}): "
-                      f"{classifier.n_members} member(s) x {options.tta} view(s) on {len(corrupted)} images")
+    if options.heldout_eval:
+        copy = heldout_test_copy(reference.config, images["test"])
+        _say(options, f"held-out-family test copy ({', '.join(sorted(set(copy.family.tolist())))}): "
+                      f"{ens.n_members_} member(s) x "
+                      f"{options.tta} view(s) on {len(copy.images)} images")
         started = time.perf_counter()
-        images[f"{split}_corrupted"] = classifier.member_proba(corrupted, progress=options.progress).astype(np.float64)
-        if split == "test":
-            images["images_per_second"] = len(corrupted) / (time.perf_counter() - started)
-            images["test_kinds"], images["test_severities"] = kinds, severities
+        images["heldout_probs"] = ens.member_proba(copy.images, progress=options.progress).astype(np.float64)
+        images["images_per_second"] = len(copy.images) / (time.perf_counter() - started)
+        images["heldout"] = copy
     return images
 
 
-def _evaluate_on_images(options, staging, classifier, reference, best_position, images, names, notes) -> dict:
-    """Rows for the corrupted test copy (ensemble vs best single vs plain average), and optional distillation."""
-    from ensemble.evaluate import comparison_rows, corruption_breakdown, per_class_rows
+def _evaluate(options, staging: Path, ens, reference, members, best_position, images, X_test, choice, rows,
+              notes) -> EnsembleReport:
+    """Ensemble vs best single member vs plain average on the clean and the held-out-family test split;
+    report/ files; the optional distilled student."""
+    from ensemble.evaluate import comparison_rows, heldout_comparison, per_class_rows
     from ensemble.metrics import save_confusion_png
+    from search.robust_report import write_robustness_report
 
-    ensemble_name, best_name, average_name = names
-    result: dict = {"input_size": list(classifier.input_size)}
-    result.update({k: images[k] for k in ("consistency_max_abs_diff", "images_per_second") if k in images})
+    report_dir = staging / "report"
+    labels = {ENSEMBLE: f"{ENSEMBLE} ({choice.chosen}, {ens.n_members_} members)",
+              BEST: f"{BEST} (trial {members[best_position].number})",
+              AVERAGE: f"{AVERAGE} ({ens.n_members_} members)"}
+
+    def by_model(member_probs: np.ndarray) -> dict[str, np.ndarray]:
+        probs = (ens.combiner_.predict_proba(member_probs), member_probs[:, best_position], member_probs.mean(axis=1))
+        return dict(zip(labels.values(), probs))
+
     y_test = reference.test_labels
-    if "test_corrupted" in images:
-        member_probs = images["test_corrupted"]
-        probs = {ensemble_name: classifier.combiner.predict_proba(member_probs),
-                 best_name: member_probs[:, best_position], average_name: member_probs.mean(axis=1)}
-        result["rows"] = comparison_rows("test_corrupted", y_test, probs)
-        result["per_class"] = [per_class_rows("test_corrupted", y_test, probs, reference.class_names)]
-        result["breakdown"] = corruption_breakdown(y_test, images["test_kinds"], images["test_severities"], probs)
-        save_confusion_png(probs[ensemble_name], y_test, reference.class_names,
-                           staging / "report" / "confusion_test_corrupted.png", f"{ensemble_name}: corrupted test")
+    splits = [("test", y_test, by_model(X_test))]
+    heldout = images.get("heldout")
+    if heldout is not None:
+        splits.append(("test_heldout", y_test[heldout.source], by_model(images["heldout_probs"])))
+    metrics = pd.DataFrame([row for split, y, probs in splits for row in comparison_rows(split, y, probs)])
+    per_class = pd.concat([per_class_rows(split, y, probs, reference.class_names) for split, y, probs in splits],
+                          ignore_index=True)
+    clean = splits[0][2]
+    save_confusion_png(clean[labels[ENSEMBLE]], y_test, reference.class_names, report_dir / "confusion_test.png",
+                       f"{labels[ENSEMBLE]}: test")
+    breakdown = robustness = None
+    if heldout is not None:  # robustness.csv/.png/.json and confusion_shifted.png for the ensemble
+        shifted = splits[1][2]
+        breakdown = heldout_comparison(y_test, clean, shifted, heldout)
+        robustness = write_robustness_report(report_dir, y_test, clean[labels[ENSEMBLE]], shifted[labels[ENSEMBLE]],
+                                             heldout, list(reference.class_names), labels[ENSEMBLE])
+    member_table = _member_table(members, ens, rows)
+    for name, table in (("metrics", metrics), ("per_class", per_class), ("combiners", choice.table),
+                        ("members", member_table), ("heldout_breakdown", breakdown)):
+        if table is not None:
+            table.to_csv(report_dir / f"{name}.csv", index=False)
     if options.distill:
         from ensemble.distill import distill_student
 
         _say(options, f"distilling a {options.distill_backbone} student for {options.distill_epochs} epoch(s)")
-        result["distill"] = distill_student(classifier, reference, images["test"], options, notes,
-                                            backbone=options.distill_backbone, staging=staging)
-    return result
+        distilled = distill_student(ens, reference, images["test"], options, notes,
+                                    backbone=options.distill_backbone, staging=staging)
+        distilled.to_csv(report_dir / "distillation.csv", index=False)
+        _say(options, "\ndistillation:\n" + distilled.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    (report_dir / "notes.txt").write_text("\n".join(notes) + "\n")
+    return EnsembleReport(staging, rows.objective, member_table, choice.table, metrics, breakdown, robustness, notes)
 
 
-def _manifest(options, location, members, selection, combiner, choice, class_names, reference, comparison,
-              best, y_val, extra, inference) -> dict:
-    from ensemble.artifact import COMBINER_FILE, library_versions
+def _member_table(members, ens, rows: ValidationRows) -> pd.DataFrame:
+    table = []
+    for member, name in zip(members, ens.member_names):
+        table.append({"trial": member.number, "file": f"members/{name}.keras", "backbone": member.config.backbone,
+                      "trial_value": member.value,
+                      **rows.scores(rows.stack(member.val_probs, member.shifted_probs), "val")})
+    return pd.DataFrame(table)
+
+
+def _manifest_extra(options, location, members, selection, rows, report: EnsembleReport, images, inference,
+                    best_trial: int) -> dict:
+    """The build's part of the manifest (write_artifact adds the classifier's own entries and checksums)."""
     from search.storage import redact
 
+    records = lambda frame: json.loads(frame.to_json(orient="records"))  # noqa: E731
+    member_rows = records(report.members)
+    for entry, member, weight, count in zip(member_rows, members, selection.weights, selection.counts):
+        entry.update(selection_weight=weight, selection_count=count, n_params=member.user_attrs.get("n_params"),
+                     test_accuracy_tta_saved=member.user_attrs.get("test_accuracy_tta"),
+                     config={k: v for k, v in member.config.to_dict().items() if k != "extra"})
+        entry.pop("file")
+    reference = members[0]
+    heldout = images.get("heldout")
     return {
-        "format_version": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "study": {"name": location.study, "storage": redact(location.storage), "artifacts": location.artifacts},
-        "members": [_member_entry(m, selection, i, y_val) for i, m in enumerate(members)],
-        "best_single_trial": best.number,
+        "members": member_rows,
+        "best_single_trial": best_trial,
         "selection": {"method": options.method, "top": options.top, "log": selection.log},
-        "combiner": combiner.params(),
-        "combiner_file": COMBINER_FILE,
-        "combiners_considered": json.loads(choice.table.to_json(orient="records")),
-        "robust_validation": {
-            "corrupted_val_weights": list(options.corrupted_val_weights) if options.robust else [0.0],
-            "clean_tolerance": options.clean_tolerance,
-            "chosen_weight": float(choice.table.loc[choice.table["chosen"], "corrupted_weight"].iloc[0]),
-        },
-        "tta_views": options.tta,
-        "views": list(VIEW_SETS[options.tta]),
+        "objective": {"requested": options.objective, "used": rows.objective,
+                      "heldout_families": sorted(set(reference.shifted.family.tolist()))
+                      if rows.objective == "robust" else None},
+        "combiners_considered": records(report.combiners),
         "inference": inference,
-        "class_names": list(class_names),
-        "input_size": extra["input_size"],
         "data": {"source": reference.config.data, "image_size": reference.config.image_size,
                  "center_crop": reference.config.center_crop},
-        "preprocessing": PREPROCESSING_NOTE,
-        "metrics": json.loads(comparison.to_json(orient="records")),
-        "consistency_max_abs_diff": extra.get("consistency_max_abs_diff"),
-        "images_per_second_corrupted_eval": extra.get("images_per_second"),
-        "student": ({"file": "student/student.keras", "backbone": options.distill_backbone,
-                     "results": json.loads(extra["distill"].to_json(orient="records"))}
-                    if "distill" in extra else None),
-        "build_options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(options).items()},
-        "versions": library_versions(),
+        "heldout_test": None if heldout is None else {
+            "families": sorted(set(heldout.family.tolist())),
+            "seed": int(reference.config.robust_seed) + TEST_SEED_OFFSET, "n_images": int(len(heldout.images))},
+        "metrics": records(report.metrics),
+        "consistency_max_abs_diff": images.get("consistency_max_abs_diff"),
+        "images_per_second_heldout_eval": images.get("images_per_second"),
+        "student": ({"file": "student/student.keras", "backbone": options.distill_backbone}
+                    if options.distill else None),
+        "build_options": asdict(options),
     }
 
 
-def parse_severities(text: str) -> tuple[int, ...]:
-    if text.strip().lower() in ("", "none", "0"):
-        return ()
-    try:
-        return tuple(int(s) for s in text.split(","))
-    except ValueError:
-        raise EnsembleError(f"--corrupt-severities: expected e.g. 3 or 1,2,3,4,5 or none, got {text!r}") from None
-
-
-def parse_weights(text: str) -> tuple[float, ...]:
-    if text.strip().lower() in ("", "none"):
-        return (0.0,)
-    try:
-        return tuple(float(s) for s in text.split(","))
-    except ValueError:
-        raise EnsembleError(f"--corrupted-val-weights: expected e.g. 0,0.01,0.1 or none, got {text!r}") from None
-
-
-def parse_args(argv: list[str] | None) -> BuildOptions:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, BuildOptions]:
     parser = argparse.ArgumentParser(prog="python -m ensemble.build", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", help="study name (default: the one in runs/last_study.json)")
@@ -424,42 +484,43 @@ def parse_args(argv: list[str] | None) -> BuildOptions:
     parser.add_argument("--method", choices=METHODS, default="greedy")
     parser.add_argument("--combiner", choices=COMBINER_CHOICES, default="auto")
     parser.add_argument("--tta", type=int, choices=sorted(VIEW_SETS), default=8, help="TTA views (default 8)")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="robust",
+                        help="robust: mean of clean and held-out-family validation scores (default); clean")
     parser.add_argument("--no-calibrate", action="store_true", help="no temperature scaling")
     parser.add_argument("--out", help="output folder (default runs/<study>/ensemble)")
-    parser.add_argument("--corrupt-severities", default="1,2,3,4,5",
-                        help="severities of the corrupted test copy, e.g. 3 or 1,2,3,4,5, or none")
-    parser.add_argument("--corrupted-val-weights", default="0,0.01,0.03,0.1,0.3",
-                        help="weights of the corrupted validation copy tried when fitting combiners "
-                             "(robust validation; 'none' or 0: fit on clean validation only)")
-    parser.add_argument("--clean-tolerance", type=float, default=0.002,
-                        help="a more robust combiner may lose at most this much clean validation accuracy")
+    parser.add_argument("--no-heldout-eval", action="store_true",
+                        help="skip the held-out-family test copy (no member predictions on new images)")
     parser.add_argument("--min-images-per-s", type=float, default=None, metavar="N",
                         help="inference budget: only members whose ensemble (with --tta views) predicts at least N "
                              "images/s on this machine, measured per architecture")
     parser.add_argument("--precision", choices=PRECISIONS, default="float32",
                         help="inference precision saved with the artifact; bfloat16 needs a CPU with AVX512_BF16 "
                              "or AMX (else float32 is used)")
-    parser.add_argument("--seed", type=int, default=0, help="corruption and fold seed")
+    parser.add_argument("--adapt-bn", action="store_true",
+                        help="save the artifact with test-time BatchNorm adaptation on (default off)")
+    parser.add_argument("--bn-prior", type=float, default=BN_PRIOR,
+                        help=f"weight of the members' own BatchNorm statistics, in images (default {BN_PRIOR:g})")
+    parser.add_argument("--seed", type=int, default=0, help="cross-validation fold seed")
     parser.add_argument("--distill", action="store_true", help="also train one student on the ensemble's soft labels")
     parser.add_argument("--distill-epochs", type=int, default=8)
     parser.add_argument("--distill-backbone", default="compact_cnn", help="student backbone (default compact_cnn)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    return BuildOptions(study=args.study, storage=args.storage, artifacts=args.artifacts, pointer=args.pointer,
-                        top=args.top, method=args.method, combiner=args.combiner, tta=args.tta,
-                        calibrate=not args.no_calibrate, out=args.out,
-                        corrupt_severities=parse_severities(args.corrupt_severities),
-                        corrupted_val_weights=parse_weights(args.corrupted_val_weights),
-                        clean_tolerance=args.clean_tolerance, seed=args.seed,
-                        min_images_per_s=args.min_images_per_s, precision=args.precision,
-                        progress=not args.no_progress, distill=args.distill, distill_epochs=args.distill_epochs,
-                        distill_backbone=args.distill_backbone)
+    options = BuildOptions(top=args.top, method=args.method, combiner=args.combiner, tta=args.tta,
+                           objective=args.objective, calibrate=not args.no_calibrate, out=args.out,
+                           heldout_eval=not args.no_heldout_eval, min_images_per_s=args.min_images_per_s,
+                           precision=args.precision, adapt_bn=args.adapt_bn, bn_prior=args.bn_prior, seed=args.seed,
+                           pointer=args.pointer, progress=not args.no_progress, distill=args.distill,
+                           distill_epochs=args.distill_epochs, distill_backbone=args.distill_backbone)
+    return args, options
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = parse_args(argv)
+    from ensemble.candidates import locate_study
+
+    args, options = parse_args(argv)
     options.validate()
-    build_ensemble(options)
+    build_ensemble(locate_study(args.study, args.storage, args.artifacts, args.pointer), options)
     return 0
 
 

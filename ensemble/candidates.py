@@ -1,8 +1,10 @@
 """The study's finished trials as ensemble candidates: their saved validation/test view probabilities.
 
 Nothing is re-predicted here: every COMPLETE trial uploaded `predictions.npz` (per-view probabilities on
-val and test, in dihedral view order) to the study's artifact store, which is exactly what selection,
-combiner fitting and the clean test evaluation need. Model files are downloaded later, for the chosen
+val and test, in dihedral view order, and, from trials of the robustness protocol on, on the validation
+split's held-out-family shifted copy: `shifted_view_probs` with `shifted_source/family/kind/severity`) to
+the study's artifact store, which is exactly what selection, combiner fitting and the clean test
+evaluation need. Model files are downloaded later, for the chosen
 members only.
 """
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from ensemble.standalone import VIEW_SETS, EnsembleError
 from search.config import TrialConfig
+from search.robust_report import ShiftedRows
 
 DEFAULT_POINTER = Path("runs") / "last_study.json"
 
@@ -44,6 +47,15 @@ class Candidate:
     test_labels: np.ndarray
     test_probs: np.ndarray  # (N_test, C)
     saved_views: int
+    shifted_probs: np.ndarray | None = None  # (S, C) on the validation's held-out-family copy, view mean
+    shifted: ShiftedRows | None = None  # which image, family, kind and severity each shifted row is
+
+    def shares_shifted_copy(self, other: "Candidate") -> bool:
+        """Whether both saved predictions on the same held-out-family validation copy."""
+        if self.shifted is None or other.shifted is None:
+            return False
+        return all(np.array_equal(getattr(self.shifted, f), getattr(other.shifted, f))
+                   for f in ("source", "family", "kind", "severity"))
 
     @property
     def backbone(self) -> str:
@@ -125,6 +137,15 @@ def view_positions(saved_views: int, requested: int) -> list[int] | None:
     return [saved.index(v) for v in wanted]
 
 
+def _shifted(arrays: dict, positions: list[int]) -> dict:
+    """The candidate fields of a trial's held-out-family validation copy ({} when it saved none)."""
+    keys = ("shifted_view_probs", "shifted_source", "shifted_family", "shifted_kind", "shifted_severity")
+    if not all(k in arrays for k in keys):
+        return {}
+    return {"shifted_probs": arrays["shifted_view_probs"][positions].mean(axis=0).astype(np.float64),
+            "shifted": ShiftedRows.from_arrays(arrays)}
+
+
 def load_candidates(study, store, cache: Path, tta_views: int) -> tuple[list[Candidate], list[str]]:
     """Every COMPLETE trial that saved the requested views and shares the best trial's split and classes.
 
@@ -164,7 +185,7 @@ def load_candidates(study, store, cache: Path, tta_views: int) -> tuple[list[Can
             val_probs=arrays["val_view_probs"][positions].mean(axis=0).astype(np.float64),
             test_ids=arrays["test_ids"].astype(str), test_labels=arrays["test_labels"].astype(np.int64),
             test_probs=arrays["test_view_probs"][positions].mean(axis=0).astype(np.float64),
-            saved_views=n_saved,
+            saved_views=n_saved, **_shifted(arrays, positions),
         ))
     if not candidates:
         raise EnsembleError("no usable trial: " + "; ".join(notes))

@@ -1,9 +1,17 @@
-"""`EnsembleClassifier`: the scikit-learn-style face of a built ensemble.
+"""`EnsembleClassifier`: a scikit-learn estimator over trained Keras members, TTA and a fitted combiner.
 
-    from ensemble import load_ensemble
-    clf = load_ensemble("runs/ensemble")        # verifies checksums, loads members with safe_mode on
-    probs = clf.predict_proba(images)           # uint8 (N,H,W,3) -> (N, C), batched, TTA inside
-    labels = clf.predict(images)                # int labels; clf.class_names[labels] for names
+    >>> from ensemble import load_ensemble
+    >>> clf = load_ensemble("runs/default/ensemble")   # doctest: +SKIP
+    >>> probs = clf.predict_proba(images)              # doctest: +SKIP
+    >>> names = clf.class_names_[clf.predict(images)]  # doctest: +SKIP
+
+`load_ensemble` verifies checksums and loads members with Keras safe_mode on; `predict_proba` takes uint8
+(N,H,W,3) and returns (N, C); labels are ints (`classes_`). From members you trained yourself (used as they
+are: `fit` learns only how to combine them, on validation images, never on test images):
+
+    >>> clf = EnsembleClassifier(members=[model_a, model_b], combiner="weighted", class_names=names)  # doctest: +SKIP
+    >>> clf.fit(val_images, val_labels).predict(test_images)                         # doctest: +SKIP
+    >>> clf.save("my_ensemble")                                                      # doctest: +SKIP
 
 Inputs follow `standalone.prepare_images`: uint8 RGB (N,H,W,3); another size is resized to the members'
 input size (antialiased bicubic) unless `resize=False`, which refuses it instead.
@@ -11,85 +19,195 @@ input size (antialiased bicubic) unless `resize=False`, which refuses it instead
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 
-from ensemble.standalone import VIEW_SETS, EnsembleError, TTARunner, prepare_images
+from ensemble.standalone import BN_PRIOR, VIEW_SETS, EnsembleError, TTARunner, prepare_images
 
 
 class EnsembleClassifier(ClassifierMixin, BaseEstimator):
-    """Members (Keras models taking raw 0..255 RGB) x TTA views -> a fitted combiner -> probabilities.
+    """Members (Keras models on raw 0..255 RGB) x TTA views -> a combiner -> class probabilities.
+
+    `__init__` only stores its arguments (scikit-learn's contract: `get_params`, `set_params` and `clone`
+    see exactly these); `fit` / `fit_member_proba` learn, `load_ensemble` restores a fitted one.
 
     Args:
-        models: the member Keras models, all with the same input shape.
-        combiner: a fitted `ensemble.combiners` estimator taking (N, M, C) member probabilities.
-        class_names: one name per class, in label order.
+        members: the trained member Keras models, all with the same input shape (used as they are).
+        combiner: "vote", "weighted", "stacking" (see `ensemble.combiners`) or such an estimator; `fit`
+            fits a clone of it.
+        class_names: one name per class in label order (None: "0", "1", ...).
         tta_views: 1, 2, 4 or 8 dihedral views averaged per member before combining.
+        calibrate: temperature scaling when `combiner` is given by name.
         batch_size: images per compiled forward call (None: about 2048 views of 28x28 per call).
         resize: resize images of another size (True) or refuse them (False).
-        precision: "float32", or "bfloat16" on CPUs with native bfloat16 (else float32 is used; the one in
-            effect is `precision_`).
+        precision: "float32", or "bfloat16" on CPUs with native bfloat16 (else float32; the one in effect
+            is `precision_`).
+        adapt_bn: default of `predict_proba(adapt_bn=...)`: BatchNorm layers normalise with the statistics of
+            the batch being predicted (Schneider et al. 2020; see `ensemble.standalone`).
+        bn_prior: weight of the members' own BatchNorm statistics, in images, when adapting.
+        member_names: file stems of the members in a saved artifact (None: "member_00", ...).
+
+    Attributes (set by `fit`, `fit_member_proba` or `load_ensemble`):
+        classes_: int labels 0..C-1, what `predict` returns; `class_names_[label]` is the class name.
+        class_names_: (C,) array of class names.
+        members_: the member models. combiner_: the fitted combiner. n_members_: M.
+        weights_: (M,) member weights of a voting combiner; None for stacking.
+        input_size_: (H, W) the members take. precision_: the precision in effect.
+        manifest_: the artifact's manifest (None until saved by the build or loaded).
+        report_: `ensemble.build.EnsembleReport` when made by `build_ensemble`, else None.
+
+    Example:
+        >>> import keras, numpy as np
+        >>> from ensemble import EnsembleClassifier
+        >>> inputs = keras.Input((8, 8, 3))
+        >>> flat = keras.layers.Flatten()(inputs)
+        >>> members = [keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(flat)) for _ in range(2)]
+        >>> images = np.random.default_rng(0).integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
+        >>> clf = EnsembleClassifier(members, combiner="vote", tta_views=2).fit(images, np.arange(12) % 3)
+        >>> clf.predict_proba(images).shape, clf.classes_.tolist(), clf.get_params()["tta_views"]
+        ((12, 3), [0, 1, 2], 2)
     """
 
-    def __init__(self, models: Sequence, combiner, class_names: Sequence[str], tta_views: int = 8,
-                 batch_size: int | None = None, resize: bool = True, precision: str = "float32"):
-        self.models = models
+    def __init__(self, members: Sequence = (), combiner: Any = "weighted", class_names: Sequence[str] | None = None,
+                 tta_views: int = 8, calibrate: bool = True, batch_size: int | None = None, resize: bool = True,
+                 precision: str = "float32", adapt_bn: bool = False, bn_prior: float = BN_PRIOR,
+                 member_names: Sequence[str] | None = None):
+        self.members = members
         self.combiner = combiner
         self.class_names = class_names
         self.tta_views = tta_views
+        self.calibrate = calibrate
         self.batch_size = batch_size
         self.resize = resize
         self.precision = precision
-        if tta_views not in VIEW_SETS:
-            raise EnsembleError(f"tta_views must be one of {sorted(VIEW_SETS)}, got {tta_views}")
-        self.classes_ = np.arange(len(class_names))
-        self._runner = TTARunner(models, VIEW_SETS[tta_views], batch_size, precision)
-        self.precision_ = self._runner.precision
-        self.manifest: dict[str, Any] | None = None  # set by load_ensemble
+        self.adapt_bn = adapt_bn
+        self.bn_prior = bn_prior
+        self.member_names = member_names
 
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self._runner.input_shape[:2]
+    # ------------------------------------------------------------------------------------------ fitting
 
-    @property
-    def n_members(self) -> int:
-        return len(self.models)
+    def fit(self, X, y, sample_weight=None, groups=None) -> "EnsembleClassifier":
+        """Fit the combiner on the members' TTA probabilities of validation images `X` (uint8 (N,H,W,3))."""
+        self._check_members()
+        return self.fit_member_proba(self.member_proba(X, adapt_bn=False), y, sample_weight, groups)
 
-    def _progress(self, total: int, progress: bool):
-        from tqdm.auto import tqdm
+    def fit_member_proba(self, member_probs, y, sample_weight=None, groups=None) -> "EnsembleClassifier":
+        """Fit the combiner on precomputed (N, M, C) member probabilities (e.g. the ones trials saved).
 
-        return tqdm(total=total, unit="img", disable=not progress, desc="predict")
+        `sample_weight` and `groups` go to the combiner (rows of one group share a cross-validation fold).
+        """
+        from ensemble.combiners import make_combiner
 
-    def view_member_proba(self, images, progress: bool = False) -> np.ndarray:
-        """(V, N, M, C): every member's probabilities on every TTA view (for diagnostics and tests)."""
-        images = prepare_images(images, self.input_size, self.resize)
-        parts = []
-        with self._progress(len(images), progress) as bar:
-            for _, probs in self._runner.batches(images):
-                parts.append(probs)
-                bar.update(probs.shape[1])
-        return np.concatenate(parts, axis=1)
+        self._check_members()
+        template = (make_combiner(self.combiner, calibrate=self.calibrate) if isinstance(self.combiner, str)
+                    else clone(self.combiner))
+        member_probs = np.asarray(member_probs)
+        if member_probs.ndim != 3 or member_probs.shape[1] != len(self.members):
+            raise EnsembleError(f"member probabilities must be (N, {len(self.members)}, C), got {member_probs.shape}")
+        try:
+            fitted = template.fit(member_probs, y, sample_weight=sample_weight, groups=groups)
+        except ValueError as exc:
+            raise EnsembleError(f"cannot fit the {template.kind} combiner: {exc}") from None
+        return self._set_fitted(fitted)
 
-    def member_proba(self, images, progress: bool = False) -> np.ndarray:
-        """(N, M, C): each member's TTA-averaged probabilities (what the combiner consumes)."""
-        images = prepare_images(images, self.input_size, self.resize)
-        out = None
-        with self._progress(len(images), progress) as bar:
-            for start, probs in self._runner.batches(images):
-                if out is None:
-                    out = np.empty((len(images),) + probs.shape[2:], dtype=np.float32)
-                out[start:start + probs.shape[1]] = probs.mean(axis=0)
-                bar.update(probs.shape[1])
-        return out
+    def _check_members(self) -> None:
+        if len(self.members) == 0:
+            raise EnsembleError("an ensemble needs at least one member model")
+        if self.tta_views not in VIEW_SETS:
+            raise EnsembleError(f"tta_views must be one of {sorted(VIEW_SETS)}, got {self.tta_views}")
 
-    def predict_proba(self, images, progress: bool = False) -> np.ndarray:
-        """(N, C) ensemble probabilities of uint8 (N,H,W,3) images."""
-        return np.asarray(self.combiner.predict_proba(self.member_proba(images, progress)), dtype=np.float32)
-
-    def predict(self, images, progress: bool = False) -> np.ndarray:
-        return self.predict_proba(images, progress).argmax(axis=1)
+    def _set_fitted(self, combiner) -> "EnsembleClassifier":
+        """The learned attributes from a fitted combiner (shared by fitting and loading)."""
+        self._check_members()
+        n_classes = int(combiner.n_classes_)
+        names = self.class_names if self.class_names is not None else [str(c) for c in range(n_classes)]
+        if len(names) != n_classes or combiner.n_members_ != len(self.members):
+            raise EnsembleError(f"combiner takes {combiner.n_members_} member(s) x {combiner.n_classes_} classes; "
+                                f"the ensemble has {len(self.members)} member(s) and {len(names)} class name(s)")
+        self.members_ = list(self.members)
+        self.combiner_ = combiner
+        self.n_members_ = len(self.members_)
+        self.classes_ = np.arange(n_classes)
+        self.class_names_ = np.asarray([str(n) for n in names])
+        self.weights_ = np.asarray(combiner.weights_) if hasattr(combiner, "weights_") else None
+        runner = self._runner(False)
+        self.input_size_ = tuple(runner.input_shape[:2])
+        self.precision_ = runner.precision
+        self.manifest_: dict | None = getattr(self, "manifest_", None)
+        self.report_ = getattr(self, "report_", None)
+        return self
 
     def __sklearn_is_fitted__(self) -> bool:
-        return True
+        return hasattr(self, "combiner_")
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "combiner_"):
+            raise EnsembleError("this EnsembleClassifier is not fitted: call fit(...) or use load_ensemble(path)")
+
+    # --------------------------------------------------------------------------------------- predicting
+
+    def _runner(self, adapt_bn: bool) -> TTARunner:
+        """The compiled TTA runner for the current parameters (rebuilt after `set_params`)."""
+        key = (tuple(id(m) for m in self.members), self.tta_views, self.batch_size, self.precision, adapt_bn,
+               self.bn_prior if adapt_bn else None)
+        cache = self.__dict__.setdefault("_runners", {})
+        if key not in cache:
+            cache[key] = TTARunner(self.members, VIEW_SETS[self.tta_views], self.batch_size, self.precision,
+                                   adapt_bn=adapt_bn, bn_prior=self.bn_prior)
+        return cache[key]
+
+    def _batches(self, images, adapt_bn: bool | None, progress: bool):
+        """(start, (V, n, M, C)) per forward batch of validated, resized images, with a progress bar."""
+        from tqdm.auto import tqdm
+
+        runner = self._runner(self.adapt_bn if adapt_bn is None else bool(adapt_bn))
+        images = prepare_images(images, runner.input_shape[:2], self.resize)
+        with tqdm(total=len(images), unit="img", disable=not progress, desc="predict") as bar:
+            for start, probs in runner.batches(images):
+                yield start, probs
+                bar.update(probs.shape[1])
+
+    def view_member_proba(self, images, *, adapt_bn: bool | None = None, progress: bool = False) -> np.ndarray:
+        """(V, N, M, C): every member's probabilities on every TTA view (diagnostics and tests)."""
+        return np.concatenate([probs for _, probs in self._batches(images, adapt_bn, progress)], axis=1)
+
+    def member_proba(self, images, *, adapt_bn: bool | None = None, progress: bool = False) -> np.ndarray:
+        """(N, M, C): each member's TTA-averaged probabilities (what the combiner consumes)."""
+        parts = [probs.mean(axis=0) for _, probs in self._batches(images, adapt_bn, progress)]
+        return np.concatenate(parts).astype(np.float32)
+
+    def predict_proba(self, images, *, adapt_bn: bool | None = None, progress: bool = False) -> np.ndarray:
+        """(N, C) ensemble probabilities of uint8 (N,H,W,3) images.
+
+        `adapt_bn` None uses the `adapt_bn` parameter (the manifest's for a loaded ensemble); True adapts
+        BatchNorm to this call's batches (each `batch_size` images with their TTA views), False never.
+        """
+        self._check_fitted()
+        member_probs = self.member_proba(images, adapt_bn=adapt_bn, progress=progress)
+        return np.asarray(self.combiner_.predict_proba(member_probs), dtype=np.float32)
+
+    def predict(self, images, *, adapt_bn: bool | None = None, progress: bool = False) -> np.ndarray:
+        """(N,) int labels (`classes_`); `class_names_[labels]` for names."""
+        return self.predict_proba(images, adapt_bn=adapt_bn, progress=progress).argmax(axis=1)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the artifact folder (manifest with checksums, members, combiner) atomically; see
+        `ensemble.artifact`. Load it with `load_ensemble(path)`."""
+        from ensemble.artifact import save_ensemble
+
+        self._check_fitted()
+        return save_ensemble(self, path)
+
+
+def uniform_vote(models: Sequence, class_names: Sequence[str], tta_views: int = 8, precision: str = "float32"
+                 ) -> EnsembleClassifier:
+    """A fitted plain average of `models` (e.g. one distilled student, or members for a timing) with the
+    ensemble's TTA and input rules; nothing is learned, so no data is needed."""
+    n_classes, n_models = len(class_names), len(models)
+    uniform = np.full((n_classes, n_models, n_classes), 1.0 / n_classes)
+    return EnsembleClassifier(list(models), "vote", class_names, tta_views, calibrate=False,
+                              precision=precision).fit_member_proba(uniform, np.arange(n_classes))

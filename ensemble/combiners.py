@@ -15,9 +15,10 @@ seen by `fit` (build.py passes val arrays only, and the tests check it).
 combined probabilities on validation (out-of-fold, so a fitted combiner's in-sample over-confidence
 does not bias T). `params()` returns the plain numbers the standalone runtime needs (see standalone.py).
 
-`fit` takes optional `sample_weight` and `groups`: the build can fit on the validation images plus a
-corrupted copy of them (ensemble.robust), the copy down-weighted, and an image and its corrupted copy
-always fall in the same cross-validation fold (otherwise out-of-fold scores would leak).
+`fit` takes optional `sample_weight` and `groups`: under the robust objective the build fits on the
+validation images plus their held-out-family shifted copies (ensemble.robust), each half weighing the
+same, and an image and its copies always fall in the same cross-validation fold (otherwise out-of-fold
+scores would leak).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def fold_splitter(y: np.ndarray, n_splits: int = 5, seed: int = 0):
 
 def folds(y: np.ndarray, groups: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train, test) index pairs: `fold_splitter`'s folds over the groups (one label per group, e.g. an
-    image and its corrupted copy), expanded to the rows of each group; without groups, over the rows."""
+    image and its shifted copies), expanded to the rows of each group; without groups, over the rows."""
     if groups is None:
         return list(fold_splitter(y).split(np.zeros(len(y)), y))
     groups = np.asarray(groups)
@@ -214,7 +215,7 @@ class Stacking(_Combiner):
                                            LogisticRegression(C=self.C, max_iter=self.max_iter,
                                                               solver="newton-cholesky"))
         # weights as given: LogisticRegression sums weighted losses, so a weight-0 row changes nothing and
-        # a clean image keeps weight 1 however many down-weighted corrupted copies are added
+        # a clean image keeps weight 1 however many shifted copies are added
         self.meta_learner_.fit(self.features(X), y, standardscaler__sample_weight=weight,
                                logisticregression__sample_weight=weight)
         scaler, regression = self.meta_learner_[0], self.meta_learner_[-1]

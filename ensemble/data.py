@@ -1,4 +1,4 @@
-"""The test images behind a trial's saved predictions, for the corrupted-copy evaluation.
+"""The test images behind a trial's saved predictions, for the held-out-family test copy.
 
 Saved predictions carry image ids, so the images are found by id in the data set the trial's config
 names (with its resize/crop). Ids that are not unique fall back to re-making the trial's split from its

@@ -66,8 +66,7 @@ def train_student(images: np.ndarray, soft_labels: np.ndarray, val_images: np.nd
 def distill_student(classifier, reference, test_images: np.ndarray, options, notes: list[str],
                     backbone: str = "compact_cnn", staging=None) -> pd.DataFrame:
     """Label the training split with the ensemble, train the student, and compare accuracy and speed."""
-    from ensemble.classifier import EnsembleClassifier
-    from ensemble.combiners import SoftVoting
+    from ensemble.classifier import uniform_vote
     from ensemble.data import load_split_images
     from search.trial_data import prepare_trial_data
 
@@ -81,13 +80,11 @@ def distill_student(classifier, reference, test_images: np.ndarray, options, not
     if staging is not None:
         (staging / "student").mkdir(exist_ok=True)
         model.save(staging / "student" / "student.keras")
-    n_classes = soft.shape[1]
-    single = SoftVoting().fit(np.full((2, 1, n_classes), 1 / n_classes), np.array([0, 1]))
     y_test = reference.test_labels
     rows = []
     for name, clf in (("ensemble", classifier),
-                      ("student (8 views)", EnsembleClassifier([model], single, classifier.class_names, 8)),
-                      ("student (1 view)", EnsembleClassifier([model], single, classifier.class_names, 1))):
+                      ("student (8 views)", uniform_vote([model], classifier.class_names_, 8)),
+                      ("student (1 view)", uniform_vote([model], classifier.class_names_, 1))):
         clf.predict_proba(test_images[:64])  # warm-up: tracing is not inference speed
         started = time.perf_counter()
         probs = clf.predict_proba(test_images)

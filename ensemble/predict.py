@@ -12,6 +12,8 @@ ensemble (see ensemble.standalone.prepare_images).
 
 The CSV has one row per image: id, label, class_name, then one probability column per class (and
 true_label / true_class when known). Without --output it goes to stdout; the progress bar to stderr.
+`--adapt-bn` re-estimates BatchNorm statistics on each batch of --batch-size images (see
+ensemble.standalone); `--no-adapt-bn` switches off an artifact saved with it on.
 All input checks (ensemble checksums, paths, decoding, shapes) run BEFORE TensorFlow is imported, so bad
 input fails in a second with one line and exit code 2.
 """
@@ -173,6 +175,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="override the precision the ensemble was built in (bfloat16 only on CPUs with "
                              "AVX512_BF16 or AMX; else float32)")
+    parser.add_argument("--adapt-bn", action=argparse.BooleanOptionalAction, default=None,
+                        help="test-time BatchNorm adaptation: normalise with each batch's statistics (default: the "
+                             "ensemble's manifest setting); predict a batch of similar images together")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -189,9 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         inputs.images = prepare_images(inputs.images, inputs.images.shape[1:3])
     from ensemble.artifact import load_ensemble
 
-    classifier = load_ensemble(args.ensemble, batch_size=args.batch_size, precision=args.precision)
+    classifier = load_ensemble(args.ensemble, batch_size=args.batch_size, precision=args.precision,
+                               adapt_bn=args.adapt_bn)
     probs = classifier.predict_proba(inputs.images, progress=not args.no_progress)
-    frame = predictions_frame(inputs, probs, list(classifier.class_names))
+    frame = predictions_frame(inputs, probs, classifier.class_names_.tolist())
     if args.output:
         from data_pipeline.atomic import atomic_write_with
 

@@ -1,43 +1,90 @@
-"""Robust validation: fit the combiner on the validation images AND a corrupted copy of them.
+"""The selection objective: clean validation, or clean validation plus its held-out-family shifted copy.
 
-Members trained on clean images fail under noise, blur, compression or stain shifts, and their
-log-probabilities then drift in systematic, member-specific ways. A combiner (most of all a stacking
-meta-learner) can learn to undo part of that drift, but only if it sees corrupted inputs while it is fit.
-So the build predicts the members on a corrupted copy of the validation split (the data pipeline's
-corruption suite, other random draws than the test copy's) and fits every combiner on clean + corrupted
-validation, the corrupted rows down-weighted by a weight w. Each w is scored out-of-fold on both halves;
-`evaluate.choose_row` keeps the combiners whose clean validation accuracy stays within a tolerance of the
-best and takes the most robust of them. An image and its corrupted copy always share a fold, so no
-out-of-fold score is fit on its own image.
+Every search trial predicts (besides the clean validation split) a copy of it shifted by the corruption
+families it was NOT trained against (`data_pipeline.corrupt.shifted_copy`: each validation image once per
+held-out family, kinds and severities balanced and seeded), and saves those probabilities
+(`shifted_view_probs`). The ensemble is chosen on the same rows, so nothing is re-predicted and no test
+image is ever seen:
 
-Measured on the 60-minute default search (top-5 members, 8 TTA views, corrupted test accuracy of the best
-single trial 0.528): stacking fit on clean validation 0.984 clean / 0.513 corrupted test accuracy; with the
-corrupted copy at w = 0.03: 0.985 / 0.695; w = 0.3: 0.976 / 0.751; weighted voting w = 0.3 (what `auto`
-chose, stacking's out-of-fold clean accuracy being 0.3 points lower): 0.984 / 0.563. Those are corruption
-kinds the validation copy contained. Fit on half of the 14 kinds and tested on the other half (three random
-halves), weighted voting w = 0.3 gained +5.3, +0.4 and +2.4 points over the best single member, stacking
-w = 0.03 +1.7, -0.4 and +11: robustness to unseen corruptions is smaller and less predictable.
+- objective "robust" (default): the rows are the clean validation images followed by their shifted copies,
+  weighted so that the clean half and the shifted half count equally: a score is the MEAN of the clean
+  and the shifted validation score (accuracy, or log-loss), as the search's `robust` trial objective is.
+  Equal halves rather than pooled rows, because the copy holds one image per held-out family: pooling
+  would weight robustness by how many families are held out (the clean score would shrink to a third of
+  the objective with two families). The same weights serve greedy selection (log-loss), top-K ranking (accuracy, then log-loss), combiner fitting
+  (sample weights; an image and its copies always share a cross-validation fold, so no out-of-fold score
+  is fit on its own image) and the `auto` combiner choice (out-of-fold accuracy, then log-loss).
+- objective "clean": the clean validation rows only, unweighted; also what a study whose trials saved no
+  shifted copy (older studies) falls back to.
+
+Held-out families are unseen by the members' training augmentation, and the ensemble's choices are made
+on their validation copy; the test copy of the same families (other random draws, another seed) measures
+the result (`ensemble.build`, `search.robust_report`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from ensemble.combiners import log_loss
+from ensemble.selection import accuracy
+from ensemble.standalone import EnsembleError
 
-def mixed_validation(X_val: np.ndarray, y_val: np.ndarray, X_val_corrupted: np.ndarray | None,
-                     corrupted_weight: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """(X, y, sample_weight, groups) to fit a combiner on: the clean rows (weight 1) followed by their
-    corrupted copies (weight `corrupted_weight`, possibly 0: then they are only scored, never fit), each
-    copy in its image's group. Without a corrupted copy: the clean rows, no weights, no groups."""
-    if X_val_corrupted is None:
-        return X_val, y_val, None, None
-    if X_val_corrupted.shape != X_val.shape:
-        raise ValueError(f"corrupted validation copy has shape {X_val_corrupted.shape}, clean {X_val.shape}")
-    if corrupted_weight < 0:
-        raise ValueError(f"corrupted weight must be >= 0, got {corrupted_weight}")
-    n = len(y_val)
-    X = np.concatenate([X_val, X_val_corrupted])
-    y = np.concatenate([y_val, y_val])
-    weight = np.concatenate([np.ones(n), np.full(n, float(corrupted_weight))])
-    groups = np.concatenate([np.arange(n), np.arange(n)])
-    return X, y, weight, groups
+OBJECTIVES = ("robust", "clean")
+
+
+@dataclass(frozen=True)
+class ValidationRows:
+    """The validation rows choices are scored on: `n_clean` clean images, then their shifted copies.
+
+    Example:
+        >>> import numpy as np
+        >>> rows = ValidationRows.robust(np.array([0, 1]), source=np.array([0, 0, 1, 1]))
+        >>> rows.y.tolist(), rows.sample_weight.tolist(), rows.groups.tolist()
+        ([0, 1, 0, 0, 1, 1], [1.0, 1.0, 0.5, 0.5, 0.5, 0.5], [0, 1, 0, 0, 1, 1])
+    """
+
+    objective: str
+    y: np.ndarray  # labels of every row
+    n_clean: int
+    sample_weight: np.ndarray | None = None  # None: every row counts the same (clean objective)
+    groups: np.ndarray | None = None  # the clean image each row comes from
+
+    @classmethod
+    def clean(cls, y_val: np.ndarray) -> "ValidationRows":
+        return cls("clean", np.asarray(y_val, dtype=np.int64), len(y_val))
+
+    @classmethod
+    def robust(cls, y_val: np.ndarray, source: np.ndarray) -> "ValidationRows":
+        """Clean rows (weight 1) and shifted rows (`source[j]`: the clean row copy j was made from; weight
+        n_clean / n_shifted, so that each half weighs the same)."""
+        y_val, source = np.asarray(y_val, dtype=np.int64), np.asarray(source, dtype=np.int64)
+        if len(source) == 0 or source.min() < 0 or source.max() >= len(y_val):
+            raise EnsembleError(f"shifted copy: source indices must lie in 0..{len(y_val) - 1}")
+        n, s = len(y_val), len(source)
+        weight = np.concatenate([np.ones(n), np.full(s, n / s)])
+        return cls("robust", np.concatenate([y_val, y_val[source]]), n, weight,
+                   np.concatenate([np.arange(n), source]))
+
+    def stack(self, clean: np.ndarray, shifted: np.ndarray | None) -> np.ndarray:
+        """One candidate's (or member set's) probabilities on these rows."""
+        if self.objective == "clean":
+            return clean
+        stacked = np.concatenate([clean, shifted])
+        if len(stacked) != len(self.y):
+            raise EnsembleError(f"{len(stacked)} rows of probabilities for {len(self.y)} validation rows")
+        return stacked
+
+    def scores(self, probs: np.ndarray, prefix: str = "val") -> dict[str, float]:
+        """Accuracy and log-loss on the clean rows, the shifted rows and the objective (their mean)."""
+        n = self.n_clean
+        out = {f"{prefix}_accuracy": accuracy(probs[:n], self.y[:n]),
+               f"{prefix}_log_loss": log_loss(probs[:n], self.y[:n])}
+        if self.objective == "robust":
+            out[f"{prefix}_shifted_accuracy"] = accuracy(probs[n:], self.y[n:])
+            out[f"{prefix}_shifted_log_loss"] = log_loss(probs[n:], self.y[n:])
+        out[f"{prefix}_objective_accuracy"] = accuracy(probs, self.y, self.sample_weight)
+        out[f"{prefix}_objective_log_loss"] = log_loss(probs, self.y, self.sample_weight)
+        return out

@@ -16,6 +16,10 @@ copy): a candidate whose validation predictions agree on >= 99.5% of images AND 
 correlate >= 0.99 with an already chosen member adds cost and no diversity, so it only gets in if it
 scores strictly better than simply up-weighting its twin (greedy) / than leaving it out (top-K).
 
+All three take `sample_weight` per validation row, which is how the robust objective enters: the rows
+are the clean validation images followed by their held-out-family copies, weighted so that each half
+counts one half (see `ensemble.robust.ValidationRows`); without weights, every row counts the same.
+
 Both accept an inference budget (`ensemble.budget.InferenceBudget`, anything with `allows(indices)`):
 a candidate that would push the ensemble below the required images/s is passed over, so top-K takes the
 best K that fit and greedy selection starts from the best candidate that fits on its own.
@@ -35,8 +39,8 @@ AGREEMENT_THRESHOLD = 0.995
 CORRELATION_THRESHOLD = 0.99
 
 
-def accuracy(probs: np.ndarray, y: np.ndarray) -> float:
-    return float(np.mean(probs.argmax(axis=1) == y))
+def accuracy(probs: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+    return float(np.average(probs.argmax(axis=1) == y, weights=sample_weight))
 
 
 def similarity(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -68,12 +72,15 @@ class Selection:
     log: list[str] = field(default_factory=list)
 
 
-def rank_candidates(val_probs: list[np.ndarray], y: np.ndarray) -> list[int]:
+def rank_candidates(val_probs: list[np.ndarray], y: np.ndarray, sample_weight: np.ndarray | None = None) -> list[int]:
     """Candidate indices, best first: validation accuracy, then log-loss, then index (determinism)."""
-    return sorted(range(len(val_probs)), key=lambda i: (-accuracy(val_probs[i], y), log_loss(val_probs[i], y), i))
+    w = sample_weight
+    return sorted(range(len(val_probs)),
+                  key=lambda i: (-accuracy(val_probs[i], y, w), log_loss(val_probs[i], y, w), i))
 
 
-def select_top_k(val_probs: list[np.ndarray], y: np.ndarray, k: int, budget: Budget | None = None) -> Selection:
+def select_top_k(val_probs: list[np.ndarray], y: np.ndarray, k: int, budget: Budget | None = None,
+                 sample_weight: np.ndarray | None = None) -> Selection:
     """Up to `k` best candidates, uniform weights, skipping near-duplicates that do not lower log-loss and
     candidates the budget cannot afford."""
     if k < 1:
@@ -81,7 +88,7 @@ def select_top_k(val_probs: list[np.ndarray], y: np.ndarray, k: int, budget: Bud
     chosen: list[int] = []
     log: list[str] = []
     over_budget: list[int] = []
-    for index in rank_candidates(val_probs, y):
+    for index in rank_candidates(val_probs, y, sample_weight):
         if len(chosen) == k:
             break
         if budget is not None and not budget.allows(chosen + [index]):
@@ -89,8 +96,8 @@ def select_top_k(val_probs: list[np.ndarray], y: np.ndarray, k: int, budget: Bud
             continue
         twins = [c for c in chosen if near_identical(val_probs[index], val_probs[c])]
         if twins:
-            without = log_loss(np.mean([val_probs[c] for c in chosen], axis=0), y)
-            with_it = log_loss(np.mean([val_probs[c] for c in chosen + [index]], axis=0), y)
+            without = log_loss(np.mean([val_probs[c] for c in chosen], axis=0), y, sample_weight)
+            with_it = log_loss(np.mean([val_probs[c] for c in chosen + [index]], axis=0), y, sample_weight)
             if with_it >= without:
                 log.append(f"skipped candidate {index}: near-identical to {twins[0]} and no log-loss gain")
                 continue
@@ -101,34 +108,37 @@ def select_top_k(val_probs: list[np.ndarray], y: np.ndarray, k: int, budget: Bud
     return Selection(chosen, [1.0 / len(chosen)] * len(chosen), [1] * len(chosen), log)
 
 
-def calibrated(val_probs: list[np.ndarray], y: np.ndarray) -> list[np.ndarray]:
+def calibrated(val_probs: list[np.ndarray], y: np.ndarray, sample_weight: np.ndarray | None = None
+               ) -> list[np.ndarray]:
     """Each candidate's probabilities at its own validation-fitted temperature (argmax unchanged)."""
-    return [apply_temperature(p, fit_temperature(p, y)) for p in val_probs]
+    return [apply_temperature(p, fit_temperature(p, y, sample_weight)) for p in val_probs]
 
 
 def greedy_selection(val_probs: list[np.ndarray], y: np.ndarray, max_members: int, n_iterations: int = 25,
-                     tolerance: float = 1e-6, budget: Budget | None = None) -> Selection:
+                     tolerance: float = 1e-6, budget: Budget | None = None,
+                     sample_weight: np.ndarray | None = None) -> Selection:
     """Caruana forward selection with replacement (see module doc), stopping when no pick improves.
 
     `max_members` caps the DISTINCT members (inference cost grows with them, not with the weights).
     """
     if max_members < 1:
         raise ValueError(f"max_members must be >= 1, got {max_members}")
-    val_probs = calibrated(val_probs, y)
-    affordable = [i for i in rank_candidates(val_probs, y) if budget is None or budget.allows([i])]
+    w = sample_weight
+    val_probs = calibrated(val_probs, y, w)
+    affordable = [i for i in rank_candidates(val_probs, y, w) if budget is None or budget.allows([i])]
     if not affordable:
         raise ValueError("no candidate fits the inference budget on its own")
     best = affordable[0]
     counts = {best: 1}
     total = val_probs[best].astype(np.float64).copy()
-    current = log_loss(total, y)
+    current = log_loss(total, y, w)
     log = [f"start with candidate {best} (val log-loss {current:.4f})"]
     for step in range(1, n_iterations):
         options = list(counts) if len(counts) >= max_members else range(len(val_probs))
         if budget is not None:
             options = [i for i in options if i in counts or budget.allows(list(counts) + [i])]
         n = sum(counts.values()) + 1
-        scores = {i: log_loss((total + val_probs[i]) / n, y) for i in options}
+        scores = {i: log_loss((total + val_probs[i]) / n, y, w) for i in options}
         for i in [i for i in scores if i not in counts]:
             twins = [c for c in counts if near_identical(val_probs[i], val_probs[c])]
             if twins and scores[i] >= min(scores.get(t, np.inf) for t in twins) - tolerance:

@@ -19,6 +19,15 @@ integer-valued 0..255 number; floats in 0..1 are refused rather than silently tu
 (H,W) differ from the members' input size are resized, when `resize` is on (the default), with
 TensorFlow's antialiased bicubic resize and rounded back to uint8; aspect ratio is not preserved, so
 crop non-square images first if that matters. With `resize=False` a size mismatch is an error.
+
+Test-time BatchNorm adaptation (`adapt_bn`, manifest key "adapt_bn"; Schneider et al. 2020, "Improving
+robustness against common corruptions by covariate shift adaptation"): every BatchNormalization layer
+normalises with the statistics of the batch being predicted instead of the training ones, mixed as
+mean = w * source_mean + (1 - w) * batch_mean (likewise the variance) with w = N / (N + n), N =
+`bn_prior` pseudo-images for the source statistics and n the images in the forward call (all TTA views
+of the batch). It runs on a clone of each member whose BatchNormalization layers are replaced by
+`BatchStatsNormalization`; the loaded members and the files on disk are never changed. Predictions then
+depend on what is predicted together: a batch of one kind of shift adapts to it, a mixed batch to the mix.
 """
 
 from __future__ import annotations
@@ -44,12 +53,15 @@ _LOG_EPS = 1e-7
 #: AVX512_BF16 or AMX; elsewhere oneDNN would emulate it slowly, so it falls back to float32.
 PRECISIONS = ("float32", "bfloat16")
 _BF16_OPTION = "auto_mixed_precision_onednn_bfloat16"
+#: Default weight of the source (training) BatchNorm statistics, in images, when adapting to a batch.
+BN_PRIOR = 16.0
 
 
-try:  # inside the package, part of the error hierarchy; on Codabench (no cellsearch) a plain exception
+if __name__ == "ensemble.standalone":  # inside the package: part of its error hierarchy
     from data_pipeline.errors import CellsearchError
-except ImportError:  # pragma: no cover - exercised only where cellsearch is absent
-    CellsearchError = Exception
+else:  # copied as model.py (Codabench), where importing cellsearch must not happen even if it is installed
+    class CellsearchError(Exception):
+        """Stand-in base of EnsembleError outside the package."""
 
 
 class EnsembleError(CellsearchError, RuntimeError):
@@ -69,6 +81,15 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def manifest_precision(manifest: dict[str, Any]) -> str:
     """The precision an ensemble was built and evaluated in (float32 for artifacts from before bfloat16)."""
     return manifest.get("inference", {}).get("precision", "float32")
+
+
+def manifest_adapt_bn(manifest: dict[str, Any]) -> bool:
+    """Whether predictions adapt BatchNorm to the batch (off for artifacts from before the switch)."""
+    return bool(manifest.get("adapt_bn", False))
+
+
+def manifest_bn_prior(manifest: dict[str, Any]) -> float:
+    return float(manifest.get("bn_prior", BN_PRIOR))
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
@@ -196,6 +217,63 @@ def _preprocess_layer_class():
     return ImageNetPreprocess
 
 
+def _batch_stats_layer_class():
+    """BatchNormalization that normalises with the current batch's statistics mixed with its own moving
+    ones (see the module doc); same weights and config as the layer it replaces, plus `prior`."""
+    import keras
+    from keras import ops
+
+    class BatchStatsNormalization(keras.layers.BatchNormalization):
+        def __init__(self, prior: float = BN_PRIOR, **kwargs):
+            super().__init__(**kwargs)
+            self.prior = float(prior)
+
+        def call(self, inputs, training=None, mask=None):
+            x = ops.cast(inputs, "float32")
+            rank = len(inputs.shape)
+            axis = self.axis % rank
+            mean, variance = ops.moments(x, [i for i in range(rank) if i != axis])
+            source = self.prior / (self.prior + ops.cast(ops.shape(x)[0], "float32"))
+            mean = source * ops.cast(self.moving_mean, "float32") + (1.0 - source) * mean
+            variance = source * ops.cast(self.moving_variance, "float32") + (1.0 - source) * variance
+            shape = [1] * rank
+            shape[axis] = inputs.shape[axis]
+            y = (x - ops.reshape(mean, shape)) * ops.reshape(ops.rsqrt(variance + self.epsilon), shape)
+            if self.scale:
+                y = y * ops.reshape(ops.cast(self.gamma, "float32"), shape)
+            if self.center:
+                y = y + ops.reshape(ops.cast(self.beta, "float32"), shape)
+            return ops.cast(y, self.compute_dtype)
+
+        def get_config(self) -> dict:
+            return {**super().get_config(), "prior": self.prior}
+
+    return BatchStatsNormalization
+
+
+def adapt_batch_norm(model, prior: float = BN_PRIOR):
+    """A clone of `model` (nested models included) whose BatchNormalization layers use batch statistics
+    (see the module doc). Other layers are shared with `model`, read only; `model` is not changed."""
+    import keras
+
+    if prior < 0:
+        raise EnsembleError(f"bn_prior must be >= 0, got {prior}")
+    layer_class = _batch_stats_layer_class()
+    replaced = []
+
+    def swap(layer):
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            return layer
+        new = layer_class(prior=prior, **layer.get_config())
+        replaced.append((layer, new))
+        return new
+
+    clone = keras.models.clone_model(model, clone_function=swap, recursive=True)
+    for old, new in replaced:
+        new.set_weights(old.get_weights())
+    return clone
+
+
 def load_member_models(folder: str | os.PathLike, manifest: dict[str, Any], custom_layer: bool = True) -> list:
     """Load the member `.keras` files with safe_mode on. `custom_layer` supplies the re-declared
     preprocessing layer (off when backbones.preprocessing is imported and registered already)."""
@@ -276,11 +354,12 @@ class TTARunner:
     The views are made inside the graph and stacked along the batch axis, so each member runs once per
     batch on views x images inputs: far fewer, larger kernels than `model.predict` per view and member,
     and no Python, no tf.data and no numpy copies of the views in between. `precision` "bfloat16" runs
-    the call through the bfloat16 graph pass (see PRECISIONS) when the CPU has it.
+    the call through the bfloat16 graph pass (see PRECISIONS) when the CPU has it. `adapt_bn` runs clones
+    of the members that normalise with each batch's statistics (`adapt_batch_norm`, `bn_prior`).
     """
 
     def __init__(self, models: Sequence, views: Sequence[int], batch_size: int | None = None,
-                 precision: str = "float32") -> None:
+                 precision: str = "float32", adapt_bn: bool = False, bn_prior: float = BN_PRIOR) -> None:
         import tensorflow as tf
 
         self.precision = usable_precision(precision)
@@ -294,7 +373,7 @@ class TTARunner:
         self.views = tuple(int(v) for v in views)
         if any(v % 4 in (1, 3) for v in self.views) and height != width:
             raise EnsembleError(f"90-degree TTA views need square inputs, members take {height}x{width}")
-        self.models = list(models)
+        self.models = [adapt_batch_norm(m, bn_prior) for m in models] if adapt_bn else list(models)
         self.batch_size = batch_size or batch_size_for(height, width, len(self.views))
         self._forward = tf.function(self._graph, reduce_retracing=True,
                                     input_signature=[tf.TensorSpec((None, height, width, 3), tf.float32)])
@@ -367,14 +446,17 @@ class Model:
     """AN2DL Codabench entry point: the ensemble in this file's folder, `predict(X)` -> int labels.
 
     `X` is uint8 (N,H,W,3); any size is resized to the members' input size (see `prepare_images`).
+    BatchNorm adaptation follows the manifest's "adapt_bn" unless `adapt_bn` overrides it.
     """
 
-    def __init__(self, folder: str | os.PathLike | None = None) -> None:
+    def __init__(self, folder: str | os.PathLike | None = None, adapt_bn: bool | None = None) -> None:
         self.folder = Path(folder) if folder else Path(os.path.dirname(os.path.abspath(__file__)))
         self.manifest = read_manifest(self.folder)
         models = load_member_models(self.folder, self.manifest)
         self.runner = TTARunner(models, VIEW_SETS[int(self.manifest["tta_views"])],
-                                precision=manifest_precision(self.manifest))
+                                precision=manifest_precision(self.manifest),
+                                adapt_bn=manifest_adapt_bn(self.manifest) if adapt_bn is None else adapt_bn,
+                                bn_prior=manifest_bn_prior(self.manifest))
         self.input_size = tuple(self.manifest["input_size"])
         self.class_names = list(self.manifest["class_names"])
 

@@ -1,5 +1,7 @@
 """Ensembles of a real tiny study (3 compact_cnn trials, 8 TTA views, on a small MedMNIST-layout subset of the
-embedded cells): build CLI, combiners, no test leakage, TTA symmetry, reload, tampering, predict CLI, export."""
+embedded cells): build CLI, combiners, no test leakage, TTA symmetry, reload, tampering, predict CLI, export.
+
+The study is made once per test session (`tiny_study`) and shared with tests/test_ensemble_robust.py."""
 
 from __future__ import annotations
 
@@ -36,16 +38,26 @@ def small_data(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ens_study")
-    data = small_data(folder / "cells.npz")
+def tiny_study(tmp_path_factory) -> tuple[Path, Path]:
+    """(folder, data): the study `enstiny` under folder/runs, searched on the first call of the session."""
+    folder = tmp_path_factory.getbasetemp() / "ens_study"
+    data = folder / "cells.npz"
+    if (folder / "done").is_file():
+        return folder, data
+    folder.mkdir(exist_ok=True)
+    small_data(data)
     spec = write_tiny_spec(folder, name="enstiny", trials=3, train_images=600)
     spec.write_text(spec.read_text().replace("tta_views = 1", "tta_views = 8")
                     .replace("[data]\n", f'[data]\npath = "{data.as_posix()}"\n'))
     done = run_search("--study", str(spec))
     assert done.returncode == 0, done.stderr[-3000:]
+    (folder / "done").touch()
     return folder, data
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    return tiny_study(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +65,7 @@ def built(study):
     folder, _ = study
     out = folder / "ens"
     done = subprocess.run([sys.executable, "-m", "ensemble.build", "--top", "3", "--method", "topk",
-                           "--combiner", "stacking", "--corrupt-severities", "2,4", "--out", str(out),
-                           "--distill", "--distill-epochs", "1"],
+                           "--combiner", "stacking", "--out", str(out), "--distill", "--distill-epochs", "1"],
                           cwd=folder, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done
@@ -94,23 +105,24 @@ def test_build_cli_writes_a_complete_artifact_and_one_table(built):
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(manifest["files"]) == on_disk
     assert {m["file"] for m in manifest["members"]} <= on_disk and "combiner.joblib" in on_disk
-    assert {"report/confusion_test.png", "report/confusion_test_corrupted.png"} <= on_disk
+    assert {"report/confusion_test.png", "report/confusion_shifted.png", "report/robustness.csv",
+            "report/robustness.png", "report/heldout_breakdown.csv"} <= on_disk
     table = pd.read_csv(out / "report" / "metrics.csv")
-    assert sorted(set(table["split"])) == ["test", "test_corrupted"]
+    assert sorted(set(table["split"])) == ["test", "test_heldout"]
     assert len(table) == 6 and table["model"].str.startswith("ensemble").sum() == 2
     assert {"accuracy", "balanced_accuracy", "macro_f1", "roc_auc_ovr", "ece"} <= set(table.columns)
     assert "best single (trial" in done.stdout and "plain average" in done.stdout
     per_class = pd.read_csv(out / "report" / "per_class.csv")
     assert {"precision", "recall"} <= set(per_class.columns) and len(per_class) == 6 * 8
     combiners = pd.read_csv(out / "report" / "combiners.csv")
-    weights = [0.0, 0.01, 0.03, 0.1, 0.3]  # robust validation: each kind also fit with the corrupted val copy
-    assert list(combiners["kind"]) == [k for k in ("vote", "weighted", "stacking") for _ in weights]
-    assert list(combiners["corrupted_weight"]) == weights * 3
-    assert combiners["val_corrupted_accuracy_oof"].between(0, 1).all()
-    chosen = combiners[combiners["chosen"]].iloc[0]
-    assert chosen["kind"] == "stacking" and manifest["robust_validation"]["chosen_weight"] == chosen["corrupted_weight"]
-    stacking = combiners[combiners["kind"] == "stacking"]
-    assert chosen["val_accuracy_oof"] >= stacking["val_accuracy_oof"].max() - 0.002 - 1e-9
+    assert list(combiners["kind"]) == ["vote", "weighted", "stacking"]  # all scored, --combiner stacking chosen
+    assert combiners["val_oof_shifted_accuracy"].between(0, 1).all()
+    assert combiners.loc[combiners["chosen"], "kind"].tolist() == ["stacking"]
+    mean = (combiners["val_oof_accuracy"] + combiners["val_oof_shifted_accuracy"]) / 2
+    np.testing.assert_allclose(combiners["val_oof_objective_accuracy"], mean)
+    assert manifest["objective"] == {"requested": "robust", "used": "robust",
+                                     "heldout_families": ["acquisition", "artefact"]}
+    assert manifest["adapt_bn"] is False and "held-out-family test copy" in done.stdout
     assert manifest["consistency_max_abs_diff"] < 1e-3  # reloaded members reproduce their saved predictions
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".ens.")]  # no staging left behind
     distilled = pd.read_csv(out / "report" / "distillation.csv")
@@ -129,11 +141,11 @@ def test_a_failed_rebuild_leaves_the_existing_artifact_untouched(built, study, t
     def explode(*args, **kwargs):
         raise RuntimeError("member models could not be evaluated")
 
-    monkeypatch.setattr(build, "_evaluate_on_images", explode)
+    monkeypatch.setattr(build, "_evaluate", explode)
     options = build.BuildOptions(pointer=str(folder / "runs" / "last_study.json"), top=2, method="topk",
                                  out=str(out), quiet=True, progress=False)
     with pytest.raises(RuntimeError, match="could not be evaluated"):
-        build.build_ensemble(options)
+        build.build_ensemble(None, options)
     assert (out / "manifest.json").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ens"]
 
@@ -150,8 +162,8 @@ def test_build_under_an_inference_budget_takes_only_what_fits(study, candidates,
     cost = next(iter(costs.values()))
     limit = 0.8 / (cost.shared + 2 * cost.member)  # about two of the three members fit
     out = tmp_path / "fast"
-    command = [sys.executable, "-m", "ensemble.build", "--top", "3", "--method", "topk", "--corrupt-severities",
-               "none", "--no-progress", "--out", str(out), "--min-images-per-s"]
+    command = [sys.executable, "-m", "ensemble.build", "--top", "3", "--method", "topk", "--no-heldout-eval",
+               "--no-progress", "--out", str(out), "--min-images-per-s"]
     done = subprocess.run(command + [str(limit)], cwd=folder, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -173,7 +185,9 @@ def test_build_under_an_inference_budget_takes_only_what_fits(study, candidates,
 
 
 def test_every_combiner_on_real_member_predictions(candidates):
+    from ensemble.combiners import make_combiner
     from ensemble.evaluate import score_combiners
+    from ensemble.robust import ValidationRows
     from ensemble.selection import greedy_selection
 
     y_val = candidates[0].val_labels
@@ -181,28 +195,21 @@ def test_every_combiner_on_real_member_predictions(candidates):
     assert sum(selection.weights) == pytest.approx(1.0)
     X_val = np.stack([c.val_probs for c in candidates], axis=1)
     X_test = np.stack([c.test_probs for c in candidates], axis=1)
-    choice = score_combiners(X_val, y_val, X_test, candidates[0].test_labels)
-    assert choice.chosen in ("vote", "weighted", "stacking")
-    for kind, combiner in choice.fitted.items():
-        probs = combiner.predict_proba(X_test)
-        np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    choice = score_combiners(X_val, ValidationRows.clean(y_val))
+    assert choice.chosen in ("vote", "weighted", "stacking") and len(choice.table) == 3
+    for kind in ("vote", "weighted", "stacking"):
+        combiner = make_combiner(kind, calibrate=True).fit(X_val, y_val)
+        np.testing.assert_allclose(combiner.predict_proba(X_test).sum(axis=1), 1.0, atol=1e-5)
         if kind != "stacking":
             assert sum(combiner.params()["weights"]) == pytest.approx(1.0)
 
 
-def test_stacking_never_fits_on_test_data(candidates):
-    from ensemble.evaluate import score_combiners
-
-    y_val, y_test = candidates[0].val_labels, candidates[0].test_labels
-    X_val = np.stack([c.val_probs for c in candidates], axis=1)
-    X_test = np.stack([c.test_probs for c in candidates], axis=1)
-    first = score_combiners(X_val, y_val, X_test, y_test, kinds=("stacking",)).fitted["stacking"]
-    scrambled = np.random.default_rng(0).dirichlet(np.ones(X_test.shape[2]), X_test.shape[:2])
-    second = score_combiners(X_val, y_val, scrambled, np.roll(y_test, 1), kinds=("stacking",)).fitted["stacking"]
-    assert first.n_fit_samples_ == len(candidates[0].val_ids) == SIZES["val"]
-    assert first.meta_learner_.n_features_in_ == X_val.shape[1] * X_val.shape[2]
-    np.testing.assert_array_equal(first.coef_, second.coef_)
-    assert first.temperature_ == second.temperature_
+def test_the_combiner_is_fit_on_validation_rows_only(classifier, candidates):
+    """No test data fits anything: the saved stacking combiner saw exactly the clean validation images and
+    their held-out-family copies (two families: each validation image twice)."""
+    combiner = classifier.combiner_
+    assert combiner.n_fit_samples_ == SIZES["val"] * 3 == len(candidates[0].val_ids) + len(candidates[0].shifted_probs)
+    assert combiner.meta_learner_.n_features_in_ == classifier.n_members_ * 8
 
 
 def test_rotation_symmetric_image_gets_the_same_prediction_on_every_view(classifier, test_split):
@@ -229,15 +236,17 @@ def test_saved_ensemble_reloads_and_predicts_identically(built, classifier, test
     table = pd.read_csv(built[0] / "report" / "metrics.csv")
     reported = table[(table["split"] == "test") & table["model"].str.startswith("ensemble")]["accuracy"].item()
     assert np.mean(first.argmax(1) == labels) == pytest.approx(reported, abs=2 / len(labels))
-    assert list(classifier.classes_) == list(range(8)) and len(classifier.class_names) == 8
+    assert list(classifier.classes_) == list(range(8)) and len(classifier.class_names_) == 8
     np.testing.assert_array_equal(classifier.predict(images[:10]), first[:10].argmax(1))
     from ensemble.standalone import usable_precision
 
     assert classifier.precision_ == "float32"  # what the build saved
     half = load_ensemble(built[0], precision="bfloat16")
     assert half.precision_ == usable_precision("bfloat16")
-    low = half.predict_proba(images)  # stacking sharpens, so bfloat16 moves ambiguous images most
-    assert np.mean(low.argmax(1) == first.argmax(1)) >= 0.97 and np.abs(low - first).mean() < 0.01
+    # stacking sharpens, so bfloat16 moves ambiguous images most, and the tiny study's barely trained members
+    # leave many images ambiguous
+    low = half.predict_proba(images)
+    assert np.mean(low.argmax(1) == first.argmax(1)) >= 0.95 and np.abs(low - first).mean() < 0.01
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -293,7 +302,7 @@ def test_predict_cli_on_an_npz(built, classifier, test_split, tmp_path):
     assert list(frame.columns[:5]) == ["id", "label", "class_name", "true_label", "true_class"]
     assert len(frame) == 50 and len([c for c in frame.columns if c.startswith("prob_")]) == 8
     np.testing.assert_array_equal(frame["label"], classifier.predict(images[:50]))
-    assert (frame["class_name"] == np.asarray(classifier.class_names)[frame["label"]]).all()
+    assert (frame["class_name"] == classifier.class_names_[frame["label"]]).all()
 
 
 def test_predict_folder_flat_folder_and_single_image(built, classifier, test_split, tmp_path, capsys):
@@ -302,7 +311,7 @@ def test_predict_folder_flat_folder_and_single_image(built, classifier, test_spl
     from ensemble.predict import main
 
     images, labels = test_split
-    names = classifier.class_names
+    names = classifier.class_names_
     tree, flat = tmp_path / "tree", tmp_path / "flat"
     for i in range(16):
         (tree / names[labels[i]]).mkdir(parents=True, exist_ok=True)

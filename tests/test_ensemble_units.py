@@ -202,47 +202,66 @@ def test_greedy_selection_is_not_fooled_by_under_confident_accurate_members():
     assert weights[0] > 0.5
 
 
-def test_an_image_and_its_corrupted_copy_share_a_fold():
+def test_an_image_and_its_shifted_copies_share_a_fold():
     from ensemble.combiners import folds
-    from ensemble.robust import mixed_validation
+    from ensemble.robust import ValidationRows
 
     X, y = noisy_members(60, seed=4)
-    X_mixed, y_mixed, weight, groups = mixed_validation(X, y, X[::-1].copy(), 0.1)
-    assert len(y_mixed) == 120 and weight[:60].tolist() == [1.0] * 60 and weight[60:].tolist() == [0.1] * 60
-    for train, test in folds(y_mixed, groups):
-        assert not set(groups[train]) & set(groups[test])
-        assert sorted(np.concatenate([train, test]).tolist()) == list(range(120))
+    source = np.concatenate([np.arange(60), np.arange(60)])  # two held-out families: each image twice
+    rows = ValidationRows.robust(y, source)
+    assert len(rows.y) == 180 and rows.sample_weight[:60].tolist() == [1.0] * 60
+    assert rows.sample_weight[60:].tolist() == [0.5] * 120  # each half weighs the same
+    np.testing.assert_array_equal(rows.y[60:], y[source])
+    for train, test in folds(rows.y, rows.groups):
+        assert not set(rows.groups[train]) & set(rows.groups[test])
+        assert sorted(np.concatenate([train, test]).tolist()) == list(range(180))
+    oof = out_of_fold_proba(Stacking(), rows.stack(X, X[source]), rows.y, rows.sample_weight, rows.groups)
+    assert oof.shape == (180, X.shape[2])
 
 
-def test_zero_weight_rows_are_scored_but_never_fit():
-    from ensemble.robust import mixed_validation
+def test_robust_scores_are_the_mean_of_clean_and_shifted():
+    from ensemble.robust import ValidationRows
 
-    X, y = noisy_members(200, seed=5)
-    garbage = np.random.default_rng(0).dirichlet(np.ones(X.shape[2]), X.shape[:2])
-    X_mixed, y_mixed, weight, groups = mixed_validation(X, y, garbage, 0.0)
-    for combiner in (Stacking(), WeightedVoting()):
-        plain = combiner.fit(X, y).params()
-        mixed = type(combiner)().fit(X_mixed, y_mixed, sample_weight=weight, groups=groups).params()
-        for key in ("coef", "weights"):
-            if key in plain:
-                np.testing.assert_allclose(mixed[key], plain[key], rtol=1e-4, atol=1e-6)
-    oof = out_of_fold_proba(Stacking(), X_mixed, y_mixed, weight, groups)
-    assert oof.shape == (400, X.shape[2])
+    y = np.array([0, 1, 2, 3])
+    source = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    clean, shifted = np.eye(4)[y], np.eye(4)[[0, 0, 0, 0, 0, 0, 0, 3]]  # shifted: 3 of 8 right
+    rows = ValidationRows.robust(y, source)
+    scores = rows.scores(rows.stack(clean, shifted))
+    assert scores["val_accuracy"] == 1.0 and scores["val_shifted_accuracy"] == 0.375
+    assert scores["val_objective_accuracy"] == pytest.approx((1.0 + 0.375) / 2)
+    plain = ValidationRows.clean(y)
+    assert plain.stack(clean, None) is clean and plain.scores(clean)["val_objective_accuracy"] == 1.0
+    with pytest.raises(EnsembleError, match="source indices"):
+        ValidationRows.robust(y, np.array([4]))
 
 
-def test_the_most_robust_combiner_within_the_clean_tolerance_is_chosen():
+def test_robust_objective_prefers_the_member_that_survives_the_shift():
+    from ensemble.robust import ValidationRows
+
+    y = np.random.default_rng(0).integers(0, 8, 1000)
+    source = np.arange(1000)
+    clean_star = [_predictions(y, 0.97, 0.9, seed=1), _predictions(y, 0.40, 0.9, seed=2)]  # collapses under shift
+    steady = [_predictions(y, 0.95, 0.9, seed=3), _predictions(y, 0.85, 0.9, seed=4)]
+    rows = ValidationRows.robust(y, source)
+    val = [rows.stack(*clean_star), rows.stack(*steady)]
+    assert select_top_k([clean_star[0], steady[0]], y, 1).indices == [0]  # clean objective
+    assert select_top_k(val, rows.y, 1, sample_weight=rows.sample_weight).indices == [1]
+    assert greedy_selection([clean_star[0], steady[0]], y, 1).indices == [0]
+    assert greedy_selection(val, rows.y, 1, sample_weight=rows.sample_weight).indices == [1]
+
+
+def test_the_best_objective_score_is_chosen_then_the_simpler_kind():
     from ensemble.evaluate import choose_row
 
-    def row(kind, weight, clean, corrupted):
-        return {"combiner": f"{kind}/{weight}", "kind": kind, "corrupted_weight": weight, "val_accuracy_oof": clean,
-                "val_log_loss_oof": 0.1, "val_corrupted_accuracy_oof": corrupted}
+    def row(kind, accuracy, loss):
+        return {"combiner": kind, "kind": kind, "val_oof_objective_accuracy": accuracy,
+                "val_oof_objective_log_loss": loss}
 
-    rows = [row("vote", 0.0, 0.980, 0.50), row("stacking", 0.0, 0.982, 0.52), row("stacking", 0.1, 0.981, 0.70),
-            row("stacking", 0.3, 0.975, 0.80)]
-    assert choose_row(rows, "auto", clean_tolerance=0.002)["combiner"] == "stacking/0.1"
-    assert choose_row(rows, "auto", clean_tolerance=0.0)["combiner"] == "stacking/0.0"
-    assert choose_row(rows, "auto", clean_tolerance=0.01)["combiner"] == "stacking/0.3"
-    assert choose_row(rows, "vote", clean_tolerance=0.01)["combiner"] == "vote/0.0"
+    rows = [row("vote", 0.80, 0.50), row("weighted", 0.80, 0.50), row("stacking", 0.79, 0.40)]
+    assert choose_row(rows)["combiner"] == "vote"
+    assert choose_row(rows, "stacking")["combiner"] == "stacking"
+    rows[2]["val_oof_objective_accuracy"] = 0.81
+    assert choose_row(rows)["combiner"] == "stacking"
     with pytest.raises(ValueError, match="unknown combiner"):
         choose_row(rows, "median")
 
@@ -311,3 +330,99 @@ def test_bfloat16_inference_is_close_to_float32_and_stays_scoped():
         assert np.abs(low - before).max() > 0  # the pass really ran
     with pytest.raises(EnsembleError, match="precision must be one of"):
         usable_precision("float16")
+
+
+def _tiny_members(n: int = 2, size: int = 8, classes: int = 3):
+    import keras
+
+    inputs = keras.Input((size, size, 3))
+    flat = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
+    members = []
+    for seed in range(n):
+        keras.utils.set_random_seed(seed)
+        members.append(keras.Model(inputs, keras.layers.Dense(classes, activation="softmax")(flat)))
+    return members
+
+
+def test_ensemble_classifier_follows_the_estimator_contract(tmp_path):
+    from sklearn.base import clone
+
+    from ensemble import EnsembleClassifier, load_ensemble
+    from ensemble.standalone import read_manifest
+
+    members = _tiny_members()
+    images = np.random.default_rng(0).integers(0, 256, (30, 8, 8, 3), dtype=np.uint8)
+    y = np.arange(30) % 3
+    clf = EnsembleClassifier(members, combiner="weighted", class_names=["a", "b", "c"], tta_views=2)
+    assert clf.get_params()["tta_views"] == 2 and clf.get_params()["combiner"] == "weighted"
+    assert not hasattr(clf, "classes_") and not clf.__sklearn_is_fitted__()
+    with pytest.raises(EnsembleError, match="not fitted"):
+        clf.predict(images)
+    assert clf.fit(images, y) is clf
+    assert clf.classes_.tolist() == [0, 1, 2] and clf.class_names_.tolist() == ["a", "b", "c"]
+    assert clf.n_members_ == 2 and clf.weights_.sum() == pytest.approx(1.0) and clf.input_size_ == (8, 8)
+    probs = clf.predict_proba(images)
+    assert probs.shape == (30, 3) and set(clf.predict(images)) <= set(clf.classes_)
+    np.testing.assert_allclose(clf.combiner_.predict_proba(clf.member_proba(images)), probs, atol=1e-6)
+    fresh = clone(clf)  # parameters only, nothing learned
+    assert fresh.get_params()["tta_views"] == 2 and not hasattr(fresh, "combiner_")
+    assert clf.set_params(tta_views=1).view_member_proba(images).shape == (1, 30, 2, 3)
+    clf.set_params(tta_views=2)
+
+    folder = clf.save(tmp_path / "ens")
+    manifest = read_manifest(folder)
+    assert manifest["adapt_bn"] is False and manifest["tta_views"] == 2
+    assert [m["file"] for m in manifest["members"]] == ["members/member_00.keras", "members/member_01.keras"]
+    again = load_ensemble(folder)
+    np.testing.assert_allclose(again.predict_proba(images), probs, atol=1e-6)
+    assert again.class_names_.tolist() == ["a", "b", "c"] and again.manifest_["files"] == manifest["files"]
+    with pytest.raises(EnsembleError, match=r"member probabilities must be \(N, 2, C\)"):
+        EnsembleClassifier(members).fit_member_proba(np.ones((4, 3, 3)) / 3, np.arange(4) % 3)
+
+
+def _bn_model():
+    import keras
+
+    from backbones import build_classifier
+
+    keras.utils.set_random_seed(0)
+    model = build_classifier("compact_cnn", (28, 28, 3), 8)
+    warm = np.random.default_rng(1).integers(0, 256, (64, 28, 28, 3)).astype(np.float32)
+    for _ in range(3):  # moving statistics of "training" images, so adapting to a shifted batch matters
+        model(warm, training=True)
+    return model
+
+
+def test_batch_stats_layer_matches_training_mode_batch_norm():
+    import keras
+
+    from ensemble.standalone import _batch_stats_layer_class
+
+    x = np.random.default_rng(2).normal(2.0, 3.0, (16, 5, 5, 7)).astype(np.float32)
+    bn = keras.layers.BatchNormalization()
+    bn(x)
+    bn.gamma.assign(np.arange(7) + 1.0)
+    bn.beta.assign(np.arange(7) * 0.1)
+    adapted = _batch_stats_layer_class()(prior=0.0)
+    adapted(x)
+    adapted.set_weights(bn.get_weights())
+    np.testing.assert_allclose(adapted(x).numpy(), bn(x, training=True).numpy(), atol=1e-4)
+    source_only = _batch_stats_layer_class()(prior=1e12)
+    source_only(x)
+    source_only.set_weights(bn.get_weights())
+    np.testing.assert_allclose(source_only(x).numpy(), bn(x, training=False).numpy(), atol=1e-4)
+
+
+def test_bn_adaptation_changes_shifted_predictions_only_when_on():
+    from ensemble.standalone import TTARunner
+
+    model = _bn_model()
+    before = [w.copy() for w in model.get_weights()]
+    shifted = np.clip(np.random.default_rng(3).integers(0, 256, (128, 28, 28, 3)) * 0.4 + 140, 0, 255).astype(np.uint8)
+    plain = TTARunner([model], range(2)).view_probs(shifted)
+    adapted = TTARunner([model], range(2), adapt_bn=True).view_probs(shifted)
+    assert np.abs(adapted - plain).max() > 1e-3
+    np.testing.assert_array_equal(TTARunner([model], range(2)).view_probs(shifted), plain)  # model untouched
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    prior_only = TTARunner([model], range(2), adapt_bn=True, bn_prior=1e12).view_probs(shifted)
+    np.testing.assert_allclose(prior_only, plain, atol=1e-4)
