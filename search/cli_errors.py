@@ -27,3 +27,5 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # Ctrl-C: the command has said what it stopped, no traceback
+        return getattr(stop, "exit_code", 130)

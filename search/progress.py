@@ -16,7 +16,7 @@ from search.study import FINISHED
 def study_counts(study: optuna.Study) -> dict[str, object]:
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state for t in trials)
-    complete = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    complete = [t.values[0] for t in trials if t.state == TrialState.COMPLETE and t.values]
     return {
         "finished": sum(states[s] for s in FINISHED),
         "running": states[TrialState.RUNNING],
@@ -27,11 +27,13 @@ def study_counts(study: optuna.Study) -> dict[str, object]:
     }
 
 
-def watch(study: optuna.Study, total: int, is_running: Callable[[], bool], interval: float = 2.0) -> dict:
-    """Refresh a progress bar until `is_running()` turns false; tqdm estimates the ETA from the rate."""
+def watch(study: optuna.Study, total: int, is_running: Callable[[], bool], interval: float = 2.0,
+          show: bool = True) -> dict:
+    """Refresh a progress bar (hidden unless `show`) until `is_running()` turns false; tqdm estimates the ETA
+    from the rate."""
     start = study_counts(study)["finished"]
     with tqdm(total=total, initial=min(start, total), desc=f"study {study.study_name}", unit="trial",
-              dynamic_ncols=True) as bar:
+              dynamic_ncols=True, disable=not show) as bar:
         while True:
             alive = is_running()
             counts = study_counts(study)
@@ -43,3 +45,12 @@ def watch(study: optuna.Study, total: int, is_running: Callable[[], bool], inter
             if not alive:
                 return counts
             time.sleep(interval)
+
+
+def print_interrupted(study: optuna.Study, total: int, since: float) -> None:
+    """The last line of an interrupted run: where the study stands and the command that continues it."""
+    from search.lifecycle import interrupted_since, resume_command
+
+    finished = study_counts(study)["finished"]
+    print(f"interrupted: {finished}/{total} trials finished, {interrupted_since(study, since)} interrupted "
+          f"(queued to run again); resume with: {resume_command()}", flush=True)

@@ -27,6 +27,11 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def default_storage_url(study_dir: Path) -> str:
     return f"sqlite:///{(study_dir / 'study.db').as_posix()}"
 
@@ -53,12 +58,29 @@ def open_storage(url: str, *, heartbeat_interval: int | None = 10, grace_period:
     engine_kwargs = {"connect_args": {"timeout": 60}} if local else {"pool_pre_ping": True,
                                                                      "connect_args": {"connect_timeout": 10}}
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                          grace_period=grace_period if heartbeat_interval else None,
-                          heartbeat_stale_trial_callback=retry)
+        storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                             grace_period=grace_period if heartbeat_interval else None,
+                             heartbeat_stale_trial_callback=retry)
     except Exception as exc:  # sqlalchemy raises many types: all mean "unusable storage"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StorageError(f"cannot use storage {redact(url)}: {reason}") from None
+        raise StorageError(f"cannot use storage {redact(url)}: {first_line(exc)}") from None
+    if local is not None:
+        _lock_at_begin(storage.engine)
+    return storage
+
+
+def _lock_at_begin(engine) -> None:
+    """SQLite transactions take the write lock when they begin (waiting up to the busy timeout for it).
+
+    pysqlite otherwise begins a transaction only at its first write, after its reads: two workers then
+    both read the same WAITING trial, both set it RUNNING and both run it, and the second one's tell
+    fails. With the lock first, Optuna's check-and-set of a trial state is atomic, as on PostgreSQL.
+    """
+    from sqlalchemy import event
+
+    event.listen(engine, "connect", lambda dbapi_connection, record: setattr(dbapi_connection,
+                                                                            "isolation_level", None))
+    event.listen(engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
+    engine.dispose()  # connections opened so far lack the "connect" setting
 
 
 def open_artifact_store(location: str):

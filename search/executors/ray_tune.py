@@ -28,7 +28,8 @@ How one trial flows
    PRUNED (ASHA stopped the trial before its final report) or, for errors, hands the trial to
    `TrialBookkeeping.on_trial_error`, which records the reason and then fails it (Optuna refuses user
    attributes on finished trials, and only the callback sees the error). Every trial this run created and
-   did not finish (Ctrl-C, driver error) is failed on the way out, so no trial stays RUNNING forever.
+   did not finish (Ctrl-C, SIGTERM, driver error) is failed as interrupted on the way out and queued to
+   run again; a driver killed outright leaves them to the heartbeat it kept for them (see `run_ray`).
 
 Why trials really run in parallel
 ---------------------------------
@@ -507,7 +508,8 @@ def run_ray(spec: StudySpec, storage_url: str, artifacts: str, gpus: list[str], 
     queued again, one line says how to resume, and `Interrupted` propagates (see search.lifecycle). The
     driver keeps the heartbeats of its running trials (ask() starts none), so trials of a driver that died
     unseen fail and are queued again by the next run once the grace period has passed."""
-    from search.lifecycle import INTERRUPTED, Interrupted, driver_signals, heartbeats, storage_failures
+    from search.lifecycle import (INTERRUPTED, Interrupted, driver_signals, heartbeats, probe_artifact_store,
+                                  storage_failures)
     from search.progress import print_interrupted
     from search.storage import open_artifact_store, open_storage
     from search.study import prepare_study
@@ -516,7 +518,7 @@ def run_ray(spec: StudySpec, storage_url: str, artifacts: str, gpus: list[str], 
     storage_url, artifacts = absolute_storage_url(storage_url), absolute_location(artifacts)
     storage = open_storage(storage_url, heartbeat_interval=spec.storage.heartbeat_interval,
                            grace_period=spec.storage.grace_period, max_retry=spec.storage.max_retry)
-    open_artifact_store(artifacts)
+    probe_artifact_store(open_artifact_store(artifacts), artifacts)
     study = prepare_study(spec, storage)
     samples = missing_trials(spec, study)
     if samples <= 0 or (deadline is not None and time.time() >= deadline):

@@ -1,0 +1,130 @@
+"""How fast a stopped driver takes its workers with it, on this machine.
+
+    python benchmarks/bench_interrupt.py                      # local executor, 2 workers
+    python benchmarks/bench_interrupt.py --executor ray       # Ray Tune, 2 simulated GPUs
+
+Each scenario starts `python -m search.run` on a tiny study in its own session (as a terminal would), waits
+until every worker trains a trial, then stops the driver the way a user does:
+
+- `ctrl-c`: SIGINT to the whole process group (what Ctrl-C in a terminal sends);
+- `sigterm`: SIGTERM to the driver only (`kill`, a batch scheduler);
+- `sigkill`: SIGKILL to the driver only (`kill -9`, the OOM killer).
+
+It prints, per scenario, the seconds from the signal to the last process the driver started being gone
+(workers, and for Ray its raylet, GCS and actors), to the driver's exit, and what the storage then holds:
+trials interrupted (FAIL, fail_reason "interrupted"), still RUNNING, and configurations queued again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from search_helpers import write_tiny_spec  # noqa: E402
+
+SCENARIOS = {"ctrl-c": (signal.SIGINT, True), "sigterm": (signal.SIGTERM, False),
+             "sigkill": (signal.SIGKILL, False)}
+
+
+def descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                children = {int(c) for c in (task / "children").read_text().split()}
+                todo.extend(children - found)
+                found |= children
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    live = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                live.add(pid)
+    return live
+
+
+def load_trials(url: str, name: str) -> list:
+    with contextlib.suppress(Exception):
+        return optuna.load_study(study_name=name, storage=url).trials
+    return []
+
+
+def run_scenario(scenario: str, executor: str, folder: Path, timeout: float = 600) -> dict:
+    signum, whole_group = SCENARIOS[scenario]
+    spec_path = write_tiny_spec(folder, name=scenario.replace("-", ""), trials=2, min_epochs=3, max_epochs=3,
+                                train_images=1200)
+    url = f"sqlite:///{folder / 'runs' / spec_path.stem / 'study.db'}"
+    extra = ["--executor", "ray", "--gpus", "0,1"] if executor == "ray" else ["--workers", "2"]
+    driver = subprocess.Popen([sys.executable, "-m", "search.run", "--no-progress", "--study", str(spec_path),
+                               *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        running = [t for t in load_trials(url, spec_path.stem)
+                   if t.state == TrialState.RUNNING and "worker" in t.user_attrs]
+        if len(running) >= 2:
+            break
+        time.sleep(0.5)
+    else:
+        driver.kill()
+        raise RuntimeError(f"{scenario}: no two trials trained within {timeout:.0f} s")
+    started = descendants(driver.pid)
+    sent = time.monotonic()
+    os.killpg(driver.pid, signum) if whole_group else driver.send_signal(signum)
+    driver_gone = None
+    while alive(started) or driver_gone is None:
+        if driver_gone is None and driver.poll() is not None:
+            driver_gone = time.monotonic() - sent
+        if time.monotonic() - sent > 120:
+            break
+        time.sleep(0.05)
+    all_gone = time.monotonic() - sent
+    last_line = (driver.stdout.read() if driver.poll() is not None else "").strip().splitlines()[-1:]
+    driver.kill()
+    trials = load_trials(url, spec_path.stem)
+    return {
+        "scenario": scenario, "executor": executor, "processes": len(started),
+        "all_gone_s": round(all_gone, 1), "driver_exit_s": round(driver_gone or all_gone, 1),
+        "left_alive": len(alive(started)),
+        "interrupted": sum(t.user_attrs.get("fail_reason") == "interrupted" for t in trials),
+        "running": sum(t.state == TrialState.RUNNING for t in trials),
+        "queued_again": sum(t.state == TrialState.WAITING for t in trials),
+        "last_line": last_line[0] if last_line else "",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--executor", choices=("local", "ray"), default="local")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated, of " + ", ".join(SCENARIOS))
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    columns = ("scenario", "executor", "processes", "all_gone_s", "driver_exit_s", "left_alive", "interrupted",
+               "running", "queued_again")
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns), flush=True)
+    for scenario in args.scenarios.split(","):
+        with tempfile.TemporaryDirectory(prefix=f"bench_interrupt_{scenario}_") as folder:
+            row = run_scenario(scenario, args.executor, Path(folder))
+        print("| " + " | ".join(str(row[c]) for c in columns) + " |", flush=True)
+        if row["last_line"]:
+            print(f"  driver's last line: {row['last_line']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

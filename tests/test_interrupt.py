@@ -1,0 +1,205 @@
+"""Interrupting and resuming `python -m search.run` the way users do, with real processes and real signals:
+Ctrl-C / SIGTERM / SIGKILL on the driver, the rerun that resumes, two drivers on one study, and an artifact
+store that stops taking files mid-study."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search.lifecycle import FAIL_REASON, INTERRUPTED, RETRY_ATTR
+from search.objective import ARTIFACT_ATTR_PREFIX
+from search.spec import load_spec
+from search.storage import default_storage_url, open_storage
+from search.study import FINISHED
+from search.trainer import ARTIFACT_FILES
+from search_helpers import run_search, write_tiny_spec
+
+POSTGRES_URL = os.environ.get("CELLSEARCH_TEST_POSTGRES",
+                              "postgresql://cellsearch:cellsearch@127.0.0.1:5432/cellsearch")
+STOP_WITHIN_S = 10
+
+
+def start_driver(spec_path: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "search.run", "--no-progress", "--study", str(spec_path),
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def trials(spec_path: Path, storage: str | None = None) -> list[optuna.trial.FrozenTrial]:
+    spec = load_spec(str(spec_path))
+    url = storage or default_storage_url(spec.study_dir)
+    return optuna.load_study(study_name=spec.name, storage=open_storage(url, heartbeat_interval=None)).trials
+
+
+def wait_for_training(spec_path: Path, count: int = 1, storage: str | None = None,
+                      timeout: float = 400) -> list[optuna.trial.FrozenTrial]:
+    """Wait until `count` trials run in workers (their runner recorded `worker`)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(0.5)
+        with contextlib.suppress(Exception):  # the study may not exist yet
+            running = [t for t in trials(spec_path, storage)
+                       if t.state == TrialState.RUNNING and "worker" in t.user_attrs]
+            if len(running) >= count:
+                return running
+    raise AssertionError(f"{count} trial(s) never ran")
+
+
+def worker_pids(folder: Path) -> set[int]:
+    """Live `search.worker` processes of the study under `folder`, wherever they were reparented."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit():
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if "search.worker" in command and str(folder) in command and state != "Z":
+                    pids.add(int(entry.name))
+    return pids
+
+
+def seconds_until_no_worker(folder: Path, limit: float) -> float:
+    start = time.monotonic()
+    while worker_pids(folder) and time.monotonic() - start < limit:
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def finished(all_trials) -> list:
+    return [t for t in all_trials if t.state in FINISHED]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_signal_stops_every_worker_and_the_rerun_resumes(tmp_path, signum):
+    spec_path = write_tiny_spec(tmp_path, name="stop", trials=2, min_epochs=3, max_epochs=3, train_images=1200)
+    driver = start_driver(spec_path, "--workers", "2")
+    try:
+        interrupted = wait_for_training(spec_path, count=2)
+        assert worker_pids(tmp_path)
+        driver.send_signal(signum)
+        out, err = driver.communicate(timeout=60)
+    finally:
+        driver.kill()
+    assert seconds_until_no_worker(tmp_path, STOP_WITHIN_S) < STOP_WITHIN_S, "workers outlived the driver"
+    assert driver.returncode == 128 + signum, err[-3000:]
+    assert f"resume with: python -m search.run --no-progress --study {spec_path}" in out
+    assert "2 interrupted" in out.splitlines()[-1]
+    by_number = {t.number: t for t in trials(spec_path)}
+    for trial in interrupted:
+        assert by_number[trial.number].state == TrialState.FAIL
+        assert by_number[trial.number].user_attrs[FAIL_REASON] == INTERRUPTED
+    retries = {t.user_attrs[RETRY_ATTR]: t for t in by_number.values() if RETRY_ATTR in t.user_attrs}
+    assert set(retries) == {t.number for t in interrupted}
+    assert all(retries[t.number].state == TrialState.WAITING for t in interrupted)
+
+    done = run_search("--study", str(spec_path), "--workers", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = trials(spec_path)
+    assert len(finished(after)) == 2 and not [t for t in after if t.state == TrialState.RUNNING]
+    rerun = {t.user_attrs.get(RETRY_ATTR): t for t in finished(after)}
+    for trial in interrupted:  # the interrupted configurations ran again
+        assert rerun[trial.number].params == trial.params
+
+
+def test_killed_driver_takes_its_workers_with_it(tmp_path):
+    spec_path = write_tiny_spec(tmp_path, name="orphans", trials=2, min_epochs=3, max_epochs=3,
+                                train_images=1200)
+    driver = start_driver(spec_path, "--workers", "2")
+    try:
+        interrupted = wait_for_training(spec_path, count=1)
+        driver.kill()
+        driver.wait(timeout=30)
+    finally:
+        driver.kill()
+    assert seconds_until_no_worker(tmp_path, STOP_WITHIN_S) < STOP_WITHIN_S, "workers kept training unseen"
+    by_number = {t.number: t for t in trials(spec_path)}
+    for trial in interrupted:  # each worker recorded its own trial on the way out
+        assert by_number[trial.number].state == TrialState.FAIL
+        assert by_number[trial.number].user_attrs[FAIL_REASON] == INTERRUPTED
+        assert any(t.user_attrs.get(RETRY_ATTR) == trial.number for t in by_number.values())
+
+
+def _postgres_available() -> bool:
+    try:
+        open_storage(POSTGRES_URL, heartbeat_interval=None)
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_drivers_share_one_study(tmp_path, backend):
+    storage = None
+    name = "shared"
+    if backend == "postgresql":
+        if not _postgres_available():
+            if os.environ.get("CI"):
+                pytest.fail(f"CI must provide PostgreSQL at {POSTGRES_URL} (see .ci/postgres.sh)")
+            pytest.skip("no PostgreSQL server on localhost")
+        storage, name = POSTGRES_URL, f"shared_{os.getpid()}_{int(time.time())}"
+    total = 4
+    spec_path = write_tiny_spec(tmp_path, name=name, trials=total, max_epochs=1)
+    extra = ("--storage", storage) if storage else ()
+    first = start_driver(spec_path, "--workers", "1", *extra)
+    try:
+        wait_for_training(spec_path, storage=storage)  # a second terminal, started a little later
+        second = start_driver(spec_path, "--workers", "1", *extra)
+        outputs = [driver.communicate(timeout=900) for driver in (first, second)]
+    finally:
+        first.kill()
+    for driver, (out, err) in zip((first, second), outputs):
+        assert driver.returncode == 0, err[-3000:]
+        assert "database is locked" not in err
+    all_trials = trials(spec_path, storage)
+    assert total <= len(finished(all_trials)) <= total + 2
+    assert {t.state for t in all_trials} <= set(FINISHED), [(t.number, t.state, t.user_attrs) for t in all_trials]
+    assert len({t.user_attrs["worker"] for t in all_trials}) == 2, "one driver did all the work"
+    if storage:
+        optuna.delete_study(study_name=name, storage=storage)
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """No one may create files in `folder`, root included (root ignores permission bits: `chattr +i`)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+    elif not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(folder)]).returncode != 0:
+        pytest.skip("running as root without chattr: cannot make a folder read-only")
+    try:
+        yield
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+def test_artifact_store_turning_read_only_fails_the_study_in_one_line(tmp_path):
+    spec_path = write_tiny_spec(tmp_path, name="readonly", trials=3, min_epochs=2, max_epochs=2,
+                                train_images=1200)
+    artifacts = load_spec(str(spec_path)).study_dir / "artifacts"
+    driver = start_driver(spec_path, "--workers", "1")
+    try:
+        wait_for_training(spec_path)
+        with read_only(artifacts):
+            out, err = driver.communicate(timeout=600)
+    finally:
+        driver.kill()
+    assert driver.returncode == 2, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]  # besides Optuna's log
+    assert len(errors) == 1 and err.strip().endswith(errors[0])
+    assert errors[0].startswith(f"error: worker 0 stopped: artifact store {artifacts} is not writable")
+    assert seconds_until_no_worker(tmp_path, STOP_WITHIN_S) < STOP_WITHIN_S
+    for trial in trials(spec_path):
+        if trial.state == TrialState.COMPLETE:  # only if it was published before the store turned read-only
+            assert all(ARTIFACT_ATTR_PREFIX + name in trial.user_attrs for name in ARTIFACT_FILES)
+            assert all((artifacts / trial.user_attrs[ARTIFACT_ATTR_PREFIX + n]).is_file() for n in ARTIFACT_FILES)
