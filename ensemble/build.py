@@ -195,10 +195,11 @@ def build_ensemble(study: Any = None, options: BuildOptions | None = None, **set
     Raises:
         EnsembleError: one line naming what is wrong (no study, no usable trial, bad setting, ...).
     """
-    try:
-        options = dataclasses.replace(options or BuildOptions(), **settings)
-    except TypeError as exc:
-        raise EnsembleError(f"build_ensemble: {exc}") from None
+    known = [f.name for f in dataclasses.fields(BuildOptions)]
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise EnsembleError(f"build_ensemble: unknown setting {unknown[0]!r} (known: {', '.join(known)})")
+    options = dataclasses.replace(options or BuildOptions(), **settings)
     options.validate()
     from ensemble.candidates import artifact_store, load_candidates, open_study
 

@@ -426,3 +426,14 @@ def test_bn_adaptation_changes_shifted_predictions_only_when_on():
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
     prior_only = TTARunner([model], range(2), adapt_bn=True, bn_prior=1e12).view_probs(shifted)
     np.testing.assert_allclose(prior_only, plain, atol=1e-4)
+
+
+def test_build_settings_are_checked_before_any_study_is_opened():
+    from ensemble import build_ensemble
+
+    with pytest.raises(EnsembleError, match="unknown setting 'topp'"):
+        build_ensemble(None, topp=3)
+    with pytest.raises(EnsembleError, match="--objective must be one of"):
+        build_ensemble(None, objective="accuracy")
+    with pytest.raises(EnsembleError, match="--bn-prior must be >= 0"):
+        build_ensemble(None, bn_prior=-1.0)
