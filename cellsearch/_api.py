@@ -50,27 +50,20 @@ def load_study(name: str | None = None, *, out: str = "runs", storage: str | Non
     return Study(StudyLocation.find(name, out=out, storage=storage, artifacts=artifacts))
 
 
-def _location(study: Study | StudyLocation | str | None) -> StudyLocation:
-    if isinstance(study, Study):
-        return study.location
-    if isinstance(study, StudyLocation):
-        return study
-    return StudyLocation.find(study)
-
-
 def build_ensemble(study: Study | StudyLocation | str | None = None, **options: Any):
-    """Build the ensemble of a study's best trials; returns the fitted `EnsembleClassifier`, its
+    """Build the ensemble of a study's best trials; returns the fitted `EnsembleClassifier` with its
     evaluation in `.report_`, saved to `out` (default `<out>/<study>/ensemble`).
 
-    Options are those of `python -m ensemble.build` (`top`, `method`, `combiner`, `tta`, `objective`,
-    `out`, ...).
+    `study`: a `Study` (what `search` returns), a `StudyLocation`, a study name, or None for the study run
+    last. Options are those of `python -m ensemble.build` (`top`, `method`, `combiner`, `tta`,
+    `objective`, `adapt_bn`, `out`, ...).
 
-    >>> ens = cs.build_ensemble(study)                 # doctest: +SKIP
-    >>> ens.predict(images)                            # doctest: +SKIP
+    >>> ens = cs.build_ensemble(study, top=5)           # doctest: +SKIP
+    >>> ens.report_.score("test_heldout")               # doctest: +SKIP
     """
-    from ensemble.build import build_from_location
+    from ensemble.build import build_ensemble as build
 
-    return build_from_location(_location(study), **options)
+    return build(study, **options)
 
 
 def load_ensemble(path: str | os.PathLike, **options: Any):
