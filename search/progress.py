@@ -1,4 +1,5 @@
-"""Live progress of a study, read from its storage: trial n/N, running, pruned, failed, best, ETA."""
+"""Live progress of a study, read from its storage: trial n/N, each running trial's epoch and last score,
+pruned, failed, best, ETA. `tqdm.auto` draws a notebook widget in Jupyter and a text bar elsewhere."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Callable
 
 import optuna
 from optuna.trial import TrialState
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from search.study import FINISHED
 
@@ -17,6 +18,7 @@ def study_counts(study: optuna.Study) -> dict[str, object]:
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state for t in trials)
     complete = [t.values[0] for t in trials if t.state == TrialState.COMPLETE and t.values]
+    running = [t for t in trials if t.state == TrialState.RUNNING]
     return {
         "finished": sum(states[s] for s in FINISHED),
         "running": states[TrialState.RUNNING],
@@ -24,7 +26,16 @@ def study_counts(study: optuna.Study) -> dict[str, object]:
         "pruned": states[TrialState.PRUNED],
         "failed": states[TrialState.FAIL],
         "best": max(complete) if complete else None,
+        "epochs": " ".join(_epoch_of(t) for t in running),
     }
+
+
+def _epoch_of(trial: optuna.trial.FrozenTrial) -> str:
+    """`#7:ep4=0.9123`: a running trial, its last reported epoch (1-based) and that epoch's objective value."""
+    if not trial.intermediate_values:
+        return f"#{trial.number}:starting"
+    step = max(trial.intermediate_values)
+    return f"#{trial.number}:ep{step + 1}={trial.intermediate_values[step]:.4f}"
 
 
 def watch(study: optuna.Study, total: int, is_running: Callable[[], bool], interval: float = 2.0,
@@ -39,7 +50,7 @@ def watch(study: optuna.Study, total: int, is_running: Callable[[], bool], inter
             counts = study_counts(study)
             bar.n = min(counts["finished"], total)
             best = counts["best"]
-            bar.set_postfix(running=counts["running"], pruned=counts["pruned"], failed=counts["failed"],
+            bar.set_postfix(running=counts["epochs"] or 0, pruned=counts["pruned"], failed=counts["failed"],
                             best="-" if best is None else f"{best:.4f}", refresh=False)
             bar.refresh()
             if not alive:

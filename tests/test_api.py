@@ -173,3 +173,17 @@ def test_every_command_prints_one_line_per_error(tmp_path, module, args, message
     lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+def test_progress_shows_each_running_trials_epoch_and_score():
+    from search.progress import study_counts
+
+    study = optuna.create_study(direction="maximize")
+    first, second = study.ask(), study.ask()
+    first.report(0.41, 0)
+    first.report(0.83, 1)
+    done = study.ask()
+    study.tell(done, 0.9)
+    counts = study_counts(study)
+    assert counts["epochs"] == f"#{first.number}:ep2=0.8300 #{second.number}:starting"
+    assert (counts["running"], counts["complete"], counts["best"]) == (2, 1, 0.9)
