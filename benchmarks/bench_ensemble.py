@@ -63,8 +63,9 @@ def timing_table(folder: Path, n_images: int, n_members: int | None, repeats: in
 
 
 def adapt_bn_table(ens, batch_size: int):
-    """The built ensemble with and without BatchNorm adaptation on the clean test split and its held-out-family
-    copy (the build's copy: same families and seed), batches of `batch_size` images in test order."""
+    """The ensemble with and without BatchNorm adaptation on the clean test split and its held-out-family copy
+    (the build's copy: same families and seed), adapting to batches of `batch_size` images (drawn in the
+    classifier's fixed random order)."""
     import pandas as pd
 
     from ensemble.build import heldout_test_copy
@@ -118,17 +119,18 @@ def main(argv: list[str] | None = None) -> int:
             options = BuildOptions(pointer=args.pointer, top=args.top, method=args.method, combiner=args.combiner,
                                    objective=args.objective, out=str(folder), progress=False,
                                    min_images_per_s=args.min_images_per_s, precision=args.precision or "float32")
-            built = []
             started = time.perf_counter()
-            code = run_cli(lambda _: (built.append(build_ensemble(
-                locate_study(args.study, args.storage, args.artifacts, args.pointer), options)), 0)[1])
+            code = run_cli(lambda _: (build_ensemble(
+                locate_study(args.study, args.storage, args.artifacts, args.pointer), options), 0)[1])
             if code:
                 return code
             print(f"build: {time.perf_counter() - started:.1f} s")
-            if args.adapt_bn_batch:
-                print(f"\ntest-time BatchNorm adaptation ({args.adapt_bn_batch} images per call):")
-                print(adapt_bn_table(built[0], args.adapt_bn_batch).to_string(index=False,
-                                                                               float_format="{:.4f}".format))
+        if args.adapt_bn_batch:
+            from ensemble import load_ensemble
+
+            print(f"\ntest-time BatchNorm adaptation ({args.adapt_bn_batch} images per batch):")
+            table = adapt_bn_table(load_ensemble(folder, precision=args.precision), args.adapt_bn_batch)
+            print(table.to_string(index=False, float_format="{:.4f}".format))
         table, size = timing_table(folder, args.images, args.members, args.repeats, not args.no_naive,
                                    args.precision)
         print(f"\ninference on {args.images} random {size[0]}x{size[1]} images (best of {args.repeats}):")

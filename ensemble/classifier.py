@@ -137,7 +137,7 @@ class EnsembleClassifier(ClassifierMixin, BaseEstimator):
         runner = self._runner(False)
         self.input_size_ = tuple(runner.input_shape[:2])
         self.precision_ = runner.precision
-        self.manifest_: dict | None = getattr(self, "manifest_", None)
+        self.manifest_ = getattr(self, "manifest_", None)
         self.report_ = getattr(self, "report_", None)
         return self
 
@@ -160,25 +160,18 @@ class EnsembleClassifier(ClassifierMixin, BaseEstimator):
                                    adapt_bn=adapt_bn, bn_prior=self.bn_prior)
         return cache[key]
 
-    def _batches(self, images, adapt_bn: bool | None, progress: bool):
-        """(start, (V, n, M, C)) per forward batch of validated, resized images, with a progress bar."""
+    def view_member_proba(self, images, *, adapt_bn: bool | None = None, progress: bool = False) -> np.ndarray:
+        """(V, N, M, C): every member's probabilities on every TTA view (diagnostics and tests)."""
         from tqdm.auto import tqdm
 
         runner = self._runner(self.adapt_bn if adapt_bn is None else bool(adapt_bn))
         images = prepare_images(images, runner.input_shape[:2], self.resize)
         with tqdm(total=len(images), unit="img", disable=not progress, desc="predict") as bar:
-            for start, probs in runner.batches(images):
-                yield start, probs
-                bar.update(probs.shape[1])
-
-    def view_member_proba(self, images, *, adapt_bn: bool | None = None, progress: bool = False) -> np.ndarray:
-        """(V, N, M, C): every member's probabilities on every TTA view (diagnostics and tests)."""
-        return np.concatenate([probs for _, probs in self._batches(images, adapt_bn, progress)], axis=1)
+            return runner.view_probs(images, on_batch=bar.update)
 
     def member_proba(self, images, *, adapt_bn: bool | None = None, progress: bool = False) -> np.ndarray:
         """(N, M, C): each member's TTA-averaged probabilities (what the combiner consumes)."""
-        parts = [probs.mean(axis=0) for _, probs in self._batches(images, adapt_bn, progress)]
-        return np.concatenate(parts).astype(np.float32)
+        return self.view_member_proba(images, adapt_bn=adapt_bn, progress=progress).mean(axis=0)
 
     def predict_proba(self, images, *, adapt_bn: bool | None = None, progress: bool = False) -> np.ndarray:
         """(N, C) ensemble probabilities of uint8 (N,H,W,3) images.

@@ -12,8 +12,9 @@ ensemble (see ensemble.standalone.prepare_images).
 
 The CSV has one row per image: id, label, class_name, then one probability column per class (and
 true_label / true_class when known). Without --output it goes to stdout; the progress bar to stderr.
-`--adapt-bn` re-estimates BatchNorm statistics on each batch of --batch-size images (see
-ensemble.standalone); `--no-adapt-bn` switches off an artifact saved with it on.
+`--adapt-bn` re-estimates BatchNorm statistics on each batch of --batch-size images, drawn in a fixed random
+order (see ensemble.standalone: the input should mix classes); `--no-adapt-bn` switches off an artifact saved
+with it on.
 All input checks (ensemble checksums, paths, decoding, shapes) run BEFORE TensorFlow is imported, so bad
 input fails in a second with one line and exit code 2.
 """

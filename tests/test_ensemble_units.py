@@ -426,6 +426,11 @@ def test_bn_adaptation_changes_shifted_predictions_only_when_on():
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
     prior_only = TTARunner([model], range(2), adapt_bn=True, bn_prior=1e12).view_probs(shifted)
     np.testing.assert_allclose(prior_only, plain, atol=1e-4)
+    order = np.random.default_rng(5).permutation(len(shifted))  # one batch: the order changes nothing
+    np.testing.assert_allclose(TTARunner([model], range(2), adapt_bn=True).view_probs(shifted[order]),
+                               adapted[:, order], atol=1e-5)
+    small = TTARunner([model], range(2), batch_size=32, adapt_bn=True).view_probs(shifted)
+    assert small.shape == adapted.shape and np.abs(small - adapted).max() > 0  # batches of 32 adapt to less
 
 
 def test_build_settings_are_checked_before_any_study_is_opened():
