@@ -7,6 +7,7 @@ Each scenario starts `python -m search.run` on a tiny study in its own session (
 until every worker trains a trial, then stops the driver the way a user does:
 
 - `ctrl-c`: SIGINT to the whole process group (what Ctrl-C in a terminal sends);
+- `ctrl-c-twice`: the same twice, 0.2 s apart (the impatient user: the driver exits at once);
 - `sigterm`: SIGTERM to the driver only (`kill`, a batch scheduler);
 - `sigkill`: SIGKILL to the driver only (`kill -9`, the OOM killer).
 
@@ -34,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from search_helpers import write_tiny_spec  # noqa: E402
 
-SCENARIOS = {"ctrl-c": (signal.SIGINT, True), "sigterm": (signal.SIGTERM, False),
-             "sigkill": (signal.SIGKILL, False)}
+# name: (signal, to the whole process group, how many times)
+SCENARIOS = {"ctrl-c": (signal.SIGINT, True, 1), "ctrl-c-twice": (signal.SIGINT, True, 2),
+             "sigterm": (signal.SIGTERM, False, 1), "sigkill": (signal.SIGKILL, False, 1)}
 
 
 def descendants(pid: int) -> set[int]:
@@ -66,14 +68,14 @@ def load_trials(url: str, name: str) -> list:
 
 
 def run_scenario(scenario: str, executor: str, folder: Path, timeout: float = 600) -> dict:
-    signum, whole_group = SCENARIOS[scenario]
-    spec_path = write_tiny_spec(folder, name=scenario.replace("-", ""), trials=2, min_epochs=3, max_epochs=3,
+    signum, whole_group, times = SCENARIOS[scenario]
+    spec_path = write_tiny_spec(folder, name=scenario.replace("-", "_"), trials=2, min_epochs=3, max_epochs=3,
                                 train_images=1200)
     url = f"sqlite:///{folder / 'runs' / spec_path.stem / 'study.db'}"
     extra = ["--executor", "ray", "--gpus", "0,1"] if executor == "ray" else ["--workers", "2"]
     driver = subprocess.Popen([sys.executable, "-m", "search.run", "--no-progress", "--study", str(spec_path),
-                               *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                              start_new_session=True)
+                               *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=(folder / "driver.err").open("w"),
+                              text=True, start_new_session=True)
     deadline = time.time() + timeout
     while time.time() < deadline:
         running = [t for t in load_trials(url, spec_path.stem)
@@ -83,10 +85,13 @@ def run_scenario(scenario: str, executor: str, folder: Path, timeout: float = 60
         time.sleep(0.5)
     else:
         driver.kill()
-        raise RuntimeError(f"{scenario}: no two trials trained within {timeout:.0f} s")
+        raise RuntimeError(f"{scenario}: no two trials trained within {timeout:.0f} s; driver's stderr ends: "
+                           + (folder / "driver.err").read_text()[-2000:])
     started = descendants(driver.pid)
     sent = time.monotonic()
-    os.killpg(driver.pid, signum) if whole_group else driver.send_signal(signum)
+    for repeat in range(times):
+        time.sleep(0.2 * repeat)
+        os.killpg(driver.pid, signum) if whole_group else driver.send_signal(signum)
     driver_gone = None
     while alive(started) or driver_gone is None:
         if driver_gone is None and driver.poll() is not None:

@@ -68,9 +68,9 @@ class TrialsFailing(CellsearchError):
 
 # ------------------------------------------------------------------------------------------- driver
 @contextlib.contextmanager
-def driver_signals() -> Iterator[None]:
+def driver_signals() -> Iterator[list[int]]:
     """SIGINT/SIGTERM raise `Interrupted` in the main thread once; a second one exits at once (the workers
-    then die with their parent, see `exit_with_parent`)."""
+    then die with their parent, see `exit_with_parent`). Yields the signals received so far."""
     received: list[int] = []
 
     def handle(signum: int, frame) -> None:
@@ -81,7 +81,7 @@ def driver_signals() -> Iterator[None]:
 
     previous = {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS}
     try:
-        yield
+        yield received
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -9,6 +9,7 @@ Artifact stores: a folder (default `runs/<study>/artifacts`), `s3://bucket/prefi
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import optuna
@@ -25,6 +26,9 @@ class StorageError(CellsearchError, RuntimeError):
 
 def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+CREATE_ATTEMPTS = 4  # processes opening one new database at once race to create it; the losers try again
 
 
 def first_line(exc: BaseException) -> str:
@@ -57,15 +61,26 @@ def open_storage(url: str, *, heartbeat_interval: int | None = 10, grace_period:
     retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry) if heartbeat_interval else None
     engine_kwargs = {"connect_args": {"timeout": 60}} if local else {"pool_pre_ping": True,
                                                                      "connect_args": {"connect_timeout": 10}}
-    try:
-        storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                             grace_period=grace_period if heartbeat_interval else None,
-                             heartbeat_stale_trial_callback=retry)
-    except Exception as exc:  # sqlalchemy raises many types: all mean "unusable storage"
-        raise StorageError(f"cannot use storage {redact(url)}: {first_line(exc)}") from None
+    for attempt in range(1, CREATE_ATTEMPTS + 1):
+        try:
+            storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                                 grace_period=grace_period if heartbeat_interval else None,
+                                 heartbeat_stale_trial_callback=retry)
+            break
+        except Exception as exc:  # sqlalchemy raises many types: all mean "unusable storage"
+            if attempt == CREATE_ATTEMPTS or not _lost_creation_race(exc):
+                raise StorageError(f"cannot use storage {redact(url)}: {first_line(exc)}") from None
+            time.sleep(0.2 * attempt)
     if local is not None:
         _lock_at_begin(storage.engine)
     return storage
+
+
+def _lost_creation_race(exc: Exception) -> bool:
+    """Another process created the same new database at the same moment (its tables and version row)."""
+    from sqlalchemy.exc import IntegrityError
+
+    return isinstance(exc, IntegrityError) or "already exists" in str(exc)
 
 
 def _lock_at_begin(engine) -> None:

@@ -61,6 +61,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -525,9 +526,9 @@ def run_ray(spec: StudySpec, storage_url: str, artifacts: str, gpus: list[str], 
         return {"workers": 0, "trials": 0, "errors": 0}
     check_backbones(spec)
     started_at, started = time.time(), start_ray(spec, gpus)
-    searcher = interrupted = None
+    searcher, received = None, []
     try:
-        with driver_signals():  # after ray.init, which installs its own SIGTERM handler
+        with driver_signals() as received:  # after ray.init, which installs its own SIGTERM handler
             plan = plan_resources(spec, ray.cluster_resources())
             print(plan.describe(), flush=True)
             searcher = StudySearch(spec, storage, deadline)
@@ -538,14 +539,13 @@ def run_ray(spec: StudySpec, storage_url: str, artifacts: str, gpus: list[str], 
                         TUNE_PRINT_ALL_TRIAL_ERRORS="0", TUNE_DISABLE_SIGINT_HANDLER="1"):
                 results = tuner.fit()
             return {"workers": plan.workers, "trials": len(results), "errors": len(results.errors)}
-    except Interrupted as stop:
-        interrupted = stop
-        raise
+    except KeyboardInterrupt:  # ours, or the plain one Ray re-raises for it
+        raise Interrupted(received[0] if received else signal.SIGINT) from None
     finally:
         if started:
             ray.shutdown()  # the trial actors stop before their trials are failed
         if searcher is not None:
             with storage_failures(storage_url):
                 searcher.fail_unfinished(INTERRUPTED)
-                if interrupted is not None:
+                if received:
                     print_interrupted(study, spec.budget.trials, started_at)
