@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from ensemble.build import BuildOptions, build_ensemble
-    from ensemble.candidates import locate_study
+    from search.location import StudyLocation
     from ensemble.cli import run_cli
 
     with tempfile.TemporaryDirectory(prefix="bench-ensemble-") as scratch:
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                                    min_images_per_s=args.min_images_per_s, precision=args.precision or "float32")
             started = time.perf_counter()
             code = run_cli(lambda _: (build_ensemble(
-                locate_study(args.study, args.storage, args.artifacts, args.pointer), options), 0)[1])
+                StudyLocation.find(args.study, storage=args.storage, artifacts=args.artifacts, pointer=args.pointer), options), 0)[1])
             if code:
                 return code
             print(f"build: {time.perf_counter() - started:.1f} s")

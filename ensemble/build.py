@@ -43,6 +43,7 @@ import pandas as pd
 from ensemble.cli import run_cli
 from ensemble.robust import OBJECTIVES, ValidationRows
 from ensemble.standalone import BN_PRIOR, PRECISIONS, VIEW_SETS, EnsembleError
+from search.location import StudyLocation
 
 METHODS = ("topk", "greedy")
 COMBINER_CHOICES = ("auto", "vote", "weighted", "stacking")
@@ -161,22 +162,16 @@ def _say(options: BuildOptions, message: str) -> None:
         print(message, flush=True)
 
 
-def resolve_location(study: Any = None, pointer: str | Path = "runs/last_study.json"):
-    """(StudyLocation, folder or None) of `study`: None (the last study `search.run` ran), a study name, a
-    `StudyLocation`, or any object with a `.location` or with `storage`, `artifacts` and a `study`/`name`
-    (e.g. the `cellsearch` API's study; its `folder`, when it has one, holds the default output)."""
-    from ensemble.candidates import StudyLocation, locate_study
-
+def resolve_location(study: Any = None, pointer: str | Path = "runs/last_study.json") -> StudyLocation:
+    """Where `study` lives: None (the last study `search.run` ran, from `pointer`), a study name, a
+    `StudyLocation`, or anything with a `.location` (the `cellsearch` API's `Study`)."""
     if study is None or isinstance(study, str):
-        return locate_study(study, pointer=pointer), None
-    where = getattr(study, "location", study)
-    name = next((getattr(where, a) for a in ("study", "name", "study_name") if getattr(where, a, None)), None)
-    storage, artifacts = getattr(where, "storage", None), getattr(where, "artifacts", None)
-    if not (name and storage and artifacts):
-        raise EnsembleError(f"cannot locate a study from {type(study).__name__}: it needs a name, storage and "
-                            "artifacts (or a .location with them)")
-    folder = getattr(where, "folder", None) or getattr(study, "folder", None)
-    return StudyLocation(str(name), str(storage), str(artifacts)), Path(folder) if folder else None
+        return StudyLocation.find(study, pointer=pointer)
+    location = getattr(study, "location", study)
+    if not isinstance(location, StudyLocation):
+        raise EnsembleError(f"cannot locate a study from {type(study).__name__}: pass a study name, a "
+                            f"StudyLocation or a cellsearch Study")
+    return location
 
 
 def build_ensemble(study: Any = None, options: BuildOptions | None = None, **settings):
@@ -203,14 +198,13 @@ def build_ensemble(study: Any = None, options: BuildOptions | None = None, **set
     options.validate()
     from ensemble.candidates import artifact_store, load_candidates, open_study
 
-    location, folder = resolve_location(study, options.pointer)
+    location = resolve_location(study, options.pointer)
     store = artifact_store(location)
     trials = open_study(location)
-    default_out = (folder if folder else Path(options.pointer).parent / location.study) / "ensemble"
-    out = Path(options.out) if options.out else default_out
+    out = Path(options.out) if options.out else location.ensemble_dir
     with tempfile.TemporaryDirectory(prefix="ensemble-cache-") as cache:
         candidates, notes = load_candidates(trials, store, Path(cache), options.tta)
-        _say(options, f"study {location.study!r}: {len(candidates)} candidate trial(s), TTA {options.tta} view(s)")
+        _say(options, f"study {location.name!r}: {len(candidates)} candidate trial(s), TTA {options.tta} view(s)")
         rows = validation_rows(options.objective, candidates, notes)
         for note in notes:
             _say(options, f"  note: {note}")
@@ -451,7 +445,7 @@ def _manifest_extra(options, location, members, selection, rows, report: Ensembl
     heldout = images.get("heldout")
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "study": {"name": location.study, "storage": redact(location.storage), "artifacts": location.artifacts},
+        "study": {"name": location.name, "storage": redact(location.storage), "artifacts": location.artifacts},
         "members": member_rows,
         "best_single_trial": best_trial,
         "selection": {"method": options.method, "top": options.top, "log": selection.log},
@@ -517,11 +511,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, BuildOptions
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ensemble.candidates import locate_study
-
     args, options = parse_args(argv)
     options.validate()
-    build_ensemble(locate_study(args.study, args.storage, args.artifacts, args.pointer), options)
+    build_ensemble(StudyLocation.find(args.study, storage=args.storage, artifacts=args.artifacts,
+                                      pointer=args.pointer), options)
     return 0
 
 

@@ -10,8 +10,6 @@ members only.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,17 +17,8 @@ import numpy as np
 
 from ensemble.standalone import VIEW_SETS, EnsembleError
 from search.config import TrialConfig
+from search.location import StudyLocation
 from search.robust_report import ShiftedRows
-
-DEFAULT_POINTER = Path("runs") / "last_study.json"
-
-
-@dataclass(frozen=True)
-class StudyLocation:
-    study: str
-    storage: str
-    artifacts: str
-
 
 @dataclass
 class Candidate:
@@ -62,28 +51,6 @@ class Candidate:
         return self.config.backbone
 
 
-def locate_study(study: str | None = None, storage: str | None = None, artifacts: str | None = None,
-                 pointer: str | os.PathLike = DEFAULT_POINTER) -> StudyLocation:
-    """Flags win; missing ones come from `runs/last_study.json` (written by `search.run`) when it names the
-    same study, else from the search's defaults `runs/<study>/study.db` and `runs/<study>/artifacts`."""
-    pointer = Path(pointer)
-    saved: dict = {}
-    if pointer.is_file():
-        try:
-            saved = json.loads(pointer.read_text())
-        except json.JSONDecodeError as exc:
-            raise EnsembleError(f"{pointer}: not valid JSON ({exc})") from None
-    if study is None and not saved:
-        raise EnsembleError(f"no study given and no {pointer} (run `python -m search.run` first, or pass "
-                            "--study/--storage)")
-    name = study or saved["study"]
-    same = saved.get("study") == name
-    root = pointer.parent
-    storage = storage or (saved.get("storage") if same else None) or f"sqlite:///{(root / name / 'study.db').as_posix()}"
-    artifacts = artifacts or (saved.get("artifacts") if same else None) or str(root / name / "artifacts")
-    return StudyLocation(name, storage, artifacts)
-
-
 def open_study(location: StudyLocation):
     """The Optuna study, read-only in spirit (no heartbeats); one clear error when it is not there."""
     import optuna
@@ -93,10 +60,10 @@ def open_study(location: StudyLocation):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(location.storage, heartbeat_interval=None, must_exist=True)
     try:
-        return optuna.load_study(study_name=location.study, storage=storage)
+        return optuna.load_study(study_name=location.name, storage=storage)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        raise EnsembleError(f"no study {location.study!r} in {location.storage} (found: {names})") from None
+        raise EnsembleError(f"no study {location.name!r} in {location.storage} (found: {names})") from None
 
 
 def artifact_store(location: StudyLocation):

@@ -98,10 +98,12 @@ class StudyLocation:
 
     @classmethod
     def find(cls, name: str | None = None, *, out: str | os.PathLike = "runs", storage: str | None = None,
-             artifacts: str | None = None) -> "StudyLocation":
-        """Given values win; missing ones come from `<out>/last_study.json` when it names the same study
-        (or no study was named), else from the defaults under `<out>/<name>/`."""
-        pointer = Path(out) / POINTER_FILE
+             artifacts: str | None = None, pointer: str | os.PathLike | None = None) -> "StudyLocation":
+        """Given values win; missing ones come from `<out>/last_study.json` (or the `pointer` file, whose
+        folder is then the output root) when it names the same study (or no study was named), else from the
+        defaults under `<out>/<name>/`."""
+        pointer = Path(pointer) if pointer is not None else Path(out) / POINTER_FILE
+        out = pointer.parent
         saved: dict = {}
         if pointer.is_file():
             try:

@@ -86,10 +86,11 @@ def test_split(study):
 
 @pytest.fixture(scope="module")
 def candidates(study, tmp_path_factory):
-    from ensemble.candidates import artifact_store, load_candidates, locate_study, open_study
+    from ensemble.candidates import artifact_store, load_candidates, open_study
+    from search.location import StudyLocation
 
     folder, _ = study
-    location = locate_study(pointer=folder / "runs" / "last_study.json")
+    location = StudyLocation.find(pointer=folder / "runs" / "last_study.json")
     found, _ = load_candidates(open_study(location), artifact_store(location), tmp_path_factory.mktemp("cache"), 8)
     return found
 
@@ -152,10 +153,11 @@ def test_a_failed_rebuild_leaves_the_existing_artifact_untouched(built, study, t
 
 def test_build_under_an_inference_budget_takes_only_what_fits(study, candidates, tmp_path):
     from ensemble.budget import measure_candidates
-    from ensemble.candidates import artifact_store, locate_study
+    from ensemble.candidates import artifact_store
+    from search.location import StudyLocation
 
     folder, _ = study
-    location = locate_study(pointer=folder / "runs" / "last_study.json")
+    location = StudyLocation.find(pointer=folder / "runs" / "last_study.json")
     lines: list[str] = []
     costs = measure_candidates(candidates, artifact_store(location), tmp_path, 8, "float32", say=lines.append)
     assert len(lines) == 1 and len(set(costs.values())) == 1  # three compact_cnn trials: timed once
