@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+POSTGRES_URL = os.environ.get("CELLSEARCH_TEST_POSTGRES",
+                              "postgresql://cellsearch:cellsearch@127.0.0.1:5432/cellsearch")
 
 TINY_SPEC = """
 name = "{name}"
@@ -50,3 +54,18 @@ def write_tiny_spec(folder: Path, name: str = "tiny", trials: int = 2, min_epoch
 def run_search(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "search.run", "--no-progress", *args], capture_output=True,
                           text=True, timeout=timeout)
+
+
+def require_postgres() -> str:
+    """The test server's URL; skips without one, except on CI, which must provide it (.ci/postgres.sh)."""
+    import pytest
+
+    from search.storage import open_storage
+
+    try:
+        open_storage(POSTGRES_URL, heartbeat_interval=None)
+    except Exception:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must provide PostgreSQL at {POSTGRES_URL} (see .ci/postgres.sh)")
+        pytest.skip("no PostgreSQL server on localhost")
+    return POSTGRES_URL

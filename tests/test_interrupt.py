@@ -23,10 +23,8 @@ from search.spec import load_spec
 from search.storage import default_storage_url, open_storage
 from search.study import FINISHED
 from search.trainer import ARTIFACT_FILES
-from search_helpers import run_search, write_tiny_spec
+from search_helpers import require_postgres, run_search, write_tiny_spec
 
-POSTGRES_URL = os.environ.get("CELLSEARCH_TEST_POSTGRES",
-                              "postgresql://cellsearch:cellsearch@127.0.0.1:5432/cellsearch")
 STOP_WITHIN_S = 10
 
 
@@ -129,24 +127,12 @@ def test_killed_driver_takes_its_workers_with_it(tmp_path):
         assert any(t.user_attrs.get(RETRY_ATTR) == trial.number for t in by_number.values())
 
 
-def _postgres_available() -> bool:
-    try:
-        open_storage(POSTGRES_URL, heartbeat_interval=None)
-        return True
-    except Exception:
-        return False
-
-
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_two_drivers_share_one_study(tmp_path, backend):
     storage = None
     name = "shared"
     if backend == "postgresql":
-        if not _postgres_available():
-            if os.environ.get("CI"):
-                pytest.fail(f"CI must provide PostgreSQL at {POSTGRES_URL} (see .ci/postgres.sh)")
-            pytest.skip("no PostgreSQL server on localhost")
-        storage, name = POSTGRES_URL, f"shared_{os.getpid()}_{int(time.time())}"
+        storage, name = require_postgres(), f"shared_{os.getpid()}_{int(time.time())}"
     total = 4
     spec_path = write_tiny_spec(tmp_path, name=name, trials=total, max_epochs=1)
     extra = ("--storage", storage) if storage else ()

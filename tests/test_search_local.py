@@ -24,10 +24,8 @@ from search.prepare import prepare_data
 from search.spec import load_spec
 from search.storage import default_storage_url, open_artifact_store, open_storage
 from search.study import make_pruner
-from search_helpers import run_search, write_tiny_spec
+from search_helpers import require_postgres, run_search, write_tiny_spec
 
-POSTGRES_URL = os.environ.get("CELLSEARCH_TEST_POSTGRES",
-                              "postgresql://cellsearch:cellsearch@127.0.0.1:5432/cellsearch")
 
 
 def load_study(spec_path: Path) -> optuna.Study:
@@ -218,26 +216,15 @@ def test_unreachable_storage_is_one_clear_line(tmp_path):
     assert "secret" not in done.stderr
 
 
-def _postgres_available() -> bool:
-    try:
-        open_storage(POSTGRES_URL, heartbeat_interval=None)
-        return True
-    except Exception:
-        return False
-
-
 def test_postgresql_storage_runs_a_study(tmp_path):
-    if not _postgres_available():
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must provide PostgreSQL at {POSTGRES_URL} (see .ci/postgres.sh)")
-        pytest.skip("no PostgreSQL server on localhost")
+    url = require_postgres()
     name = f"pg_{os.getpid()}_{int(time.time())}"
     spec_path = write_tiny_spec(tmp_path, name=name, trials=1)
-    done = run_search("--study", str(spec_path), "--storage", POSTGRES_URL, "--workers", "1")
+    done = run_search("--study", str(spec_path), "--storage", url, "--workers", "1")
     assert done.returncode == 0, done.stderr[-3000:]
-    study = optuna.load_study(study_name=name, storage=POSTGRES_URL)
+    study = optuna.load_study(study_name=name, storage=url)
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
-    optuna.delete_study(study_name=name, storage=POSTGRES_URL)
+    optuna.delete_study(study_name=name, storage=url)
 
 
 def test_journal_storage_runs_a_study(tmp_path):
