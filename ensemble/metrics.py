@@ -17,7 +17,7 @@ import pandas as pd
 from sklearn.metrics import balanced_accuracy_score, f1_score, precision_recall_fscore_support, roc_auc_score
 
 from ensemble.combiners import log_loss
-from search.calibration import expected_calibration_error
+from search.scores import expected_calibration_error
 
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_ovr", "ece", "log_loss")
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ensemble.combiners import log_loss
-from ensemble.selection import accuracy
+from search.scores import accuracy
 from ensemble.standalone import EnsembleError
 
 OBJECTIVES = ("robust", "clean")

@@ -34,13 +34,10 @@ import numpy as np
 
 from ensemble.combiners import fit_temperature, log_loss
 from ensemble.standalone import apply_temperature
+from search.scores import accuracy
 
 AGREEMENT_THRESHOLD = 0.995
 CORRELATION_THRESHOLD = 0.99
-
-
-def accuracy(probs: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
-    return float(np.average(probs.argmax(axis=1) == y, weights=sample_weight))
 
 
 def similarity(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:

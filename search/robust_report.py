@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from data_pipeline.atomic import atomic_write_text, atomic_write_with
-from search.calibration import expected_calibration_error
+from search.scores import accuracy, expected_calibration_error
 from search.plots import confusion_matrix_png, new_figure, save_png
 
 ALL = "all"
@@ -60,9 +60,6 @@ class RobustnessSummary:
                 "n_clean": self.n_clean, "n_shifted": self.n_shifted, "per_family": self.per_family,
                 "per_severity": {str(k): v for k, v in self.per_severity.items()}}
 
-
-def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(probs.argmax(axis=1) == labels))
 
 
 def _matching(values: np.ndarray, wanted) -> np.ndarray:

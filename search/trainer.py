@@ -25,6 +25,7 @@ from data_pipeline.stream import make_stream
 from search.config import TrialConfig
 from search.devices import resolve_switch
 from search.objectives import robust_score
+from search.scores import accuracy
 from search.predict import predict_views
 from search.trial_data import TrialData, prepare_trial_data
 
@@ -63,7 +64,7 @@ def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, ep
         def on_epoch_end(self, epoch, logs=None):
             if score_shift:
                 shifted = predict_views(self.model, data.val_shifted.images, 1)[0]
-                logs["val_corrupted_accuracy"] = _accuracy(shifted, data.val_shifted_labels)
+                logs["val_corrupted_accuracy"] = accuracy(shifted, data.val_shifted_labels)
                 logs["val_robust"] = robust_score(logs["val_accuracy"], logs["val_corrupted_accuracy"])
             if report is not None:
                 report(epoch_offset + epoch, {k: float(v) for k, v in logs.items() if k.startswith("val_")})
@@ -163,9 +164,6 @@ def _fit(model, config: TrialConfig, data: TrialData, report: ReportFn | None, s
     return pd.concat(histories, ignore_index=True)
 
 
-def _accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(probs.argmax(axis=1) == labels))
-
 
 def _evaluate(model, config: TrialConfig, data: TrialData) -> tuple[dict, dict]:
     """Clean val/test and held-out-family val accuracy, with and without TTA, and the arrays behind them."""
@@ -174,17 +172,17 @@ def _evaluate(model, config: TrialConfig, data: TrialData) -> tuple[dict, dict]:
         part = getattr(data, split)
         views = predict_views(model, part.images, config.tta_views)
         arrays.update({f"{split}_ids": part.ids, f"{split}_labels": part.labels, f"{split}_view_probs": views})
-        metrics[f"{split}_accuracy"] = _accuracy(views[0], part.labels)
-        metrics[f"{split}_accuracy_tta"] = _accuracy(views.mean(axis=0), part.labels)
+        metrics[f"{split}_accuracy"] = accuracy(views[0], part.labels)
+        metrics[f"{split}_accuracy_tta"] = accuracy(views.mean(axis=0), part.labels)
     shifted, labels = data.val_shifted, data.val_shifted_labels
     views = predict_views(model, shifted.images, config.tta_views)
     arrays.update(shifted_view_probs=views, shifted_source=shifted.source, shifted_family=shifted.family,
                   shifted_kind=shifted.kind, shifted_severity=shifted.severity)
-    metrics["val_corrupted_accuracy"] = _accuracy(views[0], labels)
-    metrics["val_corrupted_accuracy_tta"] = _accuracy(views.mean(axis=0), labels)
+    metrics["val_corrupted_accuracy"] = accuracy(views[0], labels)
+    metrics["val_corrupted_accuracy_tta"] = accuracy(views.mean(axis=0), labels)
     for family in sorted(set(shifted.family.tolist())):
         rows = shifted.family == family
-        metrics[f"val_accuracy_{family}"] = _accuracy(views.mean(axis=0)[rows], labels[rows])
+        metrics[f"val_accuracy_{family}"] = accuracy(views.mean(axis=0)[rows], labels[rows])
     metrics["val_robust"] = robust_score(metrics["val_accuracy"], metrics["val_corrupted_accuracy"])
     metrics["val_robust_tta"] = robust_score(metrics["val_accuracy_tta"], metrics["val_corrupted_accuracy_tta"])
     return metrics, arrays

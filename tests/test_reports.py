@@ -14,7 +14,7 @@ from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all
 from PIL import Image
 
 from data_pipeline.corrupt import shifted_copy
-from search.calibration import expected_calibration_error
+from search.scores import expected_calibration_error
 from search.plots import confusion_matrix_png, training_curves_png
 from search.report import top_trials, write_report
 from search.robust_report import ALL, REPORT_FILES, ShiftedRows, robustness_table, write_robustness_report

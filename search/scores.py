@@ -1,8 +1,13 @@
-"""Calibration of probabilistic predictions, shared by the trial reports (search) and the ensemble (ensemble)."""
+"""Scores of probabilistic predictions (accuracy, calibration), shared by trials, reports and the ensemble."""
 
 from __future__ import annotations
 
 import numpy as np
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+    """Share of rows whose most probable class is the label (weighted by `sample_weight` when given)."""
+    return float(np.average(probs.argmax(axis=1) == labels, weights=sample_weight))
 
 
 def expected_calibration_error(probs: np.ndarray, y: np.ndarray, n_bins: int = 15) -> float:
