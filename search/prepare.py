@@ -54,7 +54,11 @@ def _clean(spec: StudySpec, config: TrialConfig) -> tuple[int, Path]:
     if location.removed_ids_file.is_file() and report_file.is_file():
         return len(json.loads(location.removed_ids_file.read_text())), report_file
     dataset = load_cached(config.data, config.image_size, config.center_crop)
-    cleaned, report = clean(dataset, cleaning_config(spec))
+    try:
+        cleaned, report = clean(dataset, cleaning_config(spec))
+    except DataError as exc:
+        raise DataError(f"cleaning {dataset.source or 'the data'}: {exc} (configure it, or switch it off with "
+                        f"'cleaning.enabled = false', in the spec)") from None
     removed = sorted(set(dataset.ids.tolist()) - set(cleaned.ids.tolist()))
     write_report(report, report_file)
     atomic_write_text(location.removed_ids_file, json.dumps(removed))
