@@ -83,30 +83,57 @@ def evaluate(study_name: str, goal: str, args) -> dict:
 
     study = cs.load_study(study_name, out=args.out)
     trials = study.optuna_study.get_trials(deepcopy=False)
-    counts = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")}
+    counts = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
     test, shifted = test_data(study)
     started = time.time()
-    ens = cs.build_ensemble(study, objective=goal, out=str(Path(args.out) / study_name / "ensemble"))
-    build_seconds = time.time() - started
-    result = {"trials": counts, "build_seconds": round(build_seconds), "members": ens.report_.members}
+    ens = cs.build_ensemble(study, objective=goal, quiet=True, progress=False)
+    trial_numbers = ens.report_.members["trial"].tolist()
+    result = {"trials": counts, "build_seconds": round(time.time() - started), "members": trial_numbers,
+              "combiner": type(ens.combiner_).__name__}
+    result["candidates_oracle"] = candidates_oracle(study, test, shifted)
     for adapt in (False, True):
-        clean = ens.predict_proba(test.images, adapt_bn=adapt)
-        corrupted = ens.predict_proba(shifted.images, adapt_bn=adapt)
+        clean_m, shifted_m = (ens.member_proba(images, adapt_bn=adapt) for images in (test.images, shifted.images))
+        clean, corrupted = (ens.combiner_.predict_proba(m) for m in (clean_m, shifted_m))
         result["ensemble" + ("_bn_adapted" if adapt else "")] = scores(clean, corrupted, test, shifted)
-    result["members_alone"] = member_scores(ens, test, shifted)
+        if not adapt:
+            result["members_alone"] = member_scores(trial_numbers, clean_m, shifted_m, test, shifted)
     return result
 
 
-def member_scores(ens, test, shifted) -> dict:
-    """Each member alone (same TTA), and the oracle of them: right whenever any member is right."""
-    rows, right_clean, right_shifted = {}, [], []
-    for index, member in enumerate(ens.member_classifiers()):
-        clean, corrupted = member.predict_proba(test.images), member.predict_proba(shifted.images)
-        rows[ens.members_[index]] = scores(clean, corrupted, test, shifted)
-        right_clean.append(clean.argmax(1) == test.labels)
-        right_shifted.append(corrupted.argmax(1) == test.labels[shifted.source])
-    rows["oracle"] = {"clean": float(np.any(right_clean, axis=0).mean()),
+def candidates_oracle(study, test, shifted) -> dict:
+    """Every COMPLETE trial's model with 8-view TTA: its own scores, and the oracle of all of them."""
+    import tempfile
+
+    import keras
+
+    from ensemble.candidates import artifact_store, download
+    from search.predict import predict_views
+
+    store, right_clean, right_shifted, each = artifact_store(study.location), [], [], {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for trial in study.optuna_study.get_trials(deepcopy=False):
+            if trial.state.name != "COMPLETE":
+                continue
+            model = keras.saving.load_model(download(store, trial, "model.keras", Path(scratch) / f"{trial.number}.keras"),
+                                            compile=False)
+            clean, corrupted = (predict_views(model, images, 8).mean(axis=0) for images in (test.images, shifted.images))
+            each[f"trial {trial.number}"] = {k: v for k, v in scores(clean, corrupted, test, shifted).items()
+                                             if k in ("clean", "heldout")}
+            right_clean.append(clean.argmax(1) == test.labels)
+            right_shifted.append(corrupted.argmax(1) == test.labels[shifted.source])
+    each["oracle"] = {"clean": float(np.any(right_clean, axis=0).mean()),
                       "heldout": float(np.any(right_shifted, axis=0).mean())}
+    return each
+
+
+def member_scores(trial_numbers, clean_m, shifted_m, test, shifted) -> dict:
+    """Each member alone (same TTA), and the oracle of them: right whenever any member is right."""
+    rows = {f"trial {n}": scores(clean_m[:, i], shifted_m[:, i], test, shifted)
+            for i, n in enumerate(trial_numbers)}
+    right_clean = clean_m.argmax(axis=2) == test.labels[:, None]
+    right_shifted = shifted_m.argmax(axis=2) == test.labels[shifted.source][:, None]
+    rows["oracle"] = {"clean": float(right_clean.any(axis=1).mean()),
+                      "heldout": float(right_shifted.any(axis=1).mean())}
     return rows
 
 
