@@ -86,7 +86,7 @@ def evaluate(study_name: str, goal: str, args) -> dict:
     counts = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
     test, shifted = test_data(study)
     started = time.time()
-    ens = cs.build_ensemble(study, objective=goal, quiet=True, progress=False)
+    ens = cs.build_ensemble(study, objective=goal, tta=args.tta, quiet=True, progress=False)
     trial_numbers = ens.report_.members["trial"].tolist()
     result = {"trials": counts, "build_seconds": round(time.time() - started), "members": trial_numbers,
               "combiner": type(ens.combiner_).__name__}
@@ -144,6 +144,7 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=1000)
     parser.add_argument("--name", default="bench_robust")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
+    parser.add_argument("--tta", type=int, default=8, help="TTA views of the ensembles")
     parser.add_argument("--skip-search", action="store_true")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
