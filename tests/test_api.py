@@ -187,3 +187,24 @@ def test_progress_shows_each_running_trials_epoch_and_score():
     counts = study_counts(study)
     assert counts["epochs"] == f"#{first.number}:ep2=0.8300 #{second.number}:starting"
     assert (counts["running"], counts["complete"], counts["best"]) == (2, 1, 0.9)
+
+
+def test_multi_objective_study_reports_its_pareto_front(tmp_path):
+    """`multi`: clean and held-out accuracy as two objectives, no per-epoch reports, a Pareto front."""
+    from search.report import write_report
+    from search.study import prepare_study
+
+    spec = spec_from_dict(tiny_spec(tmp_path, algorithm={"objective": "multi", "pruner": "none"},
+                                    budget={"trials": 2}))
+    prepare_data(spec)
+    study = prepare_study(spec, open_storage(spec.location.storage, heartbeat_interval=None))
+    study.optimize(Objective(spec, open_artifact_store(spec.location.artifacts)), n_trials=2)
+    assert study.metric_names == ["val_accuracy_tta", "val_corrupted_accuracy_tta"]
+    for trial in study.trials:
+        assert trial.state == TrialState.COMPLETE and not trial.intermediate_values
+        assert trial.values == [trial.user_attrs["val_accuracy_tta"], trial.user_attrs["val_corrupted_accuracy_tta"]]
+    write_report(study, spec.location.report_dir)
+    import pandas as pd
+
+    front = pd.read_csv(spec.location.report_dir / "pareto_front.csv")
+    assert set(front["number"]) == {t.number for t in study.best_trials}
