@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from ensemble.cli import run_cli
+from ensemble.evaluate import CLEAN_TOLERANCE
 from ensemble.robust import OBJECTIVES, ValidationRows
 from ensemble.standalone import BN_PRIOR, PRECISIONS, VIEW_SETS, EnsembleError
 from search.location import StudyLocation
@@ -58,7 +59,8 @@ class BuildOptions:
 
     top: at most this many distinct members. method: "greedy" or "topk". combiner: "auto", "vote",
     "weighted" or "stacking". tta: TTA views 1, 2, 4 or 8 (of the ones trials saved). objective: "robust"
-    or "clean" (ensemble.robust). calibrate: temperature scaling. out: artifact folder (None: the study's
+    or "clean" (ensemble.robust). clean_tolerance: clean validation accuracy `auto` may give up for the
+    objective (ensemble.evaluate.choose_row). calibrate: temperature scaling. out: artifact folder (None: the study's
     folder / "ensemble", or runs/<study>/ensemble). heldout_eval: evaluate on the held-out-family test copy.
     min_images_per_s: inference budget on this machine. precision: "float32" or "bfloat16". adapt_bn,
     bn_prior: the artifact's test-time BatchNorm adaptation default (ensemble.standalone). seed:
@@ -70,6 +72,7 @@ class BuildOptions:
     combiner: str = "auto"
     tta: int = 8
     objective: str = "robust"
+    clean_tolerance: float = CLEAN_TOLERANCE
     calibrate: bool = True
     out: str | None = None
     heldout_eval: bool = True
@@ -94,6 +97,8 @@ class BuildOptions:
                 raise EnsembleError(f"--{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.top < 1:
             raise EnsembleError(f"--top must be >= 1, got {self.top}")
+        if not 0 <= self.clean_tolerance <= 1:
+            raise EnsembleError(f"--clean-tolerance must lie in [0, 1], got {self.clean_tolerance}")
         if self.distill and self.distill_epochs < 1:
             raise EnsembleError(f"--distill-epochs must be >= 1, got {self.distill_epochs}")
         if self.distill:
@@ -271,7 +276,7 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
         for member, name in zip(members, names):
             download(store, member, "model.keras", staging / "members" / f"{name}.keras")
         choice = score_combiners(X_val, rows, calibrate=options.calibrate, vote_weights=vote_weights,
-                                 preferred=options.combiner)
+                                 preferred=options.combiner, clean_tolerance=options.clean_tolerance)
         combiner = make_combiner(choice.chosen, calibrate=options.calibrate, vote_weights=vote_weights)
         ens = EnsembleClassifier(_load_members(staging, names), combiner, reference.class_names, options.tta,
                                  calibrate=options.calibrate,
@@ -481,6 +486,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, BuildOptions
     parser.add_argument("--tta", type=int, choices=sorted(VIEW_SETS), default=8, help="TTA views (default 8)")
     parser.add_argument("--objective", choices=OBJECTIVES, default="robust",
                         help="robust: mean of clean and held-out-family validation scores (default); clean")
+    parser.add_argument("--clean-tolerance", type=float, default=CLEAN_TOLERANCE,
+                        help="clean validation accuracy the auto combiner may give up for robustness "
+                             f"(default {CLEAN_TOLERANCE})")
     parser.add_argument("--no-calibrate", action="store_true", help="no temperature scaling")
     parser.add_argument("--out", help="output folder (default runs/<study>/ensemble)")
     parser.add_argument("--no-heldout-eval", action="store_true",
@@ -502,7 +510,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, BuildOptions
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     options = BuildOptions(top=args.top, method=args.method, combiner=args.combiner, tta=args.tta,
-                           objective=args.objective, calibrate=not args.no_calibrate, out=args.out,
+                           objective=args.objective, clean_tolerance=args.clean_tolerance,
+                           calibrate=not args.no_calibrate, out=args.out,
                            heldout_eval=not args.no_heldout_eval, min_images_per_s=args.min_images_per_s,
                            precision=args.precision, adapt_bn=args.adapt_bn, bn_prior=args.bn_prior, seed=args.seed,
                            pointer=args.pointer, progress=not args.no_progress, distill=args.distill,

@@ -266,6 +266,18 @@ def test_the_best_objective_score_is_chosen_then_the_simpler_kind():
         choose_row(rows, "median")
 
 
+def test_the_robust_choice_gives_up_at_most_the_clean_tolerance():
+    from ensemble.evaluate import choose_row
+
+    rows = [{"combiner": "vote", "kind": "vote", "val_oof_accuracy": 0.9765, "val_oof_objective_accuracy": 0.856,
+             "val_oof_objective_log_loss": 0.52},
+            {"combiner": "stacking", "kind": "stacking", "val_oof_accuracy": 0.9597,
+             "val_oof_objective_accuracy": 0.887, "val_oof_objective_log_loss": 0.33}]
+    assert choose_row(rows)["combiner"] == "stacking"  # no limit: the objective alone
+    assert choose_row(rows, clean_tolerance=0.005)["combiner"] == "vote"
+    assert choose_row(rows, clean_tolerance=0.02)["combiner"] == "stacking"
+
+
 def test_selection_respects_the_inference_budget():
     from ensemble.budget import InferenceBudget, MemberCost, make_budget
 
