@@ -36,10 +36,6 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def default_storage_url(study_dir: Path) -> str:
-    return f"sqlite:///{(study_dir / 'study.db').as_posix()}"
-
-
 def sqlite_path(url: str) -> Path | None:
     return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
 

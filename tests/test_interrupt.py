@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from search.lifecycle import FAIL_REASON, INTERRUPTED, RETRY_ATTR
 from search.objective import ARTIFACT_ATTR_PREFIX
 from search.spec import load_spec
-from search.storage import default_storage_url, open_storage
+from search.storage import open_storage
 from search.study import FINISHED
 from search.trainer import ARTIFACT_FILES
 from search_helpers import require_postgres, run_search, write_tiny_spec
@@ -35,7 +35,7 @@ def start_driver(spec_path: Path, *args: str) -> subprocess.Popen:
 
 def trials(spec_path: Path, storage: str | None = None) -> list[optuna.trial.FrozenTrial]:
     spec = load_spec(str(spec_path))
-    url = storage or default_storage_url(spec.study_dir)
+    url = storage or spec.location.storage
     return optuna.load_study(study_name=spec.name, storage=open_storage(url, heartbeat_interval=None)).trials
 
 

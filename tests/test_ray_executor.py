@@ -19,7 +19,7 @@ from search.executors.ray_tune import (PROTECTED_KEY, TRIAL_NUMBER_KEY, RayPlan,
                                        protect_reseeds, run_ray)
 from search.objective import ARTIFACT_ATTR_PREFIX
 from search.spec import load_spec, spec_from_dict
-from search.storage import default_storage_url, open_artifact_store, open_storage
+from search.storage import open_artifact_store, open_storage
 from search.trainer import ARTIFACT_FILES
 from search_helpers import run_search, write_tiny_spec
 
@@ -28,7 +28,7 @@ TRIALS = 3
 
 def load_study(spec_path: Path) -> optuna.Study:
     spec = load_spec(str(spec_path))
-    return optuna.load_study(study_name=spec.name, storage=default_storage_url(spec.study_dir))
+    return optuna.load_study(study_name=spec.name, storage=spec.location.storage)
 
 
 def ran_together(a: optuna.trial.FrozenTrial, b: optuna.trial.FrozenTrial) -> bool:
@@ -96,7 +96,7 @@ def test_storage_alone_describes_each_completed_trial(ray_study, tmp_path):
 def test_a_finished_study_is_not_run_again(ray_study):
     spec_path, _ = ray_study
     spec = load_spec(str(spec_path))
-    summary = run_ray(spec, default_storage_url(spec.study_dir), str(spec.study_dir / "artifacts"), ["0", "1"],
+    summary = run_ray(spec, spec.location.storage, str(spec.study_dir / "artifacts"), ["0", "1"],
                       None, show_progress=False)
     assert summary["trials"] == 0
     assert len(load_study(spec_path).get_trials()) == TRIALS

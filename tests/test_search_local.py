@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from search.objective import ARTIFACT_ATTR_PREFIX, Objective
 from search.prepare import prepare_data
 from search.spec import load_spec
-from search.storage import default_storage_url, open_artifact_store, open_storage
+from search.storage import open_artifact_store, open_storage
 from search.study import make_pruner
 from search_helpers import require_postgres, run_search, write_tiny_spec
 
@@ -30,7 +30,7 @@ from search_helpers import require_postgres, run_search, write_tiny_spec
 
 def load_study(spec_path: Path) -> optuna.Study:
     spec = load_spec(str(spec_path))
-    return optuna.load_study(study_name=spec.name, storage=default_storage_url(spec.study_dir))
+    return optuna.load_study(study_name=spec.name, storage=spec.location.storage)
 
 
 def overlaps(a: optuna.trial.FrozenTrial, b: optuna.trial.FrozenTrial) -> bool:
@@ -115,7 +115,7 @@ def test_optuna_dashboard_lists_the_study_and_its_trials(parallel_study):
     spec = load_spec(str(spec_path))
     port = _free_port()
     dashboard = Path(sys.executable).parent / "optuna-dashboard"
-    server = subprocess.Popen([str(dashboard), default_storage_url(spec.study_dir), "--host", "127.0.0.1",
+    server = subprocess.Popen([str(dashboard), spec.location.storage, "--host", "127.0.0.1",
                                "--port", str(port), "--artifact-dir", str(spec.study_dir / "artifacts")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -155,7 +155,7 @@ def test_killed_worker_loses_no_completed_trial_and_its_trial_is_retried(tmp_pat
 
 
 def _wait_for_running_after_complete(spec, deadline: float) -> optuna.trial.FrozenTrial:
-    storage_url = default_storage_url(spec.study_dir)
+    storage_url = spec.location.storage
     while time.time() < deadline:
         time.sleep(0.2)
         try:
@@ -172,7 +172,7 @@ def _wait_for_running_after_complete(spec, deadline: float) -> optuna.trial.Froz
 def _in_process_study(tmp_path, pruner: str = "none", train_images: int = 320):
     spec = load_spec(str(write_tiny_spec(tmp_path, pruner=pruner, train_images=train_images)))
     prepare_data(spec)  # what the driver does before any trial: clean and split
-    storage = open_storage(default_storage_url(spec.study_dir), heartbeat_interval=None)
+    storage = open_storage(spec.location.storage, heartbeat_interval=None)
     study = optuna.create_study(study_name=spec.name, storage=storage, direction="maximize",
                                 pruner=make_pruner(spec), sampler=optuna.samplers.RandomSampler(seed=0))
     return spec, study, Objective(spec, open_artifact_store(str(spec.study_dir / "artifacts")))

@@ -29,12 +29,12 @@ def worker_command(spec_file: Path, storage_url: str, artifacts: str, index: int
 
 
 def log_path(spec: StudySpec, index: int) -> Path:
-    return spec.study_dir / "logs" / f"worker_{index}.log"
+    return spec.location.logs_dir / f"worker_{index}.log"
 
 
 def start_workers(spec: StudySpec, storage_url: str, artifacts: str, devices: list[WorkerDevices],
                   deadline: float | None) -> list[subprocess.Popen]:
-    spec_file = spec.study_dir / "spec.json"
+    spec_file = spec.location.spec_file
     atomic_write_text(spec_file, json.dumps(spec.to_dict(), indent=2))
     log_path(spec, 0).parent.mkdir(parents=True, exist_ok=True)
     processes = []
