@@ -5,7 +5,8 @@
   again (user attribute `retry_of`); a second signal exits at once.
 - Worker: SIGINT/SIGTERM interrupts the trial in progress the same way, or stops the worker before its next
   trial; a worker whose driver dies, even by SIGKILL, gets SIGTERM (`exit_with_parent`) and so never trains
-  on unseen.
+  on unseen. A Ray trial actor is no child of the driver: it watches the driver's pid, records its trial as
+  interrupted and exits (`exit_with_driver`).
 - A trial whose process died without a word (OOM killer, power cut) keeps its heartbeat only for the grace
   period; then Optuna's `fail_stale_trials` fails it and `RetryHeartbeatStaleTrialCallback` queues it again,
   at most `storage.max_retry` times. Fresh heartbeats belong to live workers (perhaps of another driver)
@@ -180,15 +181,48 @@ def exit_with_parent(parent_pid: int | None) -> None:
         if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
             raise OSError(ctypes.get_errno(), "prctl")
     except (OSError, AttributeError):
-        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="parent-watch").start()
+        watch_process(lambda: os.getppid() == parent_pid, lambda: os.kill(os.getpid(), signal.SIGTERM))
     if os.getppid() != parent_pid:  # it died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _watch_parent(parent_pid: int) -> None:
-    while os.getppid() == parent_pid:
-        time.sleep(1.0)
-    os.kill(os.getpid(), signal.SIGTERM)
+def exit_with_driver(driver_pid: int, last_words: Callable[[], None] = lambda: None) -> None:
+    """End this process within about a second of the driver's death, even when the driver is not its parent
+    (a Ray trial actor, started by the raylet): `last_words()` (best effort), then `os._exit`."""
+
+    def leave() -> None:
+        with contextlib.suppress(Exception):
+            last_words()
+        os._exit(128 + signal.SIGTERM)
+
+    watch_process(lambda: process_alive(driver_pid), leave)
+
+
+def watch_process(alive: Callable[[], bool], then: Callable[[], None], every_s: float = 1.0) -> None:
+    """From a daemon thread: check `alive()` every `every_s` seconds, and call `then()` once it is False."""
+
+    def watch() -> None:
+        while alive():
+            time.sleep(every_s)
+        then()
+
+    threading.Thread(target=watch, daemon=True, name="driver-watch").start()
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this machine runs (a zombie, killed but not yet reaped, does not)."""
+    if Path("/proc/self/stat").exists():
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+    try:  # no /proc: the signal-0 probe, blind to zombies
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process, alive
+        pass
+    return True
 
 
 # ----------------------------------------------------------------------------------------- trials

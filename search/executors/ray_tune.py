@@ -29,7 +29,9 @@ How one trial flows
    `TrialBookkeeping.on_trial_error`, which records the reason and then fails it (Optuna refuses user
    attributes on finished trials, and only the callback sees the error). Every trial this run created and
    did not finish (Ctrl-C, SIGTERM, driver error) is failed as interrupted on the way out and queued to
-   run again; a driver killed outright leaves them to the heartbeat it kept for them (see `run_ray`).
+   run again. A driver killed outright cannot: each trial actor watches the driver's pid, and within about
+   a second of its death records its trial as interrupted and exits (`search.lifecycle.exit_with_driver`);
+   the heartbeat the driver kept for its trials covers an actor that could not (see `run_ray`).
 
 Why trials really run in parallel
 ---------------------------------
@@ -388,15 +390,22 @@ class TuneTrialChannel:
                                storage=self.storage)
 
 
-def run_tune_trial(config: dict, *, spec: StudySpec, storage_url: str, artifacts: str, cpu_threads: int) -> None:
-    """The Tune function trainable: run the Optuna trial named in `config` through the shared runner."""
+def run_tune_trial(config: dict, *, spec: StudySpec, storage_url: str, artifacts: str, cpu_threads: int,
+                   driver_pid: int) -> None:
+    """The Tune function trainable: run the Optuna trial named in `config` through the shared runner.
+
+    The actor ends itself, its trial recorded as interrupted, within about a second of the driver's death
+    (Ray would keep it training for about a minute)."""
     from search.devices import configure_tensorflow
+    from search.lifecycle import exit_with_driver, fail_interrupted
     from search.runner import run_trial
     from search.storage import open_artifact_store, open_storage
 
-    configure_tensorflow(cpu_threads)
     storage = open_storage(storage_url, heartbeat_interval=None)
     trial = find_trial(storage, spec.name, int(config[TRIAL_NUMBER_KEY]))
+    exit_with_driver(driver_pid, lambda: fail_interrupted(optuna.load_study(study_name=spec.name, storage=storage),
+                                                          [trial]))
+    configure_tensorflow(cpu_threads)
     storage.set_trial_user_attr(trial._trial_id, "ray_trial_id", tune.get_context().get_trial_id())
     channel = TuneTrialChannel(storage, trial, open_artifact_store(artifacts), OBJECTIVE_KEY)
     outcome = run_trial(channel, spec)
@@ -486,7 +495,7 @@ def progress_thread(spec: StudySpec, storage_url: str, show: bool) -> Iterator[N
 def build_tuner(spec: StudySpec, searcher: StudySearch, plan: RayPlan, samples: int, storage_url: str,
                 artifacts: str):
     trainable = tune.with_parameters(run_tune_trial, spec=spec, storage_url=storage_url, artifacts=artifacts,
-                                     cpu_threads=plan.cpu_threads)
+                                     cpu_threads=plan.cpu_threads, driver_pid=os.getpid())
     tune_config = tune.TuneConfig(
         search_alg=searcher, scheduler=make_scheduler(spec), num_samples=samples,
         max_concurrent_trials=plan.workers, reuse_actors=False,
