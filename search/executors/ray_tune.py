@@ -32,6 +32,8 @@ How one trial flows
    run again. A driver killed outright cannot: each trial actor watches the driver's pid, and within about
    a second of its death records its trial as interrupted and exits (`search.lifecycle.exit_with_driver`);
    the heartbeat the driver kept for its trials covers an actor that could not (see `run_ray`).
+   After each ended trial the local workers' `FailureGuard` checks the artifact store (and counts failures
+   in a row): an error the whole study shares stops every trial and leaves `run_ray` as one line.
 
 Why trials really run in parallel
 ---------------------------------
@@ -296,6 +298,10 @@ class StudySearch(OptunaSearch):
             self._tell(trial, TrialState.FAIL)
         return len(running)
 
+    @property
+    def study(self) -> optuna.Study:
+        return self._ot_study
+
     def running_ids(self) -> list[int]:
         """Storage ids of the trials this searcher handed to Tune that Tune has not finished."""
         return [trial._trial_id for tune_id, trial in self._ot_trials.items()
@@ -321,29 +327,56 @@ class StudySearch(OptunaSearch):
 
 
 class TrialBookkeeping(tune.Callback):
-    """Driver-side hooks: record why a trial errored, and remove scratch folders of stopped trials.
+    """Driver-side hooks: record why a trial errored, remove scratch folders of stopped trials, and hand
+    each ended trial to the local workers' FailureGuard (artifact store gone, trial after trial failing).
 
     Runs after the searcher's `on_trial_complete(error=True)` in the same controller step, with the
     Tune trial (and so its error) at hand. One line per failure instead of Tune's full traceback (kept
-    in the trial's `fail_traceback` attribute and Tune's error.txt).
+    in the trial's `fail_traceback` attribute and Tune's error.txt). The guard's error is kept in
+    `stopped_by`; `StopOnStudyError` then stops every trial.
     """
 
-    def __init__(self, searcher: StudySearch, spec: StudySpec) -> None:
-        self.searcher = searcher
-        self.spec = spec
+    def __init__(self, searcher: StudySearch, spec: StudySpec, guard) -> None:
+        self.searcher, self.spec, self.guard = searcher, spec, guard
+        self.stopped_by: Exception | None = None
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         reason = self.searcher.record_failure(trial.trial_id, error_text(trial))
         logger.warning("trial %s failed: %s", (trial.config or {}).get(TRIAL_NUMBER_KEY, trial), reason)
-        self._clean(trial)
+        self._ended(trial)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        self._clean(trial)
+        self._ended(trial)
 
-    def _clean(self, trial) -> None:
+    def raise_if_stopped(self) -> None:
+        if self.stopped_by is not None:
+            raise self.stopped_by
+
+    def _ended(self, trial) -> None:
+        from data_pipeline.errors import CellsearchError
+
         number = (trial.config or {}).get(TRIAL_NUMBER_KEY)
-        if number is not None:
-            shutil.rmtree(self.spec.location.trial_work_dir(number), ignore_errors=True)
+        if number is None:
+            return
+        shutil.rmtree(self.spec.location.trial_work_dir(number), ignore_errors=True)
+        study = self.searcher.study
+        try:
+            self.guard(study, find_trial(study._storage, self.spec.name, number))
+        except CellsearchError as error:
+            self.stopped_by = self.stopped_by or error
+
+
+class StopOnStudyError(tune.Stopper):
+    """Stop all trials once the bookkeeping met an error the whole study shares."""
+
+    def __init__(self, bookkeeping: TrialBookkeeping) -> None:
+        self.bookkeeping = bookkeeping
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.bookkeeping.stopped_by is not None
 
 
 def error_text(trial) -> str:
@@ -492,19 +525,19 @@ def progress_thread(spec: StudySpec, storage_url: str, show: bool) -> Iterator[N
         thread.join(timeout=10)
 
 
-def build_tuner(spec: StudySpec, searcher: StudySearch, plan: RayPlan, samples: int, storage_url: str,
+def build_tuner(spec: StudySpec, bookkeeping: TrialBookkeeping, plan: RayPlan, samples: int, storage_url: str,
                 artifacts: str):
     trainable = tune.with_parameters(run_tune_trial, spec=spec, storage_url=storage_url, artifacts=artifacts,
                                      cpu_threads=plan.cpu_threads, driver_pid=os.getpid())
     tune_config = tune.TuneConfig(
-        search_alg=searcher, scheduler=make_scheduler(spec), num_samples=samples,
+        search_alg=bookkeeping.searcher, scheduler=make_scheduler(spec), num_samples=samples,
         max_concurrent_trials=plan.workers, reuse_actors=False,
         trial_dirname_creator=lambda trial: f"trial_{trial.config.get(TRIAL_NUMBER_KEY, trial.trial_id)}",
     )
     run_config = tune.RunConfig(
         name=f"tune_{time.strftime('%Y%m%d_%H%M%S')}", storage_path=str(spec.location.ray_dir),
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-        callbacks=[TrialBookkeeping(searcher, spec)], verbose=0,
+        callbacks=[bookkeeping], stop=StopOnStudyError(bookkeeping), verbose=0,
     )
     return tune.Tuner(tune.with_resources(trainable, plan.resources()), tune_config=tune_config,
                       run_config=run_config)
@@ -515,11 +548,12 @@ def run_ray(spec: StudySpec, storage_url: str, artifacts: str, gpus: list[str], 
     """Run the study's missing trials on Ray Tune; returns a summary (workers, trials run, errors).
 
     Ctrl-C or SIGTERM stops Ray with its trial actors; the unfinished trials fail as interrupted and are
-    queued again, one line says how to resume, and `Interrupted` propagates (see search.lifecycle). The
-    driver keeps the heartbeats of its running trials (ask() starts none), so trials of a driver that died
+    queued again, one line says how to resume, and `Interrupted` propagates (see search.lifecycle). An
+    artifact store that stops taking files, or trial after trial failing, stops every trial and raises its
+    one-line error (StorageError, TrialsFailing). The driver keeps the heartbeats of its running trials (ask() starts none), so trials of a driver that died
     unseen fail and are queued again by the next run once the grace period has passed."""
-    from search.lifecycle import (INTERRUPTED, Interrupted, driver_signals, heartbeats, probe_artifact_store,
-                                  storage_failures)
+    from search.lifecycle import (INTERRUPTED, FailureGuard, Interrupted, driver_signals, heartbeats,
+                                  probe_artifact_store, storage_failures)
     from search.progress import print_interrupted
     from search.storage import open_artifact_store, open_storage
     from search.study import prepare_study
@@ -528,7 +562,8 @@ def run_ray(spec: StudySpec, storage_url: str, artifacts: str, gpus: list[str], 
     storage_url, artifacts = absolute_storage_url(storage_url), absolute_location(artifacts)
     storage = open_storage(storage_url, heartbeat_interval=spec.storage.heartbeat_interval,
                            grace_period=spec.storage.grace_period, max_retry=spec.storage.max_retry)
-    probe_artifact_store(open_artifact_store(artifacts), artifacts)
+    artifact_store = open_artifact_store(artifacts)
+    probe_artifact_store(artifact_store, artifacts)
     study = prepare_study(spec, storage)
     samples = missing_trials(spec, study)
     if samples <= 0 or (deadline is not None and time.time() >= deadline):
@@ -541,12 +576,14 @@ def run_ray(spec: StudySpec, storage_url: str, artifacts: str, gpus: list[str], 
             plan = plan_resources(spec, ray.cluster_resources())
             print(plan.describe(), flush=True)
             searcher = StudySearch(spec, storage, deadline)
-            tuner = build_tuner(spec, searcher, plan, samples, storage_url, artifacts)
+            bookkeeping = TrialBookkeeping(searcher, spec, FailureGuard(artifact_store, artifacts))
+            tuner = build_tuner(spec, bookkeeping, plan, samples, storage_url, artifacts)
             with progress_thread(spec, storage_url, show_progress), heartbeats(storage, searcher.running_ids), \
                     storage_failures(storage_url), scoped_environ(
                         TUNE_MAX_PENDING_TRIALS_PG=str(plan.workers), RAY_AIR_NEW_OUTPUT="0",
                         TUNE_PRINT_ALL_TRIAL_ERRORS="0", TUNE_DISABLE_SIGINT_HANDLER="1"):
                 results = tuner.fit()
+                bookkeeping.raise_if_stopped()
             return {"workers": plan.workers, "trials": len(results), "errors": len(results.errors)}
     except KeyboardInterrupt:  # ours, or the plain one Ray re-raises for it
         raise Interrupted(received[0] if received else signal.SIGINT) from None
