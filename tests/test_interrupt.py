@@ -1,6 +1,7 @@
 """Interrupting and resuming `python -m search.run` the way users do, with real processes and real signals:
 Ctrl-C / SIGTERM / SIGKILL on the driver, the rerun that resumes, two drivers on one study, and an artifact
-store that stops taking files mid-study."""
+store that stops taking files mid-study; local executor, and the same faults on the Ray executor (real Ray,
+simulated GPUs)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search.lifecycle import FAIL_REASON, INTERRUPTED, RETRY_ATTR
+from search.lifecycle import FAIL_REASON, INTERRUPTED, RETRY_ATTR, process_alive
 from search.objective import ARTIFACT_ATTR_PREFIX
 from search.spec import load_spec
 from search.storage import open_storage
@@ -189,3 +191,95 @@ def test_artifact_store_turning_read_only_fails_the_study_in_one_line(tmp_path):
         if trial.state == TrialState.COMPLETE:  # only if it was published before the store turned read-only
             assert all(ARTIFACT_ATTR_PREFIX + name in trial.user_attrs for name in ARTIFACT_FILES)
             assert all((artifacts / trial.user_attrs[ARTIFACT_ATTR_PREFIX + n]).is_file() for n in ARTIFACT_FILES)
+
+
+# ------------------------------------------------------------------------------------------------- ray
+RAY = ("--executor", "ray", "--gpus", "0,1")
+
+
+def trial_pids(spec_path: Path) -> set[int]:
+    """The processes that ran the study's trials (their runner recorded `worker` = host:pid)."""
+    return {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in trials(spec_path) if "worker" in t.user_attrs}
+
+
+def seconds_until_gone(pids: set[int], limit: float) -> float:
+    start = time.monotonic()
+    while any(map(process_alive, pids)) and time.monotonic() - start < limit:
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                children = {int(c) for c in (task / "children").read_text().split()} - found
+                todo.extend(children)
+                found |= children
+    return found
+
+
+@contextlib.contextmanager
+def ray_driver(spec_path: Path) -> Iterator[tuple[subprocess.Popen, set[int]]]:
+    """A Ray driver and the numbers of its trials in training; on the way out, its Ray processes (raylet,
+    GCS) that outlived it are killed."""
+    driver = start_driver(spec_path, *RAY)
+    started: set[int] = set()
+    try:
+        running = {t.number for t in wait_for_training(spec_path)}
+        started = descendants(driver.pid)
+        yield driver, running
+    finally:
+        driver.kill()
+        for pid in started:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def assert_interrupted_and_queued(spec_path: Path, interrupted: set[int]) -> None:
+    by_number = {t.number: t for t in trials(spec_path)}
+    for number in interrupted:
+        assert by_number[number].state == TrialState.FAIL
+        assert by_number[number].user_attrs[FAIL_REASON] == INTERRUPTED
+    retries = {t.user_attrs[RETRY_ATTR]: t.state for t in by_number.values() if RETRY_ATTR in t.user_attrs}
+    assert {n: retries.get(n) for n in interrupted} == {n: TrialState.WAITING for n in interrupted}
+
+
+def ray_spec(tmp_path: Path, name: str, trials: int = 2) -> Path:
+    return write_tiny_spec(tmp_path, name=name, trials=trials, min_epochs=3, max_epochs=3, train_images=1200)
+
+
+def test_ray_ctrl_c_stops_every_trial_process_and_queues_the_trials(tmp_path):
+    spec_path = ray_spec(tmp_path, "raystop")
+    with ray_driver(spec_path) as (driver, running):
+        driver.send_signal(signal.SIGINT)
+        out, err = driver.communicate(timeout=60)
+    assert driver.returncode == 128 + signal.SIGINT, err[-3000:]
+    assert seconds_until_gone(trial_pids(spec_path), STOP_WITHIN_S) < STOP_WITHIN_S, "trials outlived the driver"
+    assert "interrupted" in out.splitlines()[-1] and "resume with: python -m search.run" in out
+    assert_interrupted_and_queued(spec_path, running)
+
+
+def test_ray_trials_end_themselves_when_the_driver_is_killed(tmp_path):
+    spec_path = ray_spec(tmp_path, "rayorphans")
+    with ray_driver(spec_path) as (driver, running):
+        pids = trial_pids(spec_path)
+        driver.kill()
+        driver.wait(timeout=30)
+        assert seconds_until_gone(pids, STOP_WITHIN_S) < STOP_WITHIN_S, "trials kept training unseen"
+    assert_interrupted_and_queued(spec_path, running)  # each actor recorded its own trial on the way out
+
+
+def test_ray_artifact_store_turning_read_only_fails_the_study_in_one_line(tmp_path):
+    spec_path = write_tiny_spec(tmp_path, name="rayreadonly", trials=2, min_epochs=2, max_epochs=2,
+                                train_images=1200)
+    artifacts = load_spec(str(spec_path)).study_dir / "artifacts"
+    with ray_driver(spec_path) as (driver, _), read_only(artifacts):
+        out, err = driver.communicate(timeout=300)
+    assert driver.returncode == 2, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.strip().endswith(errors[0])
+    assert errors[0].startswith(f"error: artifact store {artifacts} is not writable")
+    assert seconds_until_gone(trial_pids(spec_path), STOP_WITHIN_S) < STOP_WITHIN_S
+    assert not [t for t in trials(spec_path) if t.state in (TrialState.COMPLETE, TrialState.RUNNING)]
