@@ -11,8 +11,9 @@ until every worker trains a trial, then stops the driver the way a user does:
 - `sigterm`: SIGTERM to the driver only (`kill`, a batch scheduler);
 - `sigkill`: SIGKILL to the driver only (`kill -9`, the OOM killer).
 
-It prints, per scenario, the seconds from the signal to the last process the driver started being gone
-(workers, and for Ray its raylet, GCS and actors), to the driver's exit, and what the storage then holds:
+It prints, per scenario, the seconds from the signal to the last trial process gone (the processes the
+trials recorded as their `worker`: local workers, Ray trial actors), to the last process the driver started
+being gone (for Ray also its raylet and GCS), to the driver's exit, and what the storage then holds:
 trials interrupted (FAIL, fail_reason "interrupted"), still RUNNING, and configurations queued again.
 """
 
@@ -35,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from search_helpers import write_tiny_spec  # noqa: E402
 
+from search.lifecycle import process_alive  # noqa: E402
+
 # name: (signal, to the whole process group, how many times)
 SCENARIOS = {"ctrl-c": (signal.SIGINT, True, 1), "ctrl-c-twice": (signal.SIGINT, True, 2),
              "sigterm": (signal.SIGTERM, False, 1), "sigkill": (signal.SIGKILL, False, 1)}
@@ -53,12 +56,11 @@ def descendants(pid: int) -> set[int]:
 
 
 def alive(pids: set[int]) -> set[int]:
-    live = set()
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                live.add(pid)
-    return live
+    return {pid for pid in pids if process_alive(pid)}
+
+
+def trial_pids(trials: list) -> set[int]:
+    return {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in trials if "worker" in t.user_attrs}
 
 
 def load_trials(url: str, name: str) -> list:
@@ -87,15 +89,17 @@ def run_scenario(scenario: str, executor: str, folder: Path, timeout: float = 60
         driver.kill()
         raise RuntimeError(f"{scenario}: no two trials trained within {timeout:.0f} s; driver's stderr ends: "
                            + (folder / "driver.err").read_text()[-2000:])
-    started = descendants(driver.pid)
+    started, trial_processes = descendants(driver.pid), trial_pids(load_trials(url, spec_path.stem))
     sent = time.monotonic()
     for repeat in range(times):
         time.sleep(0.2 * repeat)
         os.killpg(driver.pid, signum) if whole_group else driver.send_signal(signum)
-    driver_gone = None
+    driver_gone = trials_gone = None
     while alive(started) or driver_gone is None:
         if driver_gone is None and driver.poll() is not None:
             driver_gone = time.monotonic() - sent
+        if trials_gone is None and not alive(trial_processes):
+            trials_gone = time.monotonic() - sent
         if time.monotonic() - sent > 120:
             break
         time.sleep(0.05)
@@ -105,7 +109,7 @@ def run_scenario(scenario: str, executor: str, folder: Path, timeout: float = 60
     trials = load_trials(url, spec_path.stem)
     return {
         "scenario": scenario, "executor": executor, "processes": len(started),
-        "all_gone_s": round(all_gone, 1), "driver_exit_s": round(driver_gone or all_gone, 1),
+        "trials_gone_s": round(all_gone if trials_gone is None else trials_gone, 1), "all_gone_s": round(all_gone, 1), "driver_exit_s": round(driver_gone or all_gone, 1),
         "left_alive": len(alive(started)),
         "interrupted": sum(t.user_attrs.get("fail_reason") == "interrupted" for t in trials),
         "running": sum(t.state == TrialState.RUNNING for t in trials),
@@ -120,7 +124,7 @@ def main() -> None:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated, of " + ", ".join(SCENARIOS))
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    columns = ("scenario", "executor", "processes", "all_gone_s", "driver_exit_s", "left_alive", "interrupted",
+    columns = ("scenario", "executor", "processes", "trials_gone_s", "all_gone_s", "driver_exit_s", "left_alive", "interrupted",
                "running", "queued_again")
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns), flush=True)
     for scenario in args.scenarios.split(","):
