@@ -18,6 +18,8 @@ Policies for robustness to distribution shift (see `data_pipeline.corrupt.FAMILI
   `stack_views=True`, the augmenter returns the clean (oriented) batch and JSD_VIEWS independent AugMix
   views of it stacked on the batch axis, (3B,H,W,3) with the (B,C) labels, for `search.jsd`; without,
   it returns one AugMix view, like 'augmix'.
+- 'corrupt_jsd': the same consistency loss over views made by 'corrupt': AugMix's recipe with the
+  corruptions of the training families in place of AugMix's chains.
 
 Families: `policy_families(policy)` declares which corruption families a policy can touch (colour jitter
 and RandAugment/AugMix's colour ops: 'colour'; their sharpness op: 'blur'; their posterization, a
@@ -866,6 +868,7 @@ _POLICY_BUILDERS: dict[str, Callable[[Augmenter], PolicyFn]] = {
     "stain": _stain,
     "corrupt": _corrupt,
     "augmix_jsd": _augmix,  # one view per call; the stacked views and the loss: see CONSISTENCY_POLICIES
+    "corrupt_jsd": _corrupt,
 }
 assert set(_POLICY_BUILDERS) == set(POLICIES)
 

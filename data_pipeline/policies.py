@@ -13,12 +13,12 @@ from data_pipeline.errors import DataError
 
 POLICIES: tuple[str, ...] = (
     "none", "light", "randaugment", "augmix", "cutmix", "mixup", "cutmix_mixup", "gridmask", "cutout",
-    "stain", "corrupt", "augmix_jsd",
+    "stain", "corrupt", "augmix_jsd", "corrupt_jsd",
 )
 #: Policies whose output labels are soft (mixtures of two one-hot rows).
 MIXING_POLICIES: tuple[str, ...] = ("cutmix", "mixup", "cutmix_mixup")
 #: Policies trained with a consistency loss over stacked views (`stack_views=True`, `search.jsd`).
-CONSISTENCY_POLICIES: tuple[str, ...] = ("augmix_jsd",)
+CONSISTENCY_POLICIES: tuple[str, ...] = ("augmix_jsd", "corrupt_jsd")
 
 # The corruption family of each non-geometric RandAugment / AugMix op.
 OP_FAMILIES = {
@@ -33,7 +33,7 @@ _COLOUR = frozenset({"colour"})
 POLICY_FAMILIES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "light": (_COLOUR, frozenset()),
     "stain": (_COLOUR, frozenset()),
-    "corrupt": (frozenset(), frozenset(corruptions.FAMILIES)),
+    **{policy: (frozenset(), frozenset(corruptions.FAMILIES)) for policy in ("corrupt", "corrupt_jsd")},
     **{policy: (_COLOUR, frozenset(OP_FAMILIES.values()) - _COLOUR)
        for policy in ("randaugment", "augmix", "augmix_jsd")},
 }

@@ -21,19 +21,21 @@ def batch(embedded):
     return embedded.images[idx].astype(np.float32), np.eye(N_CLASSES, dtype=np.float32)[embedded.labels[idx]]
 
 
-def _drawn_families(embedded, families, batches=24):
+def _drawn_families(embedded, families, batches=24, policy="corrupt"):
     """Family usage after `batches` batches of 32 through a tf.data stream (graph mode, parallel map)."""
-    augmenter = build_augmenter("corrupt", 1.0, N_CLASSES, seed=0, families=families)
+    augmenter = build_augmenter(policy, 1.0, N_CLASSES, seed=0, families=families,
+                                stack_views=policy == "corrupt_jsd")
     idx = np.random.default_rng(2).choice(len(embedded), 256, replace=False)
     stream = make_stream(embedded.images[idx], embedded.labels[idx], N_CLASSES, 32, augmenter=augmenter,
                          repeat=True)
     for images, _ in stream.take(batches):
-        assert images.shape == (32, 28, 28, 3)
+        assert images.shape == (32 * augmenter.views, 28, 28, 3)
     return augmenter.family_usage
 
 
-def test_corrupt_never_applies_a_held_out_family(embedded):
-    usage = _drawn_families(embedded, ("noise", "blur", "colour"))
+@pytest.mark.parametrize("policy", ["corrupt", "corrupt_jsd"])
+def test_corrupt_never_applies_a_held_out_family(embedded, policy):
+    usage = _drawn_families(embedded, ("noise", "blur", "colour"), policy=policy)
     assert all(usage[family] == 0 for family in DEFAULT_HELDOUT_FAMILIES), usage
     assert all(usage[family] > 0 for family in ("noise", "blur", "colour")), usage
 
@@ -51,9 +53,10 @@ def test_policy_families_table():
     for policy in ("randaugment", "augmix", "augmix_jsd"):
         assert policy_families(policy) == {"colour", "blur", "acquisition"}
         assert policy_families(policy, DEFAULT_TRAIN_FAMILIES) == {"colour", "blur"}
-    assert policy_families("corrupt") == set(FAMILIES)
-    assert policy_families("corrupt", ["noise"]) == {"noise"}
-    assert {"stain", "corrupt", "augmix_jsd"} <= set(POLICIES)
+    for policy in ("corrupt", "corrupt_jsd"):
+        assert policy_families(policy) == set(FAMILIES)
+        assert policy_families(policy, ["noise"]) == {"noise"}
+    assert {"stain", "corrupt", "augmix_jsd", "corrupt_jsd"} <= set(POLICIES)
 
 
 @pytest.mark.parametrize("policy", ["light", "stain", "randaugment", "augmix", "augmix_jsd"])
@@ -113,14 +116,15 @@ def test_strength_zero_is_identity_and_nothing_is_counted(batch, policy):
     assert not augmenter.family_usage
 
 
-def test_stacked_views_for_jsd(batch):
+@pytest.mark.parametrize("policy", ["augmix_jsd", "corrupt_jsd"])
+def test_stacked_views_for_jsd(batch, policy):
     images, labels = batch
-    stacked, out_labels = build_augmenter("augmix_jsd", 1.0, N_CLASSES, stack_views=True)(images, labels, seed=2)
+    stacked, out_labels = build_augmenter(policy, 1.0, N_CLASSES, stack_views=True)(images, labels, seed=2)
     clean, first, second = np.split(stacked.numpy(), 3)
     assert np.array_equal(out_labels.numpy(), labels)
     assert np.array_equal(np.sort(clean, axis=None), np.sort(images, axis=None))  # clean view: only D4
     assert not np.array_equal(first, clean) and not np.array_equal(first, second)
-    identity, _ = build_augmenter("augmix_jsd", 0.0, N_CLASSES, stack_views=True)(images, labels, seed=2)
+    identity, _ = build_augmenter(policy, 0.0, N_CLASSES, stack_views=True)(images, labels, seed=2)
     assert np.array_equal(identity.numpy(), np.concatenate([images] * 3))
     with pytest.raises(DataError, match="stack_views"):
         build_augmenter("augmix", 1.0, N_CLASSES, stack_views=True)
