@@ -8,7 +8,7 @@ pinned to its own core (`taskset`), so both see the same machine: one with `algo
 (the default), one with `val_accuracy_tta` (the clean baseline). Each is then built into an ensemble,
 selected for the same goal (`objective="robust"` and `"clean"`). Both are scored on the clean test split
 and on a corrupted copy of it made with the held-out families (`robustness.heldout_families`) at every
-severity, with a seed no validation copy uses: images that neither training, validation nor selection
+severity, seeded as `ensemble.build` seeds its test report (never the validation copy's seed): images that neither training, validation nor selection
 ever saw, with corruption families that training never saw. Printed per family and per severity, with ECE,
 the ensemble's best single member, the oracle of all candidates, and BatchNorm adaptation on/off.
 """
@@ -27,7 +27,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = {"robust": "robust", "val_accuracy_tta": "clean"}  # search objective -> ensemble selection goal
-TEST_SEED = 1_000_003  # the corrupted test copy: a seed no study's validation copy uses
 
 
 def run_searches(args) -> None:
@@ -48,16 +47,16 @@ def run_searches(args) -> None:
 
 def test_data(study):
     """The clean test split every trial of `study` saw (after cleaning), and its held-out-family copy."""
-    from data_pipeline.corrupt import check_families, shifted_copy
+    from ensemble.build import heldout_test_copy
     from search.config import TrialConfig
     from search.space import fixed_fields
     from search.spec import spec_from_dict
     from search.trial_data import split_dataset
 
     spec = spec_from_dict(study.optuna_study.user_attrs["spec"], origin="study")
-    test = split_dataset(TrialConfig(**fixed_fields(spec))).split("test")
-    _, heldout = check_families(spec.robustness.train_families, spec.robustness.heldout_families)
-    return test, shifted_copy(test.images, heldout, seed=TEST_SEED)
+    config = TrialConfig(**fixed_fields(spec))
+    test = split_dataset(config).split("test")
+    return test, heldout_test_copy(config, test.images)
 
 
 def scores(probs_clean, probs_shifted, test, shifted) -> dict:
