@@ -424,11 +424,12 @@ class TuneTrialChannel:
 
 
 def run_tune_trial(config: dict, *, spec: StudySpec, storage_url: str, artifacts: str, cpu_threads: int,
-                   driver_pid: int) -> None:
+                   driver: tuple[str, int]) -> None:
     """The Tune function trainable: run the Optuna trial named in `config` through the shared runner.
 
-    The actor ends itself, its trial recorded as interrupted, within about a second of the driver's death
-    (Ray would keep it training for about a minute)."""
+    `driver`: the driver's Ray node id and pid. An actor on the driver's node ends itself, its trial
+    recorded as interrupted, within about a second of the driver's death (Ray would keep it training for
+    about a minute); on other nodes of a cluster the pid means nothing, and Ray's own timeout applies."""
     from search.devices import configure_tensorflow
     from search.lifecycle import exit_with_driver, fail_interrupted
     from search.runner import run_trial
@@ -436,8 +437,10 @@ def run_tune_trial(config: dict, *, spec: StudySpec, storage_url: str, artifacts
 
     storage = open_storage(storage_url, heartbeat_interval=None)
     trial = find_trial(storage, spec.name, int(config[TRIAL_NUMBER_KEY]))
-    exit_with_driver(driver_pid, lambda: fail_interrupted(optuna.load_study(study_name=spec.name, storage=storage),
-                                                          [trial]))
+    node_id, driver_pid = driver
+    if ray.get_runtime_context().get_node_id() == node_id:
+        exit_with_driver(driver_pid, lambda: fail_interrupted(
+            optuna.load_study(study_name=spec.name, storage=storage), [trial]))
     configure_tensorflow(cpu_threads)
     storage.set_trial_user_attr(trial._trial_id, "ray_trial_id", tune.get_context().get_trial_id())
     channel = TuneTrialChannel(storage, trial, open_artifact_store(artifacts), OBJECTIVE_KEY)
@@ -528,7 +531,8 @@ def progress_thread(spec: StudySpec, storage_url: str, show: bool) -> Iterator[N
 def build_tuner(spec: StudySpec, bookkeeping: TrialBookkeeping, plan: RayPlan, samples: int, storage_url: str,
                 artifacts: str):
     trainable = tune.with_parameters(run_tune_trial, spec=spec, storage_url=storage_url, artifacts=artifacts,
-                                     cpu_threads=plan.cpu_threads, driver_pid=os.getpid())
+                                     cpu_threads=plan.cpu_threads,
+                                     driver=(ray.get_runtime_context().get_node_id(), os.getpid()))
     tune_config = tune.TuneConfig(
         search_alg=bookkeeping.searcher, scheduler=make_scheduler(spec), num_samples=samples,
         max_concurrent_trials=plan.workers, reuse_actors=False,
