@@ -34,7 +34,7 @@ from optuna.trial import TrialState
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from search_helpers import write_tiny_spec  # noqa: E402
+from search_helpers import descendants, trial_pids, write_tiny_spec  # noqa: E402
 
 from search.lifecycle import process_alive  # noqa: E402
 
@@ -43,24 +43,8 @@ SCENARIOS = {"ctrl-c": (signal.SIGINT, True, 1), "ctrl-c-twice": (signal.SIGINT,
              "sigterm": (signal.SIGTERM, False, 1), "sigkill": (signal.SIGKILL, False, 1)}
 
 
-def descendants(pid: int) -> set[int]:
-    found, todo = set(), [pid]
-    while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            with contextlib.suppress(OSError):
-                children = {int(c) for c in (task / "children").read_text().split()}
-                todo.extend(children - found)
-                found |= children
-    return found
-
-
 def alive(pids: set[int]) -> set[int]:
     return {pid for pid in pids if process_alive(pid)}
-
-
-def trial_pids(trials: list) -> set[int]:
-    return {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in trials if "worker" in t.user_attrs}
 
 
 def load_trials(url: str, name: str) -> list:

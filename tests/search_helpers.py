@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -69,3 +70,20 @@ def require_postgres() -> str:
             pytest.fail(f"CI must provide PostgreSQL at {POSTGRES_URL} (see .ci/postgres.sh)")
         pytest.skip("no PostgreSQL server on localhost")
     return POSTGRES_URL
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` in the process tree (Linux /proc)."""
+    found, todo = set(), [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                children = {int(c) for c in (task / "children").read_text().split()} - found
+                todo.extend(children)
+                found |= children
+    return found
+
+
+def trial_pids(trials: list) -> set[int]:
+    """The processes that ran these trials (their runner recorded `worker` = host:pid)."""
+    return {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in trials if "worker" in t.user_attrs}

@@ -25,7 +25,7 @@ from search.spec import load_spec
 from search.storage import open_storage
 from search.study import FINISHED
 from search.trainer import ARTIFACT_FILES
-from search_helpers import require_postgres, run_search, write_tiny_spec
+from search_helpers import descendants, require_postgres, run_search, trial_pids, write_tiny_spec
 
 STOP_WITHIN_S = 10
 
@@ -197,27 +197,11 @@ def test_artifact_store_turning_read_only_fails_the_study_in_one_line(tmp_path):
 RAY = ("--executor", "ray", "--gpus", "0,1")
 
 
-def trial_pids(spec_path: Path) -> set[int]:
-    """The processes that ran the study's trials (their runner recorded `worker` = host:pid)."""
-    return {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in trials(spec_path) if "worker" in t.user_attrs}
-
-
 def seconds_until_gone(pids: set[int], limit: float) -> float:
     start = time.monotonic()
     while any(map(process_alive, pids)) and time.monotonic() - start < limit:
         time.sleep(0.1)
     return time.monotonic() - start
-
-
-def descendants(pid: int) -> set[int]:
-    found, todo = set(), [pid]
-    while todo:
-        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
-            with contextlib.suppress(OSError):
-                children = {int(c) for c in (task / "children").read_text().split()} - found
-                todo.extend(children)
-                found |= children
-    return found
 
 
 @contextlib.contextmanager
@@ -256,7 +240,7 @@ def test_ray_ctrl_c_stops_every_trial_process_and_queues_the_trials(tmp_path):
         driver.send_signal(signal.SIGINT)
         out, err = driver.communicate(timeout=60)
     assert driver.returncode == 128 + signal.SIGINT, err[-3000:]
-    assert seconds_until_gone(trial_pids(spec_path), STOP_WITHIN_S) < STOP_WITHIN_S, "trials outlived the driver"
+    assert seconds_until_gone(trial_pids(trials(spec_path)), STOP_WITHIN_S) < STOP_WITHIN_S, "trials outlived the driver"
     assert "interrupted" in out.splitlines()[-1] and "resume with: python -m search.run" in out
     assert_interrupted_and_queued(spec_path, running)
 
@@ -264,7 +248,7 @@ def test_ray_ctrl_c_stops_every_trial_process_and_queues_the_trials(tmp_path):
 def test_ray_trials_end_themselves_when_the_driver_is_killed(tmp_path):
     spec_path = ray_spec(tmp_path, "rayorphans")
     with ray_driver(spec_path) as (driver, running):
-        pids = trial_pids(spec_path)
+        pids = trial_pids(trials(spec_path))
         driver.kill()
         driver.wait(timeout=30)
         assert seconds_until_gone(pids, STOP_WITHIN_S) < STOP_WITHIN_S, "trials kept training unseen"
@@ -281,5 +265,5 @@ def test_ray_artifact_store_turning_read_only_fails_the_study_in_one_line(tmp_pa
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and err.strip().endswith(errors[0])
     assert errors[0].startswith(f"error: artifact store {artifacts} is not writable")
-    assert seconds_until_gone(trial_pids(spec_path), STOP_WITHIN_S) < STOP_WITHIN_S
+    assert seconds_until_gone(trial_pids(trials(spec_path)), STOP_WITHIN_S) < STOP_WITHIN_S
     assert not [t for t in trials(spec_path) if t.state in (TrialState.COMPLETE, TrialState.RUNNING)]
