@@ -61,7 +61,6 @@ class RobustnessSummary:
                 "per_severity": {str(k): v for k, v in self.per_severity.items()}}
 
 
-
 def _matching(values: np.ndarray, wanted) -> np.ndarray:
     return np.ones(len(values), dtype=bool) if wanted == ALL else values == wanted
 

@@ -164,7 +164,6 @@ def _fit(model, config: TrialConfig, data: TrialData, report: ReportFn | None, s
     return pd.concat(histories, ignore_index=True)
 
 
-
 def _evaluate(model, config: TrialConfig, data: TrialData) -> tuple[dict, dict]:
     """Clean val/test and held-out-family val accuracy, with and without TTA, and the arrays behind them."""
     arrays, metrics = {"class_names": np.array(data.class_names)}, {}
@@ -178,11 +177,12 @@ def _evaluate(model, config: TrialConfig, data: TrialData) -> tuple[dict, dict]:
     views = predict_views(model, shifted.images, config.tta_views)
     arrays.update(shifted_view_probs=views, shifted_source=shifted.source, shifted_family=shifted.family,
                   shifted_kind=shifted.kind, shifted_severity=shifted.severity)
+    tta = views.mean(axis=0)
     metrics["val_corrupted_accuracy"] = accuracy(views[0], labels)
-    metrics["val_corrupted_accuracy_tta"] = accuracy(views.mean(axis=0), labels)
+    metrics["val_corrupted_accuracy_tta"] = accuracy(tta, labels)
     for family in sorted(set(shifted.family.tolist())):
         rows = shifted.family == family
-        metrics[f"val_accuracy_{family}"] = accuracy(views.mean(axis=0)[rows], labels[rows])
+        metrics[f"val_accuracy_{family}"] = accuracy(tta[rows], labels[rows])
     metrics["val_robust"] = robust_score(metrics["val_accuracy"], metrics["val_corrupted_accuracy"])
     metrics["val_robust_tta"] = robust_score(metrics["val_accuracy_tta"], metrics["val_corrupted_accuracy_tta"])
     return metrics, arrays
