@@ -8,9 +8,10 @@ pinned to its own core (`taskset`), so both see the same machine: one with `algo
 (the default), one with `val_accuracy_tta` (the clean baseline). Each is then built into an ensemble,
 selected for the same goal (`objective="robust"` and `"clean"`). Both are scored on the clean test split
 and on a corrupted copy of it made with the held-out families (`robustness.heldout_families`) at every
-severity, seeded as `ensemble.build` seeds its test report (never the validation copy's seed): images that neither training, validation nor selection
-ever saw, with corruption families that training never saw. Printed per family and per severity, with ECE,
-the ensemble's best single member, the oracle of all candidates, and BatchNorm adaptation on/off.
+severity, seeded as `ensemble.build` seeds its test report (never the validation copy's seed): images that
+neither training, validation nor selection ever saw, with corruption families that training never saw.
+Printed per family and per severity, with ECE, the ensemble's best single member, the oracle of all
+candidates, and BatchNorm adaptation on/off.
 """
 
 from __future__ import annotations
@@ -103,8 +104,7 @@ def candidates_oracle(study, test, shifted) -> dict:
     """Every COMPLETE trial's model with 8-view TTA: its own scores, and the oracle of all of them."""
     import tempfile
 
-    import keras
-
+    from backbones import load_model
     from ensemble.candidates import artifact_store, download
     from search.predict import predict_views
 
@@ -113,9 +113,10 @@ def candidates_oracle(study, test, shifted) -> dict:
         for trial in study.optuna_study.get_trials(deepcopy=False):
             if trial.state.name != "COMPLETE":
                 continue
-            model = keras.saving.load_model(download(store, trial, "model.keras", Path(scratch) / f"{trial.number}.keras"),
-                                            compile=False)
-            clean, corrupted = (predict_views(model, images, 8).mean(axis=0) for images in (test.images, shifted.images))
+            path = download(store, trial, "model.keras", Path(scratch) / f"{trial.number}.keras")
+            model = load_model(path, compile=False)
+            clean, corrupted = (predict_views(model, images, 8).mean(axis=0)
+                                for images in (test.images, shifted.images))
             each[f"trial {trial.number}"] = {k: v for k, v in scores(clean, corrupted, test, shifted).items()
                                              if k in ("clean", "heldout")}
             right_clean.append(clean.argmax(1) == test.labels)
