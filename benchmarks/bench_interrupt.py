@@ -93,7 +93,8 @@ def run_scenario(scenario: str, executor: str, folder: Path, timeout: float = 60
     trials = load_trials(url, spec_path.stem)
     return {
         "scenario": scenario, "executor": executor, "processes": len(started),
-        "trials_gone_s": round(all_gone if trials_gone is None else trials_gone, 1), "all_gone_s": round(all_gone, 1), "driver_exit_s": round(driver_gone or all_gone, 1),
+        "trials_gone_s": round(all_gone if trials_gone is None else trials_gone, 1),
+        "all_gone_s": round(all_gone, 1), "driver_exit_s": round(driver_gone or all_gone, 1),
         "left_alive": len(alive(started)),
         "interrupted": sum(t.user_attrs.get("fail_reason") == "interrupted" for t in trials),
         "running": sum(t.state == TrialState.RUNNING for t in trials),
@@ -108,8 +109,8 @@ def main() -> None:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated, of " + ", ".join(SCENARIOS))
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    columns = ("scenario", "executor", "processes", "trials_gone_s", "all_gone_s", "driver_exit_s", "left_alive", "interrupted",
-               "running", "queued_again")
+    columns = ("scenario", "executor", "processes", "trials_gone_s", "all_gone_s", "driver_exit_s", "left_alive",
+               "interrupted", "running", "queued_again")
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns), flush=True)
     for scenario in args.scenarios.split(","):
         with tempfile.TemporaryDirectory(prefix=f"bench_interrupt_{scenario}_") as folder:

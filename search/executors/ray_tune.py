@@ -554,8 +554,9 @@ def run_ray(spec: StudySpec, storage_url: str, artifacts: str, gpus: list[str], 
     Ctrl-C or SIGTERM stops Ray with its trial actors; the unfinished trials fail as interrupted and are
     queued again, one line says how to resume, and `Interrupted` propagates (see search.lifecycle). An
     artifact store that stops taking files, or trial after trial failing, stops every trial and raises its
-    one-line error (StorageError, TrialsFailing). The driver keeps the heartbeats of its running trials (ask() starts none), so trials of a driver that died
-    unseen fail and are queued again by the next run once the grace period has passed."""
+    one-line error (StorageError, TrialsFailing). The driver keeps the heartbeats of its running trials
+    (ask() starts none), so trials of a driver that died unseen fail and are queued again by the next run
+    once the grace period has passed."""
     from search.lifecycle import (INTERRUPTED, FailureGuard, Interrupted, driver_signals, heartbeats,
                                   probe_artifact_store, storage_failures)
     from search.progress import print_interrupted
