@@ -15,10 +15,16 @@ import optuna
 from optuna.trial import TrialState
 
 RESEED_ATTR = "reseed_of"
+PROTECTED_ATTR = "never_prune"  # warm starts the spec marks `prune = false`
 
 
 def is_reseed(trial: optuna.trial.FrozenTrial | optuna.Trial) -> bool:
     return RESEED_ATTR in trial.user_attrs
+
+
+def is_protected(trial) -> bool:
+    """Chosen, not sampled, so never pruned: reseeded copies and warm starts marked `prune = false`."""
+    return is_reseed(trial) or bool(trial.user_attrs.get(PROTECTED_ATTR))
 
 
 def enqueue_reseeds(study: optuna.Study, top: int) -> list[int]:

@@ -26,7 +26,7 @@ import optuna
 
 from search.config import TrialConfig
 from search.objectives import get_objective
-from search.reseed import RESEED_ATTR
+from search.reseed import is_protected
 from search.space import config_from_params
 from search.spec import StudySpec
 from search.trainer import ARTIFACT_FILES, TrialResult, train_trial
@@ -96,14 +96,15 @@ class TrialOutcome:
 def run_trial(channel: TrialChannel, spec: StudySpec) -> TrialOutcome:
     """Train the configuration `channel` names, publish it, and return its metrics and objective value(s).
 
-    Reseeded copies (`reseed_of`) were chosen, not sampled: they report every epoch but are never pruned.
+    Reseeded copies and warm starts marked `prune = false` were chosen, not sampled: they report every epoch
+    but are never pruned.
     """
     objective = get_objective(spec.algorithm.objective)
     config = trial_config(spec, channel.params, channel.number)
     for key, value in {"seed": config.seed, "device": device_label(),
                        "worker": f"{socket.gethostname()}:{os.getpid()}", "started_at": time.time()}.items():
         channel.set_user_attr(key, value)
-    may_prune = RESEED_ATTR not in channel.user_attrs
+    may_prune = not is_protected(channel)
     work_dir = spec.location.trial_work_dir(channel.number)
 
     def report(epoch: int, scores: dict) -> None:

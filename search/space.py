@@ -13,7 +13,7 @@ import optuna
 
 from search.config import TrialConfig
 from search.objectives import early_stopping_monitor
-from search.spec import StudySpec
+from search.spec import WARM_START_KEYS, StudySpec
 
 
 def suggest_params(trial: optuna.Trial, spec: StudySpec, is_pretrained: Callable[[str], bool]) -> dict[str, Any]:
@@ -69,8 +69,22 @@ def config_from_params(params: dict[str, Any], spec: StudySpec, is_pretrained: C
 
 
 def warm_start_params(spec: StudySpec) -> list[dict[str, Any]]:
-    """Warm-start entries whose choices exist in this spec's space (others would break the sampler)."""
+    """Warm-start parameters whose choices exist in this spec's space (others would break the sampler)."""
+    return [params for params, _ in warm_start_trials(spec)]
+
+
+def warm_start_trials(spec: StudySpec) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(parameters, user attributes) of each warm-start trial to enqueue, in the spec's order: an entry with
+    `copies = N` runs N times (each trial has its own seed), one with `prune = false` is never pruned."""
+    from search.reseed import PROTECTED_ATTR
+
     allowed = {"backbone": spec.space.backbones, "augment_policy": spec.space.augment_policies,
                "optimizer": spec.space.optimizers, "batch_size": spec.space.batch_size}
-    return [entry for entry in spec.warm_start
-            if all(entry.get(key, choices[0]) in choices for key, choices in allowed.items())]
+    trials = []
+    for index, entry in enumerate(spec.warm_start):
+        params = {k: v for k, v in entry.items() if k not in WARM_START_KEYS}
+        if not all(params.get(key, choices[0]) in choices for key, choices in allowed.items()):
+            continue
+        attrs = {"warm_start": index} | ({PROTECTED_ATTR: True} if entry.get("prune") is False else {})
+        trials += [(params, attrs)] * entry.get("copies", 1)
+    return trials

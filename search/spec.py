@@ -187,6 +187,7 @@ def spec_from_dict(values: dict[str, Any], origin: str = "spec") -> StudySpec:
         elif key == "warm_start":
             if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
                 raise ConfigError(f"{origin}: 'warm_start' must be an array of tables ([[warm_start]])")
+            _validate_warm_start(value, origin)
             spec.warm_start = value
         elif key in ("name", "out"):
             if not isinstance(value, str) or not value:
@@ -200,6 +201,18 @@ def spec_from_dict(values: dict[str, Any], origin: str = "spec") -> StudySpec:
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+WARM_START_KEYS = {"copies": "a positive integer like 2", "prune": "true or false"}  # settings, not parameters
+
+
+def _validate_warm_start(entries: list[dict], origin: str) -> None:
+    for index, entry in enumerate(entries):
+        copies, prune = entry.get("copies", 1), entry.get("prune", True)
+        for key, ok in {"copies": _positive_int(copies), "prune": isinstance(prune, bool)}.items():
+            if not ok:
+                raise ConfigError(f"{origin}: invalid value for 'warm_start[{index}].{key}': {entry[key]!r} "
+                                  f"(should be {WARM_START_KEYS[key]})")
 
 
 def validate_spec(spec: StudySpec, origin: str = "spec") -> None:

@@ -8,7 +8,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search.objectives import get_objective
-from search.space import warm_start_params
+from search.space import warm_start_trials
 from search.spec import AlgorithmSpec, StudySpec
 
 # What `budget.trials` counts: a failed or interrupted trial does not, its configuration is queued again.
@@ -55,8 +55,8 @@ def prepare_study(spec: StudySpec, storage) -> optuna.Study:
     study.set_user_attr("spec", json.loads(json.dumps(spec.to_dict())))
     study.set_metric_names(get_objective(spec.algorithm.objective).metric_names)
     if not study.get_trials(deepcopy=False):
-        for params in warm_start_params(spec):
-            study.enqueue_trial(params, skip_if_exists=True)
+        for params, user_attrs in warm_start_trials(spec):
+            study.enqueue_trial(params, user_attrs=user_attrs)
     return study
 
 

@@ -20,6 +20,7 @@ from search.objective import Objective
 from search.prepare import prepare_data
 from search.reseed import RESEED_ATTR
 from search.spec import spec_from_dict
+from search.study import prepare_study
 from search.storage import open_artifact_store, open_storage
 
 TINY = {
@@ -134,22 +135,25 @@ def test_the_dashboard_shows_named_objectives_and_trial_plots(searched):
             "val_accuracy_artefact"} <= set(trial.user_attrs)
 
 
-def test_local_runner_records_the_seed_and_never_prunes_a_reseeded_copy(tmp_path):
-    spec = spec_from_dict(tiny_spec(tmp_path, budget={"trials": 2}))
-    prepare_data(spec)
-    storage = open_storage(spec.location.storage, heartbeat_interval=None)
-    study = optuna.create_study(study_name=spec.name, storage=storage, direction="maximize",
-                                pruner=optuna.pruners.ThresholdPruner(lower=1.01))  # prunes every trial
+def test_local_runner_records_the_seed_and_never_prunes_chosen_trials(tmp_path):
+    """A sampled-like warm start is pruned; the copies of one marked `prune = false` and a reseeded copy are
+    chosen, so they run to the end, each with its own seed."""
     params = {"backbone": "compact_cnn", "augment_policy": "none", "optimizer": "adamw", "learning_rate": 3e-3,
               "weight_decay": 1e-4, "batch_size": 64, "dropout": 0.0, "label_smoothing": 0.0, "epochs": 2,
               "class_weighting": False}
-    study.enqueue_trial(params)
+    spec = spec_from_dict(tiny_spec(tmp_path, budget={"trials": 4},
+                                    warm_start=[params, {**params, "copies": 2, "prune": False}]))
+    prepare_data(spec)
+    study = prepare_study(spec, open_storage(spec.location.storage, heartbeat_interval=None))
+    study.pruner = optuna.pruners.ThresholdPruner(lower=1.01)  # prunes every trial it may prune
     study.enqueue_trial(params, user_attrs={RESEED_ATTR: 0})
-    study.optimize(Objective(spec, open_artifact_store(spec.location.artifacts)), n_trials=2)
-    original, copy = study.get_trials()
-    assert original.state == TrialState.PRUNED and copy.state == TrialState.COMPLETE
-    assert len(copy.intermediate_values) == 2  # it reported every epoch, and was kept
-    assert original.user_attrs["seed"] != copy.user_attrs["seed"]
+    study.optimize(Objective(spec, open_artifact_store(spec.location.artifacts)), n_trials=4)
+    original, *chosen = study.get_trials()
+    assert original.state == TrialState.PRUNED
+    assert [t.state for t in chosen] == [TrialState.COMPLETE] * 3
+    assert [t.user_attrs.get("warm_start") for t in chosen] == [1, 1, None]
+    assert all(len(t.intermediate_values) == 2 for t in chosen)  # each reported every epoch, and was kept
+    assert len({t.user_attrs["seed"] for t in (original, *chosen)}) == 4
 
 
 CLI_ERRORS = [

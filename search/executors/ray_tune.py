@@ -83,7 +83,7 @@ from search.spec import StudySpec
 logger = logging.getLogger(__name__)
 
 TRIAL_NUMBER_KEY = "optuna_trial_number"
-PROTECTED_KEY = "never_prune"  # reseeded copies: the scheduler must let them finish
+PROTECTED_KEY = "never_prune"  # reseeded copies, unprunable warm starts: the scheduler lets them finish
 FINAL_KEY = "trial_finished"
 EPOCH_KEY = "epoch"
 OBJECTIVE_KEY = "objective"  # the running (per epoch) and final objective value in Tune's results
@@ -211,11 +211,11 @@ class SearchSpace:
         self.spec = spec
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
-        from search.reseed import is_reseed
+        from search.reseed import is_protected
         from search.space import suggest_params
 
         suggest_params(trial, self.spec, is_pretrained)
-        return {TRIAL_NUMBER_KEY: trial.number, PROTECTED_KEY: is_reseed(trial)}
+        return {TRIAL_NUMBER_KEY: trial.number, PROTECTED_KEY: is_protected(trial)}
 
 
 class StudySearch(OptunaSearch):
