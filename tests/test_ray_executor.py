@@ -158,7 +158,8 @@ def test_asha_never_stops_a_reseeded_copy():
     assert decisions["ProtectedAsyncHyperBandScheduler"] == [*decisions["AsyncHyperBandScheduler"][:3], "CONTINUE"]
 
 
-def test_the_searcher_flags_reseeded_copies_for_the_scheduler(tmp_path):
+def test_the_searcher_flags_chosen_trials_for_the_scheduler(tmp_path):
+    """Reseeded copies and warm starts marked `prune = false` are protected; other trials are not."""
     spec = spec_from_dict({"name": "rayreseed", "out": str(tmp_path),
                            "space": {"backbones": ["compact_cnn"], "augment_policies": ["none"]}})
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=None)
@@ -167,9 +168,10 @@ def test_the_searcher_flags_reseeded_copies_for_the_scheduler(tmp_path):
               "batch_size": 64, "dropout": 0.0, "label_smoothing": 0.0, "epochs": 2, "class_weighting": False}
     study.enqueue_trial(params)
     study.enqueue_trial(params, user_attrs={"reseed_of": 0})
+    study.enqueue_trial(params, user_attrs={"warm_start": 0, "never_prune": True})
     searcher = StudySearch(spec, storage, deadline=None)
-    first, copy = searcher.suggest("a"), searcher.suggest("b")
-    assert (first[PROTECTED_KEY], copy[PROTECTED_KEY]) == (False, True)
+    flags = [searcher.suggest(name)[PROTECTED_KEY] for name in "abc"]
+    assert flags == [False, True, True]
     searcher.fail_unfinished("test over")
 
 
