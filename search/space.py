@@ -68,14 +68,10 @@ def config_from_params(params: dict[str, Any], spec: StudySpec, is_pretrained: C
     return TrialConfig(**values)
 
 
-def warm_start_params(spec: StudySpec) -> list[dict[str, Any]]:
-    """Warm-start parameters whose choices exist in this spec's space (others would break the sampler)."""
-    return [params for params, _ in warm_start_trials(spec)]
-
-
 def warm_start_trials(spec: StudySpec) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(parameters, user attributes) of each warm-start trial to enqueue, in the spec's order: an entry with
-    `copies = N` runs N times (each trial has its own seed), one with `prune = false` is never pruned."""
+    """(parameters, user attributes) of each warm-start trial to enqueue, in the spec's order, skipping entries
+    whose choices are not in this spec's space (they would break the sampler): an entry with `copies = N` runs
+    N times (each trial has its own seed), one with `prune = false` is never pruned."""
     from search.reseed import PROTECTED_ATTR
 
     allowed = {"backbone": spec.space.backbones, "augment_policy": spec.space.augment_policies,

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from search.executors.ray_tune import (PROTECTED_KEY, TRIAL_NUMBER_KEY, RayPlan, StudySearch, plan_resources,
                                        protect_reseeds, run_ray)
 from search.objective import ARTIFACT_ATTR_PREFIX
+from search.reseed import PROTECTED_ATTR
 from search.spec import load_spec, spec_from_dict
 from search.storage import open_artifact_store, open_storage
 from search.trainer import ARTIFACT_FILES
@@ -168,7 +169,7 @@ def test_the_searcher_flags_chosen_trials_for_the_scheduler(tmp_path):
               "batch_size": 64, "dropout": 0.0, "label_smoothing": 0.0, "epochs": 2, "class_weighting": False}
     study.enqueue_trial(params)
     study.enqueue_trial(params, user_attrs={"reseed_of": 0})
-    study.enqueue_trial(params, user_attrs={"warm_start": 0, "never_prune": True})
+    study.enqueue_trial(params, user_attrs={"warm_start": 0, PROTECTED_ATTR: True})
     searcher = StudySearch(spec, storage, deadline=None)
     flags = [searcher.suggest(name)[PROTECTED_KEY] for name in "abc"]
     assert flags == [False, True, True]

@@ -11,18 +11,18 @@ from search.config import ConfigError
 from search.devices import pin_environment
 from search.executors.devices_plan import parse_gpus, plan_workers, usable_cores
 from search.run import parse_args, spec_from_args
-from search.space import config_from_params, suggest_params, warm_start_params
-from search.spec import load_spec, spec_from_dict
+from search.space import config_from_params, suggest_params, warm_start_trials
+from search.spec import WARM_START_KEYS, load_spec, spec_from_dict
 
 
 @pytest.mark.parametrize("name", ["default", "an2dl_gpu", "fast", "accurate"])
 def test_shipped_specs_load(name):
     spec = load_spec(name)
     assert spec.name == name
-    settings = {"copies", "prune"}
     assert spec.warm_start
-    assert warm_start_params(spec) == [{k: v for k, v in e.items() if k not in settings}
-                                       for e in spec.warm_start for _ in range(e.get("copies", 1))]
+    assert [params for params, _ in warm_start_trials(spec)] == [
+        {k: v for k, v in e.items() if k not in WARM_START_KEYS} for e in spec.warm_start
+        for _ in range(e.get("copies", 1))]
 
 
 def test_an2dl_spec_is_the_competition_setting():

@@ -20,8 +20,8 @@ How one trial flows
    per-epoch value, which the scheduler compares). Metrics and files are published before the final report
    (the true objective, flagged final). Tune's function trainables report synchronously, so a trial
    stopped at an epoch never publishes, and one stopped at its final report has already published
-   everything. Reseeded copies carry PROTECTED_KEY in their Tune config and the scheduler
-   (`protect_reseeds`) never stops them.
+   everything. Reseeded copies and warm starts marked `prune = false` carry PROTECTED_KEY in their Tune
+   config and the scheduler (`protect_reseeds`) never stops them.
 3. Tune feeds the results back: `StudySearch.on_trial_result` stores each epoch's validation accuracy as
    the Optuna intermediate value (step = epoch index, as the local executor does), and
    `on_trial_complete` tells the study COMPLETE (final report seen, value = the spec's objective),
@@ -465,7 +465,8 @@ def objective_keys(spec: StudySpec) -> list[str]:
 
 # ----------------------------------------------------------------------------------------- scheduler
 def protect_reseeds(scheduler_class: type) -> type:
-    """`scheduler_class`, except that trials flagged PROTECTED_KEY (reseeded copies) always continue."""
+    """`scheduler_class`, except that trials flagged PROTECTED_KEY (reseeded copies, warm starts marked
+    `prune = false`) always continue."""
     from ray.tune.schedulers import TrialScheduler
 
     class Protected(scheduler_class):
