@@ -28,7 +28,7 @@ REQUIRED = {
 }
 #: Blocks per entry (stem included): the unit of unfreeze depth.
 BLOCK_COUNTS = {
-    "compact_cnn": 3, "compact_cnn_s2": 3, "compact_cnn_d2": 6, "small_resnet": 4, "mobilenet_v3_small": 12,
+    "compact_cnn": 3, "compact_cnn_s2": 3, "compact_cnn_d2": 6, "compact_cnn_d3": 9, "small_resnet": 4, "mobilenet_v3_small": 12,
     "efficientnet_b0": 17, "efficientnet_v2_b0": 22, "efficientnet_v2_s": 41, "efficientnet_v2_m": 58,
     "efficientnet_v2_l": 80,
     "convnext_tiny": 19, "convnext_base": 37, "convnext_large": 37, "resnet50": 17, "densenet121": 59,
@@ -79,7 +79,7 @@ def test_registry_has_required_entries_with_sane_specs():
         assert spec.lr > 0 and spec.finetune_lr > 0
     assert not B.get_backbone("small_resnet").pretrained and not B.get_backbone("compact_cnn").pretrained
     assert all(B.get_backbone(n).pretrained for n in REQUIRED - {"small_resnet", "compact_cnn"})
-    assert B.list_backbones(pretrained=False) == ["compact_cnn", "compact_cnn_d2", "compact_cnn_s2", "small_resnet"]
+    assert B.list_backbones(pretrained=False) == ["compact_cnn", "compact_cnn_d2", "compact_cnn_d3", "compact_cnn_s2", "small_resnet"]
 
 
 def test_spec_is_immutable():
@@ -155,14 +155,15 @@ def test_compact_cnn_s2_downsamples_in_its_stem():
     assert B.get_backbone_model(fast).output.shape[1] == 3  # 14 -> 7 -> 3 after the two poolings
 
 
-def test_compact_cnn_d2_has_two_convs_per_stage_at_full_resolution():
-    """The accurate member: compact_cnn's stages, each with a second 3x3 conv, stem stride 1 at 28 px."""
-    single, double = B.build_classifier("compact_cnn"), B.build_classifier("compact_cnn_d2")
+@pytest.mark.parametrize("name, depth", [("compact_cnn_d2", 2), ("compact_cnn_d3", 3)])
+def test_deeper_compact_cnns_stack_convs_per_stage_at_full_resolution(name, depth):
+    """The accurate and robust members: compact_cnn's stages, each with `depth` 3x3 convs, stem stride 1 at 28 px."""
+    single, deep = B.build_classifier("compact_cnn"), B.build_classifier(name)
     convs = lambda m: [layer.name for layer in B.get_backbone_model(m).layers if layer.name.endswith("conv")]  # noqa: E731
-    assert len(convs(double)) == 2 * len(convs(single)) == 6
-    assert "stage3_block2_conv" in convs(double)
-    assert tuple(B.get_backbone_model(double).get_layer("stage1_block2_conv").output.shape[1:3]) == (28, 28)
-    assert double.count_params() > 2 * single.count_params()
+    assert len(convs(deep)) == depth * len(convs(single)) == 3 * depth
+    assert f"stage3_block{depth}_conv" in convs(deep)
+    assert tuple(B.get_backbone_model(deep).get_layer(f"stage1_block{depth}_conv").output.shape[1:3]) == (28, 28)
+    assert deep.count_params() > depth * single.count_params()
 
 
 def test_resize_to_and_input_validation():
