@@ -19,7 +19,7 @@ per 28x28 image, nearly 4x compact_cnn's, and the best scratch model here; one c
 
 (*) trained for robustness (`corrupt` 0.8, label smoothing 0.1, dropout 0.2), two runs sharing the machine:
 depth 3 scored 0.981 clean / 0.902 on the held-out corruption families against 0.976 / 0.898 for depth 2
-(812 CPU-s) and 0.984 / 0.902 for depth 2 at widths 48/96/192 (1676 CPU-s). `compact_cnn_d3` is the
+(812 CPU-s) and 0.984 / 0.899 for depth 2 at widths 48/96/192 (1676 CPU-s). `compact_cnn_d3` is the
 robust member of the default study: the extra depth buys clean accuracy back from heavy augmentation.
 
 `compact_cnn_s2` is the member for ensembles under an inference budget (`ensemble.build
