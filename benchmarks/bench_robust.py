@@ -11,7 +11,8 @@ and on a corrupted copy of it made with the held-out families (`robustness.heldo
 severity, seeded as `ensemble.build` seeds its test report (never the validation copy's seed): images that
 neither training, validation nor selection ever saw, with corruption families that training never saw.
 Printed per family and per severity, with ECE, the ensemble's best single member, the oracle of all
-candidates, and BatchNorm adaptation on/off.
+candidates, the frontier of plain averages of up to 4 candidates (what any selection of them could reach),
+and BatchNorm adaptation on/off.
 """
 
 from __future__ import annotations
@@ -101,29 +102,53 @@ def evaluate(study_name: str, goal: str, args) -> dict:
 
 
 def candidates_oracle(study, test, shifted) -> dict:
-    """Every COMPLETE trial's model with 8-view TTA: its own scores, and the oracle of all of them."""
+    """Every COMPLETE trial's model with 8-view TTA: its own scores, the oracle of all of them, and the
+    frontier of what plain averages of them reach on this test copy (`average_frontier`)."""
     import tempfile
 
     from backbones import load_model
     from ensemble.candidates import artifact_store, download
     from search.predict import predict_views
 
-    store, right_clean, right_shifted, each = artifact_store(study.location), [], [], {}
+    store, probs, each = artifact_store(study.location), {}, {}
     with tempfile.TemporaryDirectory() as scratch:
         for trial in study.optuna_study.get_trials(deepcopy=False):
             if trial.state.name != "COMPLETE":
                 continue
             path = download(store, trial, "model.keras", Path(scratch) / f"{trial.number}.keras")
             model = load_model(path, compile=False)
-            clean, corrupted = (predict_views(model, images, 8).mean(axis=0)
-                                for images in (test.images, shifted.images))
-            each[f"trial {trial.number}"] = {k: v for k, v in scores(clean, corrupted, test, shifted).items()
+            probs[trial.number] = [predict_views(model, images, 8).mean(axis=0)
+                                   for images in (test.images, shifted.images)]
+            each[f"trial {trial.number}"] = {k: v for k, v in scores(*probs[trial.number], test, shifted).items()
                                              if k in ("clean", "heldout")}
-            right_clean.append(clean.argmax(1) == test.labels)
-            right_shifted.append(corrupted.argmax(1) == test.labels[shifted.source])
-    each["oracle"] = {"clean": float(np.any(right_clean, axis=0).mean()),
-                      "heldout": float(np.any(right_shifted, axis=0).mean())}
+    labels = (test.labels, test.labels[shifted.source])
+    right = [[p[split].argmax(1) == labels[split] for p in probs.values()] for split in (0, 1)]
+    each["oracle"] = {"clean": float(np.any(right[0], axis=0).mean()),
+                      "heldout": float(np.any(right[1], axis=0).mean())}
+    each["average_frontier"] = average_frontier(probs, labels)
     return each
+
+
+def average_frontier(probs: dict, labels, max_members: int = 4) -> list:
+    """Plain averages of up to `max_members` candidates that no other average beats on both clean and
+    held-out accuracy: what any selection of these members could reach at best, measured on test data
+    that selected nothing (an analysis, never a choice)."""
+    import itertools
+
+    points = []
+    for size in range(1, min(max_members, len(probs)) + 1):
+        for members in itertools.combinations(sorted(probs), size):
+            accuracy = [float(np.mean(sum(probs[m][split] for m in members).argmax(1) == labels[split]))
+                        for split in (0, 1)]
+            points.append({"members": list(members), "clean": round(accuracy[0], 4),
+                           "heldout": round(accuracy[1], 4)})
+    front = {}
+    for p in points:  # fewest members first, so a tie keeps the smallest average
+        score = (p["clean"], p["heldout"])
+        if not any(q["clean"] >= score[0] and q["heldout"] >= score[1] and (q["clean"], q["heldout"]) != score
+                   for q in points):
+            front.setdefault(score, p)
+    return sorted(front.values(), key=lambda p: p["clean"])
 
 
 def member_scores(trial_numbers, clean_m, shifted_m, test, shifted) -> dict:
