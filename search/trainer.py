@@ -43,8 +43,12 @@ class TrialResult:
     metrics: dict
 
 
-def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, epoch_offset: int, started: float,
-               timings: dict) -> list:
+def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, epoch_offset: int, epochs: int,
+               started: float, timings: dict) -> list:
+    """The epoch monitor, then early stopping, which watches only the second half of the stage's epochs:
+    under the cosine schedule's high learning rate and heavy augmentation, early epochs spike (bench_robust
+    v4: a warm start that would have scored 0.943 val_robust stopped at epoch 11 of 24 on a spike at epoch 4,
+    and kept that epoch's 0.902)."""
     import keras
 
     score_shift = config.early_stopping_monitor == "val_robust"
@@ -73,7 +77,7 @@ def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, ep
 
     stopper = keras.callbacks.EarlyStopping(
         monitor=config.early_stopping_monitor, mode="max", patience=config.early_stopping_patience,
-        restore_best_weights=True,
+        restore_best_weights=True, start_from_epoch=epochs // 2,
     )
     return [Monitor(), stopper]
 
@@ -132,7 +136,9 @@ def _training_arrays(config: TrialConfig, data: TrialData) -> tuple[np.ndarray, 
 
 
 def _fit(model, config: TrialConfig, data: TrialData, report: ReportFn | None, started: float,
-         timings: dict, pretrained: bool) -> pd.DataFrame:
+         timings: dict, pretrained: bool) -> tuple[pd.DataFrame, int]:
+    """Every stage's history, and the epoch whose weights the model ends with (early stopping restores the
+    best watched epoch of the last stage)."""
     from backbones import set_unfreeze
     from data_pipeline.augment import CONSISTENCY_POLICIES
     from search.jsd import JSDTrainer
@@ -152,16 +158,19 @@ def _fit(model, config: TrialConfig, data: TrialData, report: ReportFn | None, s
     for name, fraction, epochs, learning_rate in _stages(config, pretrained):
         set_unfreeze(classifier, fraction)
         _compile(model, config, learning_rate, epochs, steps)
+        callbacks = _callbacks(config, data, report, epoch, epochs, started, timings)
         fitted = model.fit(train, validation_data=val, epochs=epochs, class_weight=weights, verbose=0, shuffle=False,
-                           callbacks=_callbacks(config, data, report, epoch, started, timings))
+                           callbacks=callbacks)
         frame = pd.DataFrame(fitted.history)
+        stopper = callbacks[-1]  # a time budget can end the stage before it watched: the last epoch stays
+        best_epoch = epoch + (stopper.best_epoch if stopper.best_weights is not None else len(frame) - 1)
         frame.insert(0, "epoch", range(epoch, epoch + len(frame)))
         frame.insert(1, "stage", name)
         histories.append(frame)
         epoch += len(frame)
         if config.time_budget_s and time.perf_counter() - started > config.time_budget_s:
             break
-    return pd.concat(histories, ignore_index=True)
+    return pd.concat(histories, ignore_index=True), best_epoch
 
 
 def _evaluate(model, config: TrialConfig, data: TrialData) -> tuple[dict, dict]:
@@ -222,12 +231,11 @@ def train_trial(config: TrialConfig, out_dir: str | Path, report: ReportFn | Non
     data = prepare_trial_data(config)
     model = build_trial_model(config, data)
     timings: dict = {}
-    history = _fit(model, config, data, report, started, timings, get_backbone(config.backbone).pretrained)
+    history, best_epoch = _fit(model, config, data, report, started, timings, get_backbone(config.backbone).pretrained)
     train_seconds = time.perf_counter() - started
     metrics, arrays = _evaluate(model, config, data)
-    best = history[config.early_stopping_monitor].idxmax()
     metrics.update(
-        epochs_run=len(history), best_epoch=int(history.loc[best, "epoch"]), train_seconds=train_seconds,
+        epochs_run=len(history), best_epoch=best_epoch, train_seconds=train_seconds,
         seconds_to_first_step=timings.get("first_step"), total_seconds=time.perf_counter() - started,
         n_train=len(data.train), n_params=int(model.count_params()), backbone=config.backbone,
     )

@@ -36,7 +36,35 @@ def test_every_epoch_is_reported_clean_and_shifted(quick_trial):
         assert all(0 <= scores[k] <= 1 for k in ("val_accuracy", "val_corrupted_accuracy", "val_robust"))
         assert scores["val_robust"] == pytest.approx((scores["val_accuracy"] + scores["val_corrupted_accuracy"]) / 2)
     history = pd.read_csv(result.directory / "history.csv")
-    assert result.metrics["best_epoch"] == int(history.loc[history["val_robust"].idxmax(), "epoch"])
+    watched = history[history["epoch"] >= QUICK["epochs"] // 2]  # early stopping watches the second half
+    assert result.metrics["best_epoch"] == int(watched.loc[watched["val_robust"].idxmax(), "epoch"])
+
+
+def test_early_stopping_neither_stops_on_nor_keeps_a_spike_in_the_first_half():
+    """Under a high learning rate and heavy augmentation, early epochs spike: the stage must run on past such a
+    spike and end with the best weights of its second half."""
+    import keras
+
+    from search.trainer import _callbacks
+
+    config = TrialConfig(**{**QUICK, "early_stopping_monitor": "val_accuracy", "early_stopping_patience": 2})
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
+    callbacks = _callbacks(config, data=None, report=None, epoch_offset=0, epochs=12, started=0.0, timings={})
+    model.stop_training = False
+    for callback in callbacks:
+        callback.set_model(model)
+        callback.on_train_begin()
+    scores = [0.5, 0.99, 0.6, 0.6, 0.6, 0.6, 0.7, 0.8, 0.75, 0.7, 0.7, 0.7]
+    for epoch, score in enumerate(scores):
+        model.layers[0].kernel.assign([[float(epoch)]])  # the weights say which epoch they are from
+        for callback in callbacks:
+            callback.on_epoch_end(epoch, {"val_accuracy": score})
+        if model.stop_training:
+            break
+    for callback in callbacks:
+        callback.on_train_end()
+    assert epoch == 9  # patience 2 after the second half's best (epoch 7), not after the spike at epoch 1
+    assert float(model.layers[0].kernel.numpy()[0, 0]) == 7.0
 
 
 def test_trial_is_scored_on_the_heldout_families(quick_trial):
