@@ -47,7 +47,7 @@ def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, ep
                started: float, timings: dict) -> list:
     """The epoch monitor, then early stopping, which watches only the second half of the stage's epochs:
     under the cosine schedule's high learning rate and heavy augmentation, early epochs spike (bench_robust
-    v4: a warm start that would have scored 0.943 val_robust stopped at epoch 11 of 24 on a spike at epoch 4,
+    v4: a warm start whose twin ran on to 0.940 val_robust stopped at epoch 11 of 24 on a spike at epoch 4,
     and kept that epoch's 0.902)."""
     import keras
 
