@@ -28,7 +28,8 @@ REQUIRED = {
 }
 #: Blocks per entry (stem included): the unit of unfreeze depth.
 BLOCK_COUNTS = {
-    "compact_cnn": 3, "compact_cnn_s2": 3, "compact_cnn_d2": 6, "compact_cnn_d3": 9, "small_resnet": 4, "mobilenet_v3_small": 12,
+    "compact_cnn": 3, "compact_cnn_s2": 3, "compact_cnn_d2": 6, "compact_cnn_d3": 9, "small_resnet": 4,
+    "mobilenet_v3_small": 12,
     "efficientnet_b0": 17, "efficientnet_v2_b0": 22, "efficientnet_v2_s": 41, "efficientnet_v2_m": 58,
     "efficientnet_v2_l": 80,
     "convnext_tiny": 19, "convnext_base": 37, "convnext_large": 37, "resnet50": 17, "densenet121": 59,
@@ -79,7 +80,8 @@ def test_registry_has_required_entries_with_sane_specs():
         assert spec.lr > 0 and spec.finetune_lr > 0
     assert not B.get_backbone("small_resnet").pretrained and not B.get_backbone("compact_cnn").pretrained
     assert all(B.get_backbone(n).pretrained for n in REQUIRED - {"small_resnet", "compact_cnn"})
-    assert B.list_backbones(pretrained=False) == ["compact_cnn", "compact_cnn_d2", "compact_cnn_d3", "compact_cnn_s2", "small_resnet"]
+    assert B.list_backbones(pretrained=False) == ["compact_cnn", "compact_cnn_d2", "compact_cnn_d3", "compact_cnn_s2",
+                                                  "small_resnet"]
 
 
 def test_spec_is_immutable():
