@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                                    min_images_per_s=args.min_images_per_s, precision=args.precision or "float32")
             started = time.perf_counter()
             code = run_cli(lambda _: (build_ensemble(
-                StudyLocation.find(args.study, storage=args.storage, artifacts=args.artifacts, pointer=args.pointer), options), 0)[1])
+                StudyLocation.find(args.study, storage=args.storage, artifacts=args.artifacts, pointer=args.pointer),
+                options), 0)[1])
             if code:
                 return code
             print(f"build: {time.perf_counter() - started:.1f} s")

@@ -124,7 +124,8 @@ CUTOUT_FILL = 128.0
 GRIDMASK_MAX_RATIO = 0.6       # masked square side / grid unit (area fraction up to 0.36)
 GRIDMASK_ROTATION = 0.15       # fraction of 2*pi
 # 'light' colour jitter at strength 1: brightness +-10% of range, contrast x[0.85, 1.15] (Keras
-# RandomBrightness factor 0.1, RandomContrast factor (0.15, 0.15)), chroma x[0.82, 1.22] (saturation u ~ 0.5 +- 0.05, factor
+# RandomBrightness factor 0.1, RandomContrast factor (0.15, 0.15)), chroma x[0.82, 1.22] (saturation
+# u ~ 0.5 +- 0.05, factor
 # u/(1-u): the same draw as keras RandomSaturation(0.5 +- 0.05), which scaled HSV saturation) and a hue
 # turn of +-2% of the circle (+-7.2 degrees; keras RandomHue(0.04) shifted HSV hue by +-0.04/2). Saturation
 # and hue are one per-image 3x3 colour matrix in YIQ space (see `_colour_matrices`). HSV saturation scales

@@ -401,7 +401,8 @@ def clean(dataset: ImageDataset, config: CleaningConfig | None = None,
 
     Order matters: duplicates are resolved first and the outlier detector is fitted only on the
     images that survive (so z-scores are relative to them), so that many copies of one odd image
-    cannot form a dense cluster that hides itself. The returned data set keeps the source's splits, re-indexed to the kept rows.
+    cannot form a dense cluster that hides itself. The returned data set keeps the source's splits, re-indexed to the
+    kept rows.
     The report has one row per removed or flagged image (kept copies of duplicate groups appear
     with kept=True); `score` is the hash distance to the group's first copy for duplicates and the
     robust z-score for outliers.

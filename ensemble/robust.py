@@ -11,7 +11,8 @@ image is ever seen:
   and the shifted validation score (accuracy, or log-loss), as the search's `robust` trial objective is.
   Equal halves rather than pooled rows, because the copy holds one image per held-out family: pooling
   would weight robustness by how many families are held out (the clean score would shrink to a third of
-  the objective with two families). The same weights serve greedy selection (log-loss), top-K ranking (accuracy, then log-loss), combiner fitting
+  the objective with two families). The same weights serve greedy selection (log-loss), top-K ranking (accuracy,
+  then log-loss), combiner fitting
   (sample weights; an image and its copies always share a cross-validation fold, so no out-of-fold score
   is fit on its own image) and the `auto` combiner choice (out-of-fold accuracy, then log-loss).
 - objective "clean": the clean validation rows only, unweighted; also what a study whose trials saved no

@@ -240,7 +240,8 @@ def test_ray_ctrl_c_stops_every_trial_process_and_queues_the_trials(tmp_path):
         driver.send_signal(signal.SIGINT)
         out, err = driver.communicate(timeout=60)
     assert driver.returncode == 128 + signal.SIGINT, err[-3000:]
-    assert seconds_until_gone(trial_pids(trials(spec_path)), STOP_WITHIN_S) < STOP_WITHIN_S, "trials outlived the driver"
+    pids = trial_pids(trials(spec_path))
+    assert seconds_until_gone(pids, STOP_WITHIN_S) < STOP_WITHIN_S, "trials outlived the driver"
     assert "interrupted" in out.splitlines()[-1] and "resume with: python -m search.run" in out
     assert_interrupted_and_queued(spec_path, running)
 

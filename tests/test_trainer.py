@@ -77,7 +77,8 @@ def test_trial_is_scored_on_the_heldout_families(quick_trial):
     correct = views.mean(axis=0).argmax(axis=1) == saved["val_labels"][source]
     assert result.metrics["val_corrupted_accuracy_tta"] == pytest.approx(correct.mean())
     for family in ("acquisition", "artefact"):
-        assert result.metrics[f"val_accuracy_{family}"] == pytest.approx(correct[saved["shifted_family"] == family].mean())
+        expected = correct[saved["shifted_family"] == family].mean()
+        assert result.metrics[f"val_accuracy_{family}"] == pytest.approx(expected)
     assert result.metrics["val_robust_tta"] == pytest.approx(
         (result.metrics["val_accuracy_tta"] + result.metrics["val_corrupted_accuracy_tta"]) / 2)
 
