@@ -16,3 +16,25 @@ class DataError(CellsearchError, ValueError):
 
 class BackboneError(CellsearchError, ValueError):
     """A backbone name, weights argument or weights file that cannot be used."""
+
+
+class MissingExtraError(CellsearchError, ImportError):
+    """An optional feature's packages are not installed; the message names the extra that installs them."""
+
+
+def require_extra(module: str, extra: str, feature: str):
+    """Import `module` for `feature`, or raise one line naming `pip install 'cellsearch[extra]'`.
+
+    >>> require_extra("json", "none", "reading JSON").__name__
+    'json'
+    >>> require_extra("no_such_module_xyz", "ray", "--executor ray")
+    Traceback (most recent call last):
+    ...
+    data_pipeline.errors.MissingExtraError: --executor ray needs the 'ray' extra: pip install 'cellsearch[ray]'
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(f"{feature} needs the '{extra}' extra: pip install 'cellsearch[{extra}]'") from None
