@@ -27,10 +27,11 @@ def require_extra(module: str, extra: str, feature: str):
 
     >>> require_extra("json", "none", "reading JSON").__name__
     'json'
-    >>> require_extra("no_such_module_xyz", "ray", "--executor ray")
-    Traceback (most recent call last):
-    ...
-    data_pipeline.errors.MissingExtraError: --executor ray needs the 'ray' extra: pip install 'cellsearch[ray]'
+    >>> try:
+    ...     require_extra("no_such_module_xyz", "ray", "--executor ray")
+    ... except MissingExtraError as exc:
+    ...     print(exc)
+    --executor ray needs the 'ray' extra: pip install 'cellsearch[ray]'
     """
     import importlib
 
