@@ -1,37 +1,18 @@
 """Small CNNs trained from scratch: the fast, strong baselines for 28x28 and 64x64 blood-cell images.
 
-ImageNet backbones need >= 32x32 inputs and pay for 1000-class capacity on a 2-core CPU. At 28x28 the
-budget is better spent on epochs than on depth: measured on this machine (embedded 28x28 PBC data, D4
-flips/rotations, AdamW 2e-3 / weight decay 1e-4 with warm-up + cosine decay, batch 128, one seed each,
-test split of 2734 images, so +-0.3 points is noise):
+ImageNet backbones need >= 32x32 inputs and pay for 1000-class capacity; at 28x28 the budget is better spent
+on epochs than on depth (measured figures: docs/benchmarks.md).
 
-    model                        epochs  CPU-s  test acc  (8-view TTA)
-    small_resnet depth 2 (0.7M)      18   1150    0.975     (0.983)
-    small_resnet depth (1,2,2)       22   1136    0.979     (0.984)
-    small_resnet depth 1 (0.3M)      32   1055    0.984     (0.985)   <- default, ~10 min wall
-    compact_cnn depth 1 (0.1M)       20    176    0.973     (0.980)
-    compact_cnn depth 2              40    935    0.985     (0.988)
-    compact_cnn depth 3 (*)          24    976      -       (0.981)
-    compact_cnn_s2 (stem stride 2)   30     83    0.963     (0.971)
+- `small_resnet`: one basic block per stage by default, which beat deeper stages at equal CPU time.
+- `compact_cnn`: the cheap baseline; `compact_cnn_d2` / `compact_cnn_d3` stack two / three convolutions per
+  stage for accuracy (`studies/accurate.toml`; d3 is the robust member of the default study, its depth buying
+  back the clean accuracy heavy augmentation costs); `compact_cnn_s2` has a stride-2 stem, a quarter of the
+  compute, for ensembles under an inference budget (`--min-images-per-s`).
 
-`compact_cnn_d2` (the depth-2 row) is the accurate member (`studies/accurate.toml`): ~30M multiply-adds
-per 28x28 image, nearly 4x compact_cnn's, and the best scratch model here; one core trains an epoch in ~40 s.
-
-(*) trained for robustness (`corrupt` 0.8, label smoothing 0.1, dropout 0.2), two runs sharing the machine:
-depth 3 scored 0.981 clean / 0.902 on the held-out corruption families against 0.976 / 0.898 for depth 2
-(812 CPU-s) and 0.984 / 0.899 for depth 2 at widths 48/96/192 (1676 CPU-s). `compact_cnn_d3` is the
-robust member of the default study: the extra depth buys clean accuracy back from heavy augmentation.
-
-`compact_cnn_s2` is the member for ensembles under an inference budget (`ensemble.build
---min-images-per-s`): its stride-2 stem works at 14x14 from the first layer, a quarter of compact_cnn's
-multiply-adds; with 8 TTA views one member predicts ~4,400 img/s here (compact_cnn ~1,200, small_resnet
-~260), which is what lets 5 members x 8 views approach 1,000 img/s on 2 CPU cores.
-
-Both models take the already-preprocessed input (x/255, added by `build_classifier`), keep full
-resolution in their first stage below 48 px (stem stride 1) and halve it from 48 px up (so 64x64 costs
-about what 32x32 does), and name layers `stage{s}_block{b}_*` so unfreezing can group them.
-
-Keras is imported inside the functions so that importing the registry stays free of TensorFlow.
+Both families take the already-preprocessed input (x/255, added by `build_classifier`), keep full resolution
+in their first stage below 48 px and halve it from 48 px up, and name layers `stage{s}_block{b}_*` so
+unfreezing can group them. Keras is imported inside the functions so that importing the registry stays free
+of TensorFlow.
 """
 
 from __future__ import annotations
