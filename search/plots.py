@@ -16,14 +16,16 @@ from data_pipeline.atomic import atomic_write_with
 DPI = 100
 
 
-def new_figure(width: float, height: float, columns: int = 1) -> tuple[Figure, np.ndarray]:
+def new_figure(width: float, height: float, columns: int = 1, rows: int = 1) -> tuple[Figure, np.ndarray]:
+    """A figure on its own Agg canvas and its axes: 1-D for one row, (rows, columns) otherwise."""
     figure = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(figure)
-    return figure, np.atleast_1d(figure.subplots(1, columns))
+    return figure, np.atleast_1d(figure.subplots(rows, columns, squeeze=rows == 1))
 
 
-def save_png(figure: Figure, path: str | Path) -> None:
-    figure.tight_layout()
+def save_png(figure: Figure, path: str | Path, tight: bool = True) -> None:
+    if tight:
+        figure.tight_layout()
     atomic_write_with(path, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI))
 
 
@@ -101,4 +103,33 @@ def pareto_front_png(values: np.ndarray, numbers: Sequence[int], on_front: np.nd
     axis.set_title(title or f"Pareto front: {len(front)} of {len(values)} trials")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
+    save_png(figure, path)
+
+
+def reliability_png(sets: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "",
+                    n_bins: int = 15) -> None:
+    """Reliability diagram (accuracy against top-label confidence, in the bins `expected_calibration_error`
+    uses, so the picture and the reported ECE agree) and the confidence histogram; `sets` maps a name to
+    (labels, probabilities), one line each."""
+    from sklearn.calibration import calibration_curve
+
+    from search.scores import expected_calibration_error
+
+    figure, (diagram, histogram) = new_figure(9, 4, columns=2)
+    diagram.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
+    edges = np.linspace(0, 1, n_bins + 1)
+    for name, (y, probs) in sets.items():
+        correct, confidence = probs.argmax(axis=1) == y, probs.max(axis=1)
+        rate, mean_confidence = calibration_curve(correct, confidence, n_bins=n_bins, strategy="uniform")
+        ece = expected_calibration_error(probs, y, n_bins)
+        (line,) = diagram.plot(mean_confidence, rate, "o-", markersize=4, label=f"{name} (ECE {ece:.3f})")
+        histogram.hist(confidence, bins=edges, histtype="step", linewidth=1.5, color=line.get_color(),
+                       label=f"{name}, {len(y)} images")
+    diagram.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="confidence (top-class probability)", ylabel="accuracy")
+    histogram.set(xlim=(0, 1), xlabel="confidence", ylabel="images")
+    for axis in (diagram, histogram):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8, loc="upper left")
+    if title:
+        figure.suptitle(title)
     save_png(figure, path)

@@ -1,13 +1,18 @@
 """End-of-study report in `runs/<study>/report/`: the top trials (printed and CSV), Optuna's plots as HTML
-(single objective) or the Pareto front (two objectives), and the robustness report of the best trial.
+(single objective) or the Pareto front (two objectives), the robustness report of the best trial, and
+`index.html`, the one page that shows them with the data, cleaning and corruption pictures
+(search.study_page).
 
-Given the artifact store, the CSV, PNG, JSON and text files are also uploaded as study artifacts so
-optuna-dashboard shows them; the HTML plots are not (they load plotly.min.js from beside them, and the
-dashboard draws the same plots itself).
+Given the artifact store, the page, the CSV, PNG, JSON and text files are also uploaded as study artifacts
+so optuna-dashboard shows them; the plotly HTML plots are not (they load plotly.min.js from beside them, and
+the dashboard draws the same plots itself). Those plots need the `plots` extra; without plotly they are
+skipped with one note and the rest of the report is written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,7 +24,9 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from data_pipeline.atomic import atomic_write_text, atomic_write_with
+from data_pipeline.errors import MissingExtraError, require_extra
 from search.plots import pareto_front_png
+from search.report_page import PAGE_NAME
 from search.robust_report import REPORT_FILES, ShiftedRows, write_robustness_report
 
 TABLE_COLUMNS = ["number", "value", "backbone", "augment_policy", "optimizer", "learning_rate", "epochs_run",
@@ -67,10 +74,17 @@ def _write_html(figure, path: Path) -> Path:
     return path
 
 
-def save_plots(study: optuna.Study, folder: Path) -> list[Path]:
-    """Optimisation history and parameter importance (importance needs >= 2 complete trials)."""
+def plotly_visualization():
+    """optuna.visualization once plotly is importable; MissingExtraError naming the `plots` extra otherwise."""
+    require_extra("plotly", "plots", "the report's interactive plots")
     from optuna import visualization
 
+    return visualization
+
+
+def save_plots(study: optuna.Study, folder: Path) -> list[Path]:
+    """Optimisation history and parameter importance (importance needs >= 2 complete trials)."""
+    visualization = plotly_visualization()
     saved = []
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     plots = {"optimization_history": visualization.plot_optimization_history,
@@ -90,9 +104,8 @@ def save_plots(study: optuna.Study, folder: Path) -> list[Path]:
 
 
 def save_pareto_front(study: optuna.Study, folder: Path) -> list[Path]:
-    """The Pareto-optimal trials (`study.best_trials`) as CSV, Optuna's Pareto plot as HTML and a PNG."""
-    from optuna import visualization
-
+    """The Pareto-optimal trials (`study.best_trials`) as CSV, Optuna's Pareto plot as HTML (with plotly)
+    and a PNG."""
     names = objective_names(study)
     front = sorted(study.best_trials, key=lambda t: t.number)
     table = trials_table(study, front)
@@ -100,7 +113,9 @@ def save_pareto_front(study: optuna.Study, folder: Path) -> list[Path]:
     saved = [folder / "pareto_front.csv"]
     if not front:
         return saved
-    saved.append(_write_html(visualization.plot_pareto_front(study, target_names=names), folder / "pareto_front.html"))
+    with contextlib.suppress(MissingExtraError):  # write_report notes the missing extra once
+        figure = plotly_visualization().plot_pareto_front(study, target_names=names)
+        saved.append(_write_html(figure, folder / "pareto_front.html"))
     if len(names) == 2:
         complete = ranked_trials(study)
         numbers = [t.number for t in complete]
@@ -120,62 +135,85 @@ def download_trial_file(store, study: optuna.Study, trial: FrozenTrial, filename
     return target
 
 
-def best_trial_robustness(study: optuna.Study, store, folder: Path) -> tuple[list[Path], str]:
-    """The robustness report of the best trial (first objective) from its `predictions.npz`: (files, a note
-    saying which trial it describes or why it was skipped)."""
+def best_trial_predictions(study: optuna.Study, store) -> tuple[FrozenTrial | None, dict | None, str]:
+    """(best trial by the first objective, the arrays of its `predictions.npz` or None, a note saying why
+    there are none)."""
     ranked = ranked_trials(study)
     if not ranked:
-        return [], "robustness report skipped: no complete trial"
+        return None, None, "robustness report skipped: no complete trial"
     trial = ranked[0]
     if store is None:
-        return [], "robustness report skipped: no artifact store given"
+        return trial, None, "robustness report skipped: no artifact store given"
     with tempfile.TemporaryDirectory() as scratch:
         path = download_trial_file(store, study, trial, "predictions.npz", Path(scratch) / "predictions.npz")
         if path is None:
-            return [], f"robustness report skipped: best trial {trial.number} has no predictions.npz artifact"
+            return trial, None, f"robustness report skipped: best trial {trial.number} has no predictions.npz artifact"
         with np.load(path) as saved:
-            arrays = {k: saved[k] for k in saved.files}
+            return trial, {k: saved[k] for k in saved.files}, ""
+
+
+def best_trial_robustness(study: optuna.Study, store, folder: Path) -> tuple[list[Path], str, dict | None]:
+    """The robustness report of the best trial (first objective) from its `predictions.npz`: (files, a note
+    saying which trial it describes or why it was skipped, the saved arrays or None)."""
+    trial, arrays, note = best_trial_predictions(study, store)
+    if arrays is None:
+        return [], note, None
     if "shifted_view_probs" not in arrays:
-        return [], f"robustness report skipped: best trial {trial.number} saved no shifted_* predictions"
+        return [], f"robustness report skipped: best trial {trial.number} saved no shifted_* predictions", arrays
     views = arrays["val_view_probs"].shape[0]
     write_robustness_report(folder, arrays["val_labels"], arrays["val_view_probs"].mean(axis=0),
                             arrays["shifted_view_probs"].mean(axis=0), ShiftedRows.from_arrays(arrays),
                             arrays["class_names"].tolist(), title=f"trial {trial.number}, mean of {views} TTA views")
-    return [folder / name for name in REPORT_FILES], f"robustness report: best trial {trial.number} in {folder}"
+    return ([folder / name for name in REPORT_FILES], f"robustness report: best trial {trial.number} in {folder}",
+            arrays)
 
 
-def upload_report(study: optuna.Study, store, folder: Path, files: list[Path]) -> dict[str, str]:
-    """Upload `files` (inside `folder`) as study artifacts; {path in the report: artifact id}.
+def upload_report(study: optuna.Study, store, folder: Path, files: list[Path], prefix: str = "") -> dict[str, str]:
+    """Upload `files` (inside `folder`) as study artifacts named `prefix` + their file name; {prefix + path in
+    the report: artifact id}.
 
-    Each id is kept in the study user attribute `artifact:report/<path>`; running the report again (a
-    continued study) rewrites the file under the same id, so the dashboard lists it once, up to date.
+    Each id is kept in the study user attribute `artifact:report/<prefix><path>`; running the report again (a
+    continued study, a rebuilt ensemble) rewrites the file under the same id, so the dashboard lists it once,
+    up to date.
     """
     known, ids = study.user_attrs, {}
     for path in files:
-        name = path.relative_to(folder).as_posix()
+        name = prefix + path.relative_to(folder).as_posix()
         key = REPORT_ATTR_PREFIX + name
         if key in known:
             with path.open("rb") as body:
                 store.write(known[key], body)
             ids[name] = known[key]
-        else:
-            ids[name] = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study)
-            study.set_user_attr(key, ids[name])
+            continue
+        with tempfile.TemporaryDirectory() as scratch:  # the dashboard shows the uploaded file's own name
+            named = Path(scratch) / (prefix + path.name)
+            shutil.copyfile(path, named)
+            ids[name] = upload_artifact(artifact_store=store, file_path=str(named), study_or_trial=study)
+        study.set_user_attr(key, ids[name])
     return ids
 
 
 def write_report(study: optuna.Study, folder: Path, top: int = 10, artifact_store=None) -> pd.DataFrame:
-    """Write the report into `folder` (and upload it as study artifacts if `artifact_store` is given);
-    return the top-trials table."""
+    """Write the report and its `index.html` into `folder` (and upload them as study artifacts if
+    `artifact_store` is given); return the top-trials table."""
+    from search.study_page import write_study_page
+
     folder.mkdir(parents=True, exist_ok=True)
     table = top_trials(study, top)
     atomic_write_with(folder / "top_trials.csv", lambda p: table.to_csv(p, index=False))
-    files = [folder / "top_trials.csv"]
-    files += save_pareto_front(study, folder) if is_multi_objective(study) else save_plots(study, folder)
-    robustness, note = best_trial_robustness(study, artifact_store, folder / "robustness")
-    print(note)
-    atomic_write_text(folder / "notes.txt", note + "\n")
+    files, notes = [folder / "top_trials.csv"], []
+    try:
+        files += save_pareto_front(study, folder) if is_multi_objective(study) else save_plots(study, folder)
+        plotly_visualization()
+    except MissingExtraError as exc:
+        notes.append(f"interactive plots skipped: {exc}")
+    robustness, note, arrays = best_trial_robustness(study, artifact_store, folder / "robustness")
+    notes.append(note)
+    print("\n".join(notes))
+    atomic_write_text(folder / "notes.txt", "\n".join(notes) + "\n")
     files += [*robustness, folder / "notes.txt"]
+    files += write_study_page(study, folder, table, files, notes, (arrays, robustness, note))
     if artifact_store is not None:
-        upload_report(study, artifact_store, folder, [f for f in files if f.suffix in UPLOADED_SUFFIXES])
+        upload_report(study, artifact_store, folder, [f for f in files if f.suffix in UPLOADED_SUFFIXES
+                                                      or f.name == PAGE_NAME])
     return table

@@ -110,10 +110,16 @@ def _summarise(table: pd.DataFrame, labels: np.ndarray, clean_probs: np.ndarray)
         n_clean=len(labels), n_shifted=int(overall.n), table=table)
 
 
-def robustness_png(summary: RobustnessSummary, path: str | Path, title: str = "") -> None:
-    """Accuracy against severity, one line per family and one for all families, clean accuracy as a line."""
+def robustness_png(summary: RobustnessSummary, path: str | Path, title: str = "",
+                   compared: pd.DataFrame | None = None, highlight: str = "") -> None:
+    """Accuracy against severity, one line per family and one for all families, clean accuracy as a line.
+
+    With `compared` (one column per model; rows "clean", then each severity over all shifted families)
+    a second panel draws every model's accuracy over all families against severity, `highlight` in bold.
+    """
     table = summary.table[summary.table.severity != ALL]
-    figure, (axis,) = new_figure(7, 4.6)
+    figure, axes = new_figure(13 if compared is not None else 7, 4.6, columns=2 if compared is not None else 1)
+    axis = axes[0]
     for name, rows in table.groupby("family", sort=False):
         style = {"color": "black", "linewidth": 2.5} if name == ALL else {}
         axis.plot(rows.severity.astype(int), rows.accuracy, "o-", label=f"{name} families" if name == ALL else name,
@@ -127,7 +133,23 @@ def robustness_png(summary: RobustnessSummary, path: str | Path, title: str = ""
     axis.set_title((f"{title}\n" if title else "") + f"clean {summary.clean_accuracy:.3f} -> shifted "
                    f"{summary.shifted_accuracy:.3f};  ECE {summary.ece_clean:.3f} -> {summary.ece_shifted:.3f}",
                    fontsize=10)
+    if compared is not None:
+        _compared_panel(axes[1], compared, highlight)
     save_png(figure, path)
+
+
+def _compared_panel(axis, compared: pd.DataFrame, highlight: str) -> None:
+    x = np.arange(len(compared))
+    for name in compared.columns:
+        style = {"color": "black", "linewidth": 2.8, "zorder": 3} if name == highlight else {"alpha": 0.75}
+        axis.plot(x, compared[name], "o-", label=f"{name} ({compared[name].iloc[-1]:.3f} at {compared.index[-1]})",
+                  **style)
+    axis.set_xticks(x, [str(level) for level in compared.index])
+    axis.set_xlabel("severity (all held-out families)")
+    axis.set_ylabel("accuracy")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    axis.set_title("against its members: accuracy as the shift grows", fontsize=10)
 
 
 def write_robustness_report(folder: str | Path, labels: np.ndarray, clean_probs: np.ndarray,

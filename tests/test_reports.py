@@ -1,9 +1,14 @@
-"""Robustness report, trial plots and the study report, on hand-made predictions and real Optuna studies."""
+"""Robustness report, trial plots, the study report and the report pages (index.html), on hand-made
+predictions, real Optuna studies and real cleaning of planted data."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import sys
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +196,45 @@ def study_artifacts(study, store, target: Path) -> dict[str, bytes]:
     return files
 
 
+class PageParser(HTMLParser):
+    """The section ids, link targets and images (by the link around them) of a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.sections, self.links, self.images = [], [], {}
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.sections.append(attrs["id"])
+        elif tag == "a":
+            self.links.append(attrs["href"])
+        elif tag == "img":
+            self.images[self.links[-1]] = attrs["src"]
+
+
+def page_images(page: Path, sections: set[str]) -> dict[str, Image.Image]:
+    """Parse `page`; check it has `sections`, that it works offline, that every link resolves to a file beside
+    it and that every image is an embedded PNG, not blank, identical to the file it links to; return the images
+    by file name."""
+    parser = PageParser()
+    text = page.read_text()
+    parser.feed(text)
+    assert sections <= set(parser.sections), parser.sections
+    assert "http" not in " ".join(parser.links) and "<script" not in text
+    assert all((page.parent / link).is_file() for link in parser.links if not link.startswith("#")), parser.links
+    images = {}
+    for name, source in parser.images.items():
+        assert source.startswith("data:image/png;base64,")  # embedded: the page is one self-contained file
+        data = base64.b64decode(source.split(",", 1)[1])
+        assert data == (page.parent / name).read_bytes()
+        images[name] = Image.open(io.BytesIO(data))
+        assert images[name].format == "PNG"
+        pixels = np.asarray(images[name].convert("L"), dtype=float)
+        assert pixels.std() > 5 and len(np.unique(pixels)) > 20, f"{name} is blank"
+    return images
+
+
 def test_study_report_robustness_of_the_best_trial_uploaded_as_study_artifacts(tmp_path, sqlite_study):
     study, store = sqlite_study
     scratch = tmp_path / "scratch"
@@ -208,7 +252,8 @@ def test_study_report_robustness_of_the_best_trial_uploaded_as_study_artifacts(t
     assert saved["shifted_accuracy"] == pytest.approx(expected.shifted_accuracy)
     assert saved["clean_accuracy"] == pytest.approx(expected.clean_accuracy)
     uploaded = study_artifacts(study, store, tmp_path / "downloaded")
-    assert set(uploaded) == {"top_trials.csv", "notes.txt", *REPORT_FILES}
+    assert set(uploaded) == {"top_trials.csv", "notes.txt", "index.html", "reliability.png", *REPORT_FILES}
+    assert uploaded["index.html"] == (report / "index.html").read_bytes()
     assert uploaded["robustness.csv"] == (report / "robustness" / "robustness.csv").read_bytes()
     assert uploaded["top_trials.csv"] == (report / "top_trials.csv").read_bytes()
     assert "artifact:report/robustness/robustness.png" in study.user_attrs
@@ -229,6 +274,22 @@ def test_study_report_without_an_artifact_store_keeps_the_old_call_working(tmp_p
     assert list(table.columns[:2]) == ["number", "value"] and len(table) == 2
     assert "no artifact store" in (tmp_path / "report" / "notes.txt").read_text()
     assert get_all_artifact_meta(study) == []
+    page = tmp_path / "report" / "index.html"
+    assert page_images(page, {"overview", "samples", "cleaning", "corruptions", "best", "notes"}) == {}
+    assert "recorded no spec" in page.read_text()  # a study made by hand: the data sections say why they are empty
+
+
+def test_without_plotly_the_report_skips_its_interactive_plots_with_one_note(tmp_path, sqlite_study, monkeypatch):
+    study, store = sqlite_study
+    for value in (0.5, 0.6):
+        add_trial(study, store, value, tmp_path / "scratch")
+    monkeypatch.setitem(sys.modules, "plotly", None)  # import plotly raises ImportError
+    write_report(study, tmp_path / "report", artifact_store=store)
+    notes = (tmp_path / "report" / "notes.txt").read_text()
+    assert "interactive plots skipped" in notes and "pip install 'cellsearch[plots]'" in notes
+    assert [p.name for p in (tmp_path / "report").glob("*.html")] == ["index.html"]
+    assert "pip install &#x27;cellsearch[plots]&#x27;" in (tmp_path / "report" / "index.html").read_text()
+    assert (tmp_path / "report" / "robustness" / "robustness.png").is_file()  # the rest is written
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
