@@ -2,14 +2,59 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
+from data_pipeline.classes import class_order
 from data_pipeline.errors import DataError
 
 SPLIT_NAMES = ("train", "val", "test")
+
+
+class DataWarning(UserWarning):
+    """Input was usable after a conversion the user should know about (e.g. greyscale made RGB)."""
+
+
+def to_rgb(images: np.ndarray, source: str = "images") -> np.ndarray:
+    """Greyscale (N,H,W) or (N,H,W,1) images repeated into 3 channels, with one warning; others unchanged.
+
+    The models and every augmentation take RGB, and a grey image is an RGB image with equal channels, so
+    MedMNIST-style greyscale sets are converted rather than refused.
+    """
+    images = np.asarray(images)
+    if images.ndim == 3 and images.shape[-1] == 3:
+        raise DataError(f"{source}: shape {images.shape} looks like one RGB image; add a batch axis (images[None])")
+    if images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 1):
+        warnings.warn(f"{source}: greyscale images {images.shape} converted to RGB", DataWarning, stacklevel=2)
+        return np.repeat(images.reshape(*images.shape[:3], 1), 3, axis=-1)
+    return images
+
+
+def encode_labels(labels: Sequence, class_names: Sequence[str] | None = None, source: str = "labels"
+                  ) -> tuple[np.ndarray, tuple[str, ...] | None]:
+    """Class-name labels as integers and the names in label order (`classes.class_order`, or `class_names`
+    when given); numeric labels are returned as they are, with `class_names` (None: named later).
+
+    Raises DataError naming the first label that is empty or not one of `class_names`.
+    """
+    labels = np.asarray(labels)
+    if labels.dtype.kind == "O" and not any(isinstance(v, (str, bytes)) for v in labels.reshape(-1)):
+        labels = labels.astype(np.float64)  # numbers in an object array (a list, a pandas column)
+    if labels.dtype.kind not in "USO":
+        return labels, None if class_names is None else tuple(str(c) for c in class_names)
+    text = labels.astype(str).reshape(-1)
+    empty = np.flatnonzero(np.char.str_len(np.char.strip(text)) == 0)
+    if len(empty):
+        raise DataError(f"{source}: empty label at index {int(empty[0])}")
+    names = tuple(str(c) for c in class_names) if class_names is not None else tuple(class_order(text.tolist()))
+    position = {name: i for i, name in enumerate(names)}
+    unknown = [value for value in text if value not in position]
+    if unknown:
+        raise DataError(f"{source}: unknown label {unknown[0]!r} (classes: {', '.join(names)})")
+    return np.array([position[value] for value in text], dtype=np.int64), names
 
 
 def validate_images(images: np.ndarray, source: str = "images") -> np.ndarray:
