@@ -40,11 +40,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ensemble.cli import run_cli
+from search.cli_errors import QUIET, command_parser, run_cli, set_verbosity
 from ensemble.evaluate import CLEAN_TOLERANCE
 from ensemble.robust import OBJECTIVES, ValidationRows
 from ensemble.standalone import BN_PRIOR, PRECISIONS, VIEW_SETS, EnsembleError
-from search.location import StudyLocation
+from search.location import POINTER_FILE, StudyLocation
 
 METHODS = ("topk", "greedy")
 COMBINER_CHOICES = ("auto", "vote", "weighted", "stacking")
@@ -59,9 +59,10 @@ class BuildOptions:
 
     top: at most this many distinct members. method: "greedy" or "topk". combiner: "auto", "vote",
     "weighted" or "stacking". tta: TTA views 1, 2, 4 or 8 (of the ones trials saved). objective: "robust"
-    or "clean" (ensemble.robust). clean_tolerance: clean validation accuracy `auto` may give up for the
-    objective (ensemble.evaluate.choose_row). calibrate: temperature scaling. out: artifact folder (None: the study's
-    folder / "ensemble", or runs/<study>/ensemble). heldout_eval: evaluate on the held-out-family test copy.
+    or "clean" (ensemble.robust); None: the study's own (`study_objective`). clean_tolerance: clean
+    validation accuracy `auto` may give up for the objective (ensemble.evaluate.choose_row). calibrate:
+    temperature scaling. out: artifact folder (None: <out>/<study>/ensemble, the study's `ensemble_dir`).
+    heldout_eval: evaluate on the held-out-family test copy.
     min_images_per_s: inference budget on this machine. precision: "float32" or "bfloat16". adapt_bn,
     bn_prior: the artifact's test-time BatchNorm adaptation default (ensemble.standalone). seed:
     cross-validation fold seed. pointer: runs/last_study.json, to find the study when none is given.
@@ -71,7 +72,7 @@ class BuildOptions:
     method: str = "greedy"
     combiner: str = "auto"
     tta: int = 8
-    objective: str = "robust"
+    objective: str | None = None
     clean_tolerance: float = CLEAN_TOLERANCE
     calibrate: bool = True
     out: str | None = None
@@ -90,7 +91,7 @@ class BuildOptions:
     distill_backbone: str = "compact_cnn"
 
     def validate(self) -> None:
-        choices = (("method", METHODS), ("combiner", COMBINER_CHOICES), ("objective", OBJECTIVES),
+        choices = (("method", METHODS), ("combiner", COMBINER_CHOICES), ("objective", (None, *OBJECTIVES)),
                    ("precision", PRECISIONS), ("tta", tuple(sorted(VIEW_SETS))))
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
@@ -111,6 +112,13 @@ class BuildOptions:
             raise EnsembleError(f"--min-images-per-s must be > 0, got {self.min_images_per_s}")
         if not self.bn_prior >= 0:
             raise EnsembleError(f"--bn-prior must be >= 0, got {self.bn_prior}")
+
+
+def study_objective(study) -> str:
+    """The build objective matching the one the study searched with (its recorded spec; robust if none)."""
+    from search.objectives import ensemble_objective
+
+    return ensemble_objective(study.user_attrs.get("spec", {}).get("algorithm", {}).get("objective", "robust"))
 
 
 @dataclass
@@ -206,6 +214,7 @@ def build_ensemble(study: Any = None, options: BuildOptions | None = None, **set
     location = resolve_location(study, options.pointer)
     store = artifact_store(location)
     trials = open_study(location)
+    options.objective = options.objective or study_objective(trials)
     out = Path(options.out) if options.out else location.ensemble_dir
     with tempfile.TemporaryDirectory(prefix="ensemble-cache-") as cache:
         candidates, notes = load_candidates(trials, store, Path(cache), options.tta)
@@ -473,58 +482,78 @@ def _manifest_extra(options, location, members, selection, rows, report: Ensembl
     }
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, BuildOptions]:
-    parser = argparse.ArgumentParser(prog="python -m ensemble.build", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--study", help="study name (default: the one in runs/last_study.json)")
-    parser.add_argument("--storage", help="Optuna storage URL (default: from runs/last_study.json)")
-    parser.add_argument("--artifacts", help="artifact store (default: from runs/last_study.json)")
-    parser.add_argument("--pointer", default="runs/last_study.json", help="last-study pointer written by search.run")
-    parser.add_argument("--top", type=int, default=5, help="members (distinct, for greedy) at most (default 5)")
-    parser.add_argument("--method", choices=METHODS, default="greedy")
-    parser.add_argument("--combiner", choices=COMBINER_CHOICES, default="auto")
-    parser.add_argument("--tta", type=int, choices=sorted(VIEW_SETS), default=8, help="TTA views (default 8)")
-    parser.add_argument("--objective", choices=OBJECTIVES, default="robust",
-                        help="robust: mean of clean and held-out-family validation scores (default); clean")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--study", help="the study to build from (default: the last one run under --out)")
+    parser.add_argument("--out", default="runs", help="output root: the study is read from <out>/<study>/ and the "
+                                                      "ensemble written to <out>/<study>/ensemble")
+    parser.add_argument("--ensemble", help="write the ensemble folder here instead (default <out>/<study>/ensemble)")
+    parser.add_argument("--storage", help="Optuna storage URL (default: the study's, from <out>/last_study.json)")
+    parser.add_argument("--artifacts", help="artifact store (default: the study's, from <out>/last_study.json)")
+    parser.add_argument("--pointer", help=argparse.SUPPRESS)  # former spelling of <out>/last_study.json
+    parser.add_argument("--top", type=int, default=5, help="members at most (distinct ones, for greedy)")
+    parser.add_argument("--method", choices=METHODS, default="greedy",
+                        help="greedy: Caruana selection with replacement on validation log-loss; topk: the best K")
+    parser.add_argument("--combiner", choices=COMBINER_CHOICES, default="auto",
+                        help="auto: the best out-of-fold score under the objective; vote, weighted or stacking")
+    parser.add_argument("--tta", type=int, choices=sorted(VIEW_SETS), default=8, help="test-time augmentation views")
+    parser.add_argument("--objective", choices=OBJECTIVES,
+                        help="robust: mean of clean and held-out-family validation scores; clean (default: the "
+                             "study's own objective, robust for multi)")
     parser.add_argument("--clean-tolerance", type=float, default=CLEAN_TOLERANCE,
-                        help="clean validation accuracy the auto combiner may give up for robustness "
-                             f"(default {CLEAN_TOLERANCE})")
+                        help="clean validation accuracy the auto combiner may give up for the objective")
     parser.add_argument("--no-calibrate", action="store_true", help="no temperature scaling")
-    parser.add_argument("--out", help="output folder (default runs/<study>/ensemble)")
     parser.add_argument("--no-heldout-eval", action="store_true",
                         help="skip the held-out-family test copy (no member predictions on new images)")
     parser.add_argument("--min-images-per-s", type=float, default=None, metavar="N",
                         help="inference budget: only members whose ensemble (with --tta views) predicts at least N "
-                             "images/s on this machine, measured per architecture")
+                             "images/s on this machine, measured per architecture (default: no budget)")
     parser.add_argument("--precision", choices=PRECISIONS, default="float32",
                         help="inference precision saved with the artifact; bfloat16 needs a CPU with AVX512_BF16 "
                              "or AMX (else float32 is used)")
     parser.add_argument("--adapt-bn", action="store_true",
-                        help="save the artifact with test-time BatchNorm adaptation on (default off)")
+                        help="save the artifact with test-time BatchNorm adaptation on")
     parser.add_argument("--bn-prior", type=float, default=BN_PRIOR,
-                        help=f"weight of the members' own BatchNorm statistics, in images (default {BN_PRIOR:g})")
+                        help="weight of the members' own BatchNorm statistics, in images")
     parser.add_argument("--seed", type=int, default=0, help="cross-validation fold seed")
     parser.add_argument("--distill", action="store_true", help="also train one student on the ensemble's soft labels")
-    parser.add_argument("--distill-epochs", type=int, default=8)
-    parser.add_argument("--distill-backbone", default="compact_cnn", help="student backbone (default compact_cnn)")
+    parser.add_argument("--distill-epochs", type=int, default=8, help="the student's epochs")
+    parser.add_argument("--distill-backbone", default="compact_cnn", help="the student's backbone")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def options_from_args(args: argparse.Namespace) -> BuildOptions:
+    return BuildOptions(top=args.top, method=args.method, combiner=args.combiner, tta=args.tta,
+                        objective=args.objective, clean_tolerance=args.clean_tolerance,
+                        calibrate=not args.no_calibrate, out=args.ensemble,
+                        heldout_eval=not args.no_heldout_eval, min_images_per_s=args.min_images_per_s,
+                        precision=args.precision, adapt_bn=args.adapt_bn, bn_prior=args.bn_prior, seed=args.seed,
+                        pointer=args.pointer or str(Path(args.out) / POINTER_FILE),
+                        progress=not args.no_progress and args.verbosity > QUIET, quiet=args.verbosity == QUIET,
+                        distill=args.distill, distill_epochs=args.distill_epochs,
+                        distill_backbone=args.distill_backbone)
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, BuildOptions]:
+    parser = command_parser("python -m ensemble.build", __doc__)
+    add_arguments(parser)
     args = parser.parse_args(argv)
-    options = BuildOptions(top=args.top, method=args.method, combiner=args.combiner, tta=args.tta,
-                           objective=args.objective, clean_tolerance=args.clean_tolerance,
-                           calibrate=not args.no_calibrate, out=args.out,
-                           heldout_eval=not args.no_heldout_eval, min_images_per_s=args.min_images_per_s,
-                           precision=args.precision, adapt_bn=args.adapt_bn, bn_prior=args.bn_prior, seed=args.seed,
-                           pointer=args.pointer, progress=not args.no_progress, distill=args.distill,
-                           distill_epochs=args.distill_epochs, distill_backbone=args.distill_backbone)
-    return args, options
+    return args, options_from_args(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`cellsearch build` and `python -m ensemble.build`."""
+    set_verbosity(args.verbosity)
+    options = options_from_args(args)
+    options.validate()
+    ens = build_ensemble(StudyLocation.find(args.study, out=args.out, storage=args.storage,
+                                            artifacts=args.artifacts, pointer=options.pointer), options)
+    if options.quiet:
+        print(ens.report_.folder)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, options = parse_args(argv)
-    options.validate()
-    build_ensemble(StudyLocation.find(args.study, storage=args.storage, artifacts=args.artifacts,
-                                      pointer=args.pointer), options)
-    return 0
+    return run(parse_args(argv)[0])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Export a built ensemble for AN2DL Codabench: `python -m ensemble.export --ensemble DIR --codabench OUT.zip`.
+"""Export a built ensemble for AN2DL Codabench: `cellsearch export [--study NAME | --ensemble DIR] --out OUT.zip`.
 
 The zip holds, at its root:
     model.py          ensemble/standalone.py verbatim: `class Model` with `__init__(self)` loading the
@@ -22,8 +22,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-from ensemble.cli import run_cli
+from ensemble.predict import add_ensemble_arguments, ensemble_folder
 from ensemble.standalone import MANIFEST, EnsembleError, read_manifest
+from search.cli_errors import QUIET, command_parser, run_cli, set_verbosity
 
 STANDALONE = Path(__file__).with_name("standalone.py")
 SMOKE_TEST = """
@@ -48,7 +49,7 @@ def export_codabench(ensemble: str | Path, out: str | Path, check: bool = True, 
     ensemble, out = Path(ensemble), Path(out)
     manifest = read_manifest(ensemble)
     if out.suffix.lower() != ".zip":
-        raise EnsembleError(f"--codabench must name a .zip file, got {out}")
+        raise EnsembleError(f"--out must name a .zip file, got {out}")
     keep = {name: digest for name, digest in manifest["files"].items()
             if name.startswith("members/") or name == manifest.get("combiner_file", "combiner.joblib")}
     trimmed = {**manifest, "files": keep}
@@ -67,21 +68,29 @@ def export_codabench(ensemble: str | Path, out: str | Path, check: bool = True, 
     return out
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ensemble.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ensemble", required=True, help="folder written by python -m ensemble.build")
-    parser.add_argument("--codabench", required=True, help="output .zip")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_ensemble_arguments(parser)
+    parser.add_argument("--out", "--codabench", dest="out", default="submission.zip", help="the .zip to write")
     parser.add_argument("--no-check", action="store_true", help="skip the fresh-process smoke test")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = command_parser("python -m ensemble.export", __doc__)
+    add_arguments(parser)
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    out = export_codabench(args.ensemble, args.codabench, check=not args.no_check)
+def run(args: argparse.Namespace) -> int:
+    """`cellsearch export` and `python -m ensemble.export`."""
+    set_verbosity(args.verbosity)
+    out = export_codabench(ensemble_folder(args), args.out, check=not args.no_check)
     size = out.stat().st_size / 2 ** 20
-    print(f"Codabench submission written to {out} ({size:.1f} MiB)")
+    print(out if args.verbosity == QUIET else f"Codabench submission written to {out} ({size:.1f} MiB)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Predict with a built ensemble: `python -m ensemble.predict --ensemble DIR --input PATH [--output CSV]`.
+"""Predict with a built ensemble: `cellsearch predict --input PATH [--study NAME | --ensemble DIR] [--out CSV]`.
 
 PATH may be
 - an `.npz`: AN2DL layout (`images`, optional `labels`, `ids`/`files`) or MedMNIST layout
@@ -11,7 +11,7 @@ Image files are decoded to RGB and resized to the ensemble's input size the way 
 ensemble (see ensemble.standalone.prepare_images).
 
 The CSV has one row per image: id, label, class_name, then one probability column per class (and
-true_label / true_class when known). Without --output it goes to stdout; the progress bar to stderr.
+true_label / true_class when known). Without --out it goes to stdout; the progress bar to stderr.
 `--adapt-bn` re-estimates BatchNorm statistics on each batch of --batch-size images, drawn in a fixed random
 order (see ensemble.standalone: the input should mix classes); `--no-adapt-bn` switches off an artifact saved
 with it on.
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.cli import run_cli
 from ensemble.standalone import PRECISIONS, EnsembleError, read_manifest
+from search.cli_errors import QUIET, command_parser, run_cli, set_verbosity
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 
@@ -166,12 +166,24 @@ def predictions_frame(inputs: Inputs, probs: np.ndarray, class_names: list[str])
     return frame
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ensemble.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ensemble", required=True, help="folder written by python -m ensemble.build")
+def add_ensemble_arguments(parser: argparse.ArgumentParser) -> None:
+    """How `predict` and `export` find the ensemble: a folder, or the one a study's build wrote."""
+    parser.add_argument("--study", help="use this study's ensemble, runs/<study>/ensemble (default: the last study "
+                                        "run under runs/)")
+    parser.add_argument("--ensemble", help="the ensemble folder written by cellsearch build (default: the one "
+                                           "--study names)")
+
+
+def ensemble_folder(args: argparse.Namespace) -> Path:
+    from search.location import StudyLocation
+
+    return Path(args.ensemble) if args.ensemble else StudyLocation.find(args.study).ensemble_dir
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_ensemble_arguments(parser)
     parser.add_argument("--input", required=True, help=".npz, image folder, or image file")
-    parser.add_argument("--output", help="CSV path (default: stdout)")
+    parser.add_argument("--out", "--output", dest="out", help="CSV path (default: stdout)")
     parser.add_argument("--batch-size", type=int, help="images per forward call (default: automatic)")
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="override the precision the ensemble was built in (bfloat16 only on CPUs with "
@@ -179,15 +191,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--adapt-bn", action=argparse.BooleanOptionalAction, default=None,
                         help="test-time BatchNorm adaptation: normalise with each batch's statistics (default: the "
                              "ensemble's manifest setting); predict a batch of similar images together")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = command_parser("python -m ensemble.predict", __doc__)
+    add_arguments(parser)
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """`cellsearch predict` and `python -m ensemble.predict`."""
+    set_verbosity(args.verbosity)
     if args.batch_size is not None and args.batch_size < 1:
         raise EnsembleError(f"--batch-size must be >= 1, got {args.batch_size}")
-    manifest = read_manifest(args.ensemble)  # checksums verified; no TensorFlow yet
+    folder = ensemble_folder(args)
+    manifest = read_manifest(folder)  # checksums verified; no TensorFlow yet
     inputs = read_inputs(args.input, manifest)
     from ensemble.standalone import prepare_images
 
@@ -195,22 +214,26 @@ def main(argv: list[str] | None = None) -> int:
         inputs.images = prepare_images(inputs.images, inputs.images.shape[1:3])
     from ensemble.artifact import load_ensemble
 
-    classifier = load_ensemble(args.ensemble, batch_size=args.batch_size, precision=args.precision,
-                               adapt_bn=args.adapt_bn)
-    probs = classifier.predict_proba(inputs.images, progress=not args.no_progress)
+    classifier = load_ensemble(folder, batch_size=args.batch_size, precision=args.precision, adapt_bn=args.adapt_bn)
+    probs = classifier.predict_proba(inputs.images, progress=not args.no_progress and args.verbosity > QUIET)
     frame = predictions_frame(inputs, probs, classifier.class_names_.tolist())
-    if args.output:
+    if args.out:
         from data_pipeline.atomic import atomic_write_with
 
-        atomic_write_with(args.output, lambda p: frame.to_csv(p, index=False, float_format="%.6f"))
-        summary = f"{len(frame)} prediction(s) written to {args.output}"
+        atomic_write_with(args.out, lambda p: frame.to_csv(p, index=False, float_format="%.6f"))
+        summary = f"{len(frame)} prediction(s) written to {args.out}"
         if inputs.labels is not None and (inputs.labels >= 0).any():
             known = inputs.labels >= 0
             summary += f"; accuracy on labelled images {np.mean(frame['label'][known] == inputs.labels[known]):.4f}"
-        print(summary, file=sys.stderr)
+        if args.verbosity > QUIET:
+            print(summary, file=sys.stderr)
     else:
         frame.to_csv(sys.stdout, index=False, float_format="%.6f")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def apply_overrides(spec: StudySpec, *, out: str | None = None, name: str | None
     return spec
 
 
-def _plan_reseeds(spec: StudySpec, study: optuna.Study, top: int) -> None:
+def _plan_reseeds(spec: StudySpec, study: optuna.Study, top: int, say) -> None:
     """Enqueue the copies and shrink the budget to exactly the waiting trials: a reseed run adds no search."""
     from search.reseed import enqueue_reseeds, waiting_count
     from search.study import finished_count
@@ -51,7 +51,7 @@ def _plan_reseeds(spec: StudySpec, study: optuna.Study, top: int) -> None:
     copied = enqueue_reseeds(study, top)
     waiting = waiting_count(study)
     spec.budget.trials = finished_count(study) + waiting
-    print(f"reseeding: copies of trial(s) {copied or 'none (all already copied)'} enqueued; "
+    say(f"reseeding: copies of trial(s) {copied or 'none (all already copied)'} enqueued; "
           f"{waiting} waiting trial(s) to run")
 
 
@@ -62,7 +62,7 @@ def _describe(device) -> str:
     return f"cpu x{device.cpu_threads}{cores}"
 
 
-def _execute(spec: StudySpec, study: optuna.Study, show_progress: bool) -> None:
+def _execute(spec: StudySpec, study: optuna.Study, show_progress: bool, say) -> None:
     from search.executors.devices_plan import parse_gpus, plan_workers, usable_cores
     from search.study import finished_count
 
@@ -78,15 +78,16 @@ def _execute(spec: StudySpec, study: optuna.Study, show_progress: bool) -> None:
 
     remaining = max(spec.budget.trials - finished_count(study), 1)
     devices = plan_workers(gpus, spec.executor.workers, usable_cores(spec.executor.cpus))[:remaining]
-    print(f"{len(devices)} worker(s): " + ", ".join(_describe(d) for d in devices), flush=True)
+    say(f"{len(devices)} worker(s): " + ", ".join(_describe(d) for d in devices))
     run_local(spec, study, location.storage, location.artifacts, devices, deadline, show_progress=show_progress)
 
 
-def run_study(spec: StudySpec, *, reseed_top: int | None = None, show_progress: bool = True) -> optuna.Study:
+def run_study(spec: StudySpec, *, reseed_top: int | None = None, show_progress: bool = True,
+              quiet: bool = False) -> optuna.Study:
     """Prepare the data, open (or continue) the study, run its missing trials, and write its report.
 
     Returns the Optuna study. Running it again continues the study until it holds `budget.trials`
-    finished trials.
+    finished trials. `quiet`: no notes on the data, the workers and the storage (errors still show).
     """
     from search.prepare import prepare_data, upload_cleaning_report
     from search.report import write_report
@@ -95,8 +96,9 @@ def run_study(spec: StudySpec, *, reseed_top: int | None = None, show_progress: 
 
     if reseed_top is not None and reseed_top < 1:
         raise ConfigError(f"invalid reseed_top value {reseed_top}: need at least 1")
+    say = (lambda message: None) if quiet else (lambda message: print(message, flush=True))
     prepared = prepare_data(spec)
-    print(prepared.describe(), flush=True)
+    say(prepared.describe())
     location = spec.location
     storage = open_storage(location.storage, heartbeat_interval=spec.storage.heartbeat_interval,
                            grace_period=spec.storage.grace_period, max_retry=spec.storage.max_retry)
@@ -104,10 +106,10 @@ def run_study(spec: StudySpec, *, reseed_top: int | None = None, show_progress: 
     study = prepare_study(spec, storage)
     upload_cleaning_report(study, artifact_store, prepared)
     if reseed_top is not None:
-        _plan_reseeds(spec, study, reseed_top)
+        _plan_reseeds(spec, study, reseed_top, say)
     location.remember()
-    print(f"study {spec.name!r}: storage {location.storage}, artifacts {location.artifacts}, "
-          f"executor {spec.executor.kind}", flush=True)
-    _execute(spec, study, show_progress)
+    say(f"study {spec.name!r}: storage {location.storage}, artifacts {location.artifacts}, "
+        f"executor {spec.executor.kind}")
+    _execute(spec, study, show_progress, say)
     write_report(study, location.report_dir, artifact_store=artifact_store)
     return study

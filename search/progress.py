@@ -16,6 +16,7 @@ from search.study import FINISHED
 
 def study_counts(study: optuna.Study) -> dict[str, object]:
     trials = study.get_trials(deepcopy=False)
+    head_epochs = study.user_attrs.get("spec", {}).get("space", {}).get("head_epochs", 0)
     states = Counter(t.state for t in trials)
     complete = [t.values[0] for t in trials if t.state == TrialState.COMPLETE and t.values]
     running = [t for t in trials if t.state == TrialState.RUNNING]
@@ -26,16 +27,32 @@ def study_counts(study: optuna.Study) -> dict[str, object]:
         "pruned": states[TrialState.PRUNED],
         "failed": states[TrialState.FAIL],
         "best": max(complete) if complete else None,
-        "epochs": " ".join(_epoch_of(t) for t in running),
+        "epochs": " ".join(_epoch_of(t, head_epochs) for t in running),
     }
 
 
-def _epoch_of(trial: optuna.trial.FrozenTrial) -> str:
-    """`#7:ep4=0.9123`: a running trial, its last reported epoch (1-based) and that epoch's objective value."""
+def total_epochs(params: dict, head_epochs: int) -> int | None:
+    """Epochs a trial trains for: its `epochs`, plus the head stage of a pretrained backbone; None if unknown."""
+    from backbones import get_backbone
+    from data_pipeline.errors import BackboneError
+
+    if "epochs" not in params:
+        return None
+    try:
+        pretrained = get_backbone(params.get("backbone", "")).pretrained
+    except BackboneError:
+        pretrained = False
+    return params["epochs"] + (head_epochs if pretrained else 0)
+
+
+def _epoch_of(trial: optuna.trial.FrozenTrial, head_epochs: int = 0) -> str:
+    """`#7:ep4/20=0.9123`: a running trial, its last reported epoch (1-based) of its total, and that epoch's
+    objective value."""
     if not trial.intermediate_values:
         return f"#{trial.number}:starting"
     step = max(trial.intermediate_values)
-    return f"#{trial.number}:ep{step + 1}={trial.intermediate_values[step]:.4f}"
+    total = total_epochs(trial.params, head_epochs)
+    return f"#{trial.number}:ep{step + 1}{'' if total is None else f'/{total}'}={trial.intermediate_values[step]:.4f}"
 
 
 def watch(study: optuna.Study, total: int, is_running: Callable[[], bool], interval: float = 2.0,

@@ -1,6 +1,8 @@
-"""Run a hyperparameter search: `python -m search.run [--study default] [--trials 100] ...`.
+"""Run a hyperparameter search: `cellsearch search --study quick` (or `python -m search.run --study quick`).
 
-Running the same command again continues the study until it holds `--trials` finished trials.
+`--study NAME` names the study; its spec is the shipped spec of that name (`cellsearch studies` lists them)
+unless `--spec` gives another one, a shipped name or a .toml path. Running the same command again continues
+the study until it holds `--trials` finished trials.
 """
 
 from __future__ import annotations
@@ -8,32 +10,53 @@ from __future__ import annotations
 import argparse
 import sys
 
-from search.cli_errors import run_cli
-from search.objectives import OBJECTIVES
+from search.cli_errors import NORMAL, QUIET, command_parser, run_cli, set_verbosity
+from search.location import StudyLocation
+from search.objectives import ALIASES, OBJECTIVE_NAMES
 from search.spec import StudySpec, load_spec
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m search.run", description=__doc__)
-    parser.add_argument("--study", default=None, help="spec name under studies/ or a .toml path (default: default)")
-    parser.add_argument("--trials", type=int, help="total finished trials the study should hold")
-    parser.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
-    parser.add_argument("--storage", help="Optuna storage URL (default sqlite:///<out>/<study>/study.db)")
-    parser.add_argument("--artifacts", help="artifact store: folder, s3://bucket or gs://bucket")
-    parser.add_argument("--executor", choices=("local", "ray"))
+def _objective(name: str) -> str:
+    return ALIASES.get(name, name)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--study", help="the study's name (default: the spec's); without --spec, also the shipped "
+                                        "spec to run, e.g. quick, medium, best (a .toml path is read as --spec)")
+    parser.add_argument("--spec", help="the study's spec: a shipped spec name or a .toml path (default: the one "
+                                       "--study names, else default)")
+    parser.add_argument("--name", help=argparse.SUPPRESS)  # former spelling: `--study SPEC --name NAME`
+    parser.add_argument("--data", help="data: .npz (AN2DL or MedMNIST layout) or a class-per-folder tree "
+                                       "(default: the spec's; the embedded 28x28 blood cells)")
+    parser.add_argument("--out", help="output root: each study in <out>/<study>/ (default: the spec's, runs)")
+    parser.add_argument("--trials", type=int, help="finished (complete or pruned) trials the study should hold "
+                                                   "(default: the spec's)")
+    parser.add_argument("--timeout", type=float,
+                        help="seconds after which no new trial starts; trials running then finish first, so the "
+                             "search ends up to one trial later (default: the spec's)")
+    parser.add_argument("--objective", type=_objective, choices=OBJECTIVE_NAMES,
+                        help="robust: mean of clean and held-out-family validation accuracy; clean; or multi "
+                             "(both, as two objectives) (default: the spec's)")
+    parser.add_argument("--storage", help="Optuna storage URL, or journal:PATH (default sqlite:///<out>/<study>/"
+                                          "study.db)")
+    parser.add_argument("--artifacts", help="artifact store: a folder or s3://bucket[/prefix] (default "
+                                            "<out>/<study>/artifacts)")
+    parser.add_argument("--executor", choices=("local", "ray"), help="local worker processes, or Ray Tune "
+                                                                     "(default: the spec's, local)")
     parser.add_argument("--workers", type=int, help="parallel trials (default: one per GPU, else per core)")
-    parser.add_argument("--gpus", help="auto, none, a count, or ids like 0,1 (a count simulates devices)")
-    parser.add_argument("--cpus", type=int, help="local executor: cores to use (default: all), split between workers")
-    parser.add_argument("--address", help="ray: address of an existing Ray cluster")
-    parser.add_argument("--data", help="data: .npz (AN2DL or MedMNIST layout) or a class-per-folder tree")
-    parser.add_argument("--out", help="output root (default runs/)")
-    parser.add_argument("--name", help="study name (default: the spec's)")
+    parser.add_argument("--gpus", help="auto, none, a count, or ids like 0,1 (default: the spec's, auto)")
+    parser.add_argument("--cpus", type=int, help="local executor: cores to use, split between the workers "
+                                                 "(default: all)")
+    parser.add_argument("--address", help="ray: address of an existing Ray cluster (default: start one)")
     parser.add_argument("--reseed-top", type=int, metavar="K",
                         help="instead of searching, train the K best configurations once more with new seeds "
-                             "(extra ensemble members; see search/reseed.py)")
-    parser.add_argument("--objective", choices=OBJECTIVES,
-                        help="robust (default: clean + held-out-family accuracy), val_accuracy_tta, or multi")
+                             "(extra ensemble members)")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = command_parser("python -m search.run", __doc__)
+    add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -54,34 +77,43 @@ def best_trial_line(study) -> str:
 def summary(spec: StudySpec, study) -> str:
     """The end of a run: the best trial, where the report is, and the next commands to type."""
     location = spec.location
-    build = "python -m ensemble.build" + ("" if spec.out == "runs" else f" --study {spec.name} "
-                                           f"--storage {location.storage} --artifacts {location.artifacts}")
+    where = "" if spec.out == "runs" else f" --out {spec.out}"
+    default = StudyLocation(name=spec.name, out=spec.out)
+    custom = (location.storage, location.artifacts) != (default.storage, default.artifacts)
+    storage = f" --storage {location.storage} --artifacts {location.artifacts}" if custom else ""
     return "\n".join([
         best_trial_line(study),
         f"report:    {location.report_dir}",
-        f"ensemble:  {build}   (writes {location.ensemble_dir})",
-        f"predict:   python -m ensemble.predict --ensemble {location.ensemble_dir} --input IMAGES "
-        f"--output predictions.csv",
-        f"dashboard: {location.dashboard_command()}",
+        f"ensemble:  cellsearch build --study {spec.name}{where}{storage}   (writes {location.ensemble_dir})",
+        f"predict:   cellsearch predict --study {spec.name}{where} --input IMAGES --out predictions.csv",
+        f"dashboard: cellsearch dashboard --study {spec.name}{where}{storage}",
     ])
 
 
 def spec_from_args(args: argparse.Namespace) -> StudySpec:
-    """The spec `--study` names, with every given flag overriding it."""
+    """The spec `--spec` (else `--study`) names, with every given flag overriding it."""
     from search.driver import OVERRIDES, apply_overrides
 
+    spec_name = args.spec or args.study
+    study_name = args.name or (args.study if args.spec else None)
     overrides = {key: getattr(args, key) for key in OVERRIDES}
-    return apply_overrides(load_spec(args.study), out=args.out, name=args.name, **overrides)
+    return apply_overrides(load_spec(spec_name), out=args.out, name=study_name, **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`cellsearch search` and `python -m search.run`: the search, then its summary."""
+    from search.driver import run_study
+
+    set_verbosity(args.verbosity)
+    spec = spec_from_args(args)
+    study = run_study(spec, reseed_top=args.reseed_top, show_progress=not args.no_progress and args.verbosity > QUIET,
+                      quiet=args.verbosity < NORMAL)
+    print(summary(spec, study))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from search.driver import run_study
-
-    args = parse_args(argv)
-    spec = spec_from_args(args)
-    study = run_study(spec, reseed_top=args.reseed_top, show_progress=not args.no_progress)
-    print(summary(spec, study))
-    return 0
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Reproduce one configuration: `python -m search.train_one --config FILE [--out DIR]`.
+"""Reproduce one configuration: `python -m search.train_one --config FILE [--out ROOT]`.
 
 FILE is a trial's `config.json` (or any JSON object of `TrialConfig` fields); unspecified fields keep
-their defaults.
+their defaults. The trial's files go to <out>/train_one/<FILE's name>/, or to --trial-dir.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from search.cli_errors import run_cli
+from search.cli_errors import QUIET, command_parser, run_cli, set_verbosity
 from search.config import TrialConfig
 
 
@@ -25,20 +25,27 @@ def check_before_tensorflow(config: TrialConfig) -> None:
         raise DataError(f"data path not found: {config.data}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m search.train_one", description=__doc__)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = command_parser("python -m search.train_one", __doc__)
     parser.add_argument("--config", required=True, help="JSON file of TrialConfig fields")
-    parser.add_argument("--out", default=None, help="trial folder (default: runs/train_one/<config name>)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", default="runs", help="output root")
+    parser.add_argument("--trial-dir", help="the trial's folder (default: <out>/train_one/<config name>)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    set_verbosity(args.verbosity)
     config = TrialConfig.from_file(args.config)
     check_before_tensorflow(config)
-    out = Path(args.out) if args.out else Path("runs") / "train_one" / Path(args.config).stem
+    out = Path(args.trial_dir) if args.trial_dir else Path(args.out) / "train_one" / Path(args.config).stem
 
     from search.devices import configure_tensorflow
     from search.trainer import train_trial
 
     configure_tensorflow()
-    result = train_trial(config, out, report=lambda epoch, scores: print(
+    say = (lambda line: None) if args.verbosity == QUIET else print
+    result = train_trial(config, out, report=lambda epoch, scores: say(
         f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items())))
     print(json.dumps(result.metrics, indent=2))
     print(f"artifacts: {result.directory}")

@@ -1,0 +1,7 @@
+"""`python -m cellsearch ...`: the same as the `cellsearch` command."""
+
+import sys
+
+from cellsearch.cli import console
+
+sys.exit(console())
