@@ -1,5 +1,6 @@
-"""Packaging: the declared dependencies are the imported ones, and a built wheel, installed non-editable,
-finds the shipped study specs and the embedded data from any working directory (not through the source tree)."""
+"""Packaging: the declared dependencies (core and extras) are the imported ones, the heavy optional ones are
+extras, and a built wheel, installed non-editable, finds the shipped study specs and the embedded data and runs
+the `cellsearch` command from any working directory (not through the source tree)."""
 
 import ast
 import re
@@ -23,8 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PACKAGES = ("search", "ensemble", "backbones", "data_pipeline", "cellsearch", "studies")
 PRESETS = ("quick", "medium", "best")
-# Needed at run time without an import statement in the packages (see the comment in pyproject.toml).
-USED_WITHOUT_IMPORT = {"plotly", "psycopg", "sqlalchemy", "optuna-dashboard"}
+# Needed at run time without an import statement in the packages (see the comment in pyproject.toml): imported
+# through data_pipeline.errors.require_extra, or used by another package (SQLAlchemy's driver), or a command.
+USED_WITHOUT_IMPORT = {"plotly", "psycopg", "sqlalchemy", "optuna-dashboard", "boto3", "ray"}
+#: Imported only under that Keras backend (data_pipeline.compiled), which a user installs to choose it.
+KERAS_BACKENDS = {"jax", "torch"}
+#: Optional features: extra -> the distributions it adds (the rest of the extras are tooling: dev, gpu, all).
+FEATURE_EXTRAS = {"ray": {"ray"}, "postgres": {"psycopg", "sqlalchemy"}, "plots": {"plotly"}, "s3": {"boto3"}}
 
 
 def _normalise(name: str) -> str:
@@ -41,11 +47,17 @@ def _imported_modules() -> set[str]:
                     found.update(alias.name.split(".")[0] for alias in node.names)
                 elif isinstance(node, ast.ImportFrom) and node.level == 0:
                     found.add(node.module.split(".")[0])
-    return found - set(sys.stdlib_module_names) - set(PACKAGES)
+    return found - set(sys.stdlib_module_names) - set(PACKAGES) - KERAS_BACKENDS
+
+
+def _names(requirements: list[str]) -> set[str]:
+    return {_normalise(re.match(r"[A-Za-z0-9._-]+", r).group()) for r in requirements}
 
 
 def test_declared_dependencies_are_exactly_the_imported_ones():
-    declared = {_normalise(re.match(r"[A-Za-z0-9._-]+", r).group()) for r in PYPROJECT["project"]["dependencies"]}
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    core = _names(PYPROJECT["project"]["dependencies"])
+    declared = core | set().union(*(_names(extras[name]) for name in FEATURE_EXTRAS))
     providers = metadata.packages_distributions()
     used = set(USED_WITHOUT_IMPORT)
     for module in _imported_modules():
@@ -53,6 +65,17 @@ def test_declared_dependencies_are_exactly_the_imported_ones():
         assert dists, f"{module} is imported but no distribution providing it is declared"
         used |= dists
     assert declared == used, f"declared but never used: {sorted(declared - used)}"
+
+
+def test_optional_features_are_extras_and_dev_installs_them_all():
+    project = PYPROJECT["project"]
+    extras = project["optional-dependencies"]
+    for extra, dists in FEATURE_EXTRAS.items():
+        assert _names(extras[extra]) == dists, extra
+        assert not dists & _names(project["dependencies"]), f"{extra} is also a hard dependency"
+    assert extras["all"] == [f"cellsearch[{','.join(FEATURE_EXTRAS)}]"]
+    assert "cellsearch[all]" in extras["dev"]
+    assert project["scripts"] == {"cellsearch": "cellsearch.cli:console"}
 
 
 def test_specs_are_package_data_and_presets_load():
@@ -86,8 +109,9 @@ print(len(data.images), sorted(data.splits))
 """
 
 
-@pytest.mark.timeout(300)
-def test_wheel_installs_and_runs_from_another_folder(tmp_path):
+def install_wheel(tmp_path: Path) -> Path:
+    """Build the wheel offline from a copy of the sources and install it, without dependencies, into a folder
+    (returned; its bin/ holds the console script)."""
     source = tmp_path / "source"  # build from a copy: the build writes build/ and *.egg-info beside the sources
     source.mkdir()
     for name in ("pyproject.toml", "README.md", "LICENSE", "NOTICE"):
@@ -101,6 +125,12 @@ def test_wheel_installs_and_runs_from_another_folder(tmp_path):
     wheel = next((tmp_path / "dist").glob("cellsearch-*.whl"))
     target = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", target, wheel], check=True, timeout=120)
+    return target
+
+
+@pytest.mark.timeout(300)
+def test_wheel_installs_and_runs_from_another_folder(tmp_path):
+    target = install_wheel(tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {"PATH": str(Path(sys.executable).parent), "PYTHONPATH": str(target), "HOME": str(tmp_path)}
@@ -117,3 +147,8 @@ def test_wheel_installs_and_runs_from_another_folder(tmp_path):
     assert data == "13673 ['test', 'train', 'val']"
     usage = run("-m", "search.run", "--study", "quick", "--help")
     assert usage.returncode == 0 and "--study" in usage.stdout, usage.stderr[-2000:]
+    script = [str(target / "bin" / "cellsearch")]  # the console script pip wrote
+    listed = subprocess.run([*script, "studies"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and listed.stdout.startswith("accurate ") and "quick " in listed.stdout, listed.stderr
+    version = subprocess.run([*script, "--version"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
+    assert version.stdout.strip() == f"cellsearch {PYPROJECT['project']['version']}", version.stderr
