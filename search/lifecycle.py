@@ -5,7 +5,7 @@
   again (user attribute `retry_of`); a second signal exits at once.
 - Worker: SIGINT/SIGTERM interrupts the trial in progress the same way, or stops the worker before its next
   trial; a worker whose driver dies, even by SIGKILL, gets SIGTERM (`exit_with_parent`) and so never trains
-  on unseen. A Ray trial actor is no child of the driver: it watches the driver's pid, records its trial as
+  on unseen. A Ray worker actor is no child of the driver: it watches the driver's pid, records its trial as
   interrupted and exits (`exit_with_driver`).
 - A trial whose process died without a word (OOM killer, power cut) keeps its heartbeat only for the grace
   period; then Optuna's `fail_stale_trials` fails it and `RetryHeartbeatStaleTrialCallback` queues it again,
@@ -258,11 +258,16 @@ def _queue_again(study: optuna.Study, trial: FrozenTrial) -> None:
         study.enqueue_trial(params, user_attrs={**kept, RETRY_ATTR: trial.number})
 
 
+def running_trials(study: optuna.Study, attr: str, values: Iterable) -> list[FrozenTrial]:
+    """The RUNNING trials whose user attribute `attr` is one of `values` (the workers that run them)."""
+    wanted = set(values)
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return [t for t in running if t.user_attrs.get(attr) in wanted]
+
+
 def trials_of_workers(study: optuna.Study, pids: Iterable[int]) -> list[FrozenTrial]:
     """The RUNNING trials these worker processes of this machine started."""
-    names = {worker_id(pid) for pid in pids}
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if t.user_attrs.get("worker") in names]
+    return running_trials(study, "worker", (worker_id(pid) for pid in pids))
 
 
 def interrupted_since(study: optuna.Study, started: float) -> int:
@@ -278,32 +283,6 @@ def recover_stale_trials(study: optuna.Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-
-
-@contextlib.contextmanager
-def heartbeats(storage: optuna.storages.BaseStorage, running: Callable[[], Iterable[int]]) -> Iterator[None]:
-    """Record a heartbeat for every trial id `running()` names, every heartbeat interval, from a thread:
-    for trials whose own process sends none (Ray Tune's, created by ask()). Stops with the block."""
-    interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
-    if not interval:
-        yield
-        return
-    done = threading.Event()
-
-    def beat() -> None:
-        while not done.wait(interval):
-            for trial_id in list(running()):
-                with contextlib.suppress(Exception):  # a lost beat only makes the trial look stale sooner
-                    storage.record_heartbeat(trial_id)
-
-    thread = threading.Thread(target=beat, daemon=True, name="trial-heartbeats")
-    thread.start()
-    try:
-        with warnings.catch_warnings():  # Optuna's "heartbeat ... used with Study.optimize": this is the other use
-            warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            yield
-    finally:
-        done.set()
 
 
 # ----------------------------------------------------------------------------------- broken stores

@@ -3,7 +3,10 @@
 - `sqlite:///runs/<study>/study.db` (default), or any SQLAlchemy URL (`postgresql://user:pw@host/db`):
   RDBStorage with heartbeats, so a killed worker's RUNNING trial is failed and retried.
 - `journal:PATH`: Optuna's JournalStorage on a shared filesystem (no heartbeats in Optuna's journal).
-Artifact stores: a folder (default `runs/<study>/artifacts`), `s3://bucket/prefix` or `gs://bucket/prefix`.
+Artifact stores: a folder (default `runs/<study>/artifacts`) or `s3://bucket/prefix` (Optuna's
+Boto3ArtifactStore; boto3 reads the endpoint and credentials from its usual variables and files, so any
+S3-compatible store works, Google Cloud Storage included through its XML API with HMAC keys).
+PostgreSQL (psycopg) and S3 (boto3) are optional extras: without them, one line names the extra to install.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-from data_pipeline.errors import CellsearchError
+from data_pipeline.errors import CellsearchError, require_extra
 
 
 class StorageError(CellsearchError, RuntimeError):
@@ -43,6 +46,7 @@ def sqlite_path(url: str) -> Path | None:
 def open_storage(url: str, *, heartbeat_interval: int | None = 10, grace_period: int | None = 30,
                  max_retry: int = 1, must_exist: bool = False) -> optuna.storages.BaseStorage:
     """Open (or create, unless `must_exist`) the storage at `url`."""
+    require_storage_extras(url)
     if url.startswith("journal:"):
         path = Path(url[len("journal:"):])
         if must_exist and not path.is_file():
@@ -94,13 +98,43 @@ def _lock_at_begin(engine) -> None:
     engine.dispose()  # connections opened so far lack the "connect" setting
 
 
+def require_storage_extras(url: str | None = None, artifacts: str | None = None) -> None:
+    """Raise MissingExtraError (one line naming the extra) when the storage or artifact store needs a package
+    that is not installed; callers check before any long work."""
+    if url and url.split("://", 1)[0] in ("postgresql", "postgresql+psycopg"):
+        require_extra("psycopg", "postgres", "a postgresql:// storage")
+    if artifacts and artifacts.startswith("s3://"):
+        require_extra("boto3", "s3", "an s3:// artifact store")
+
+
+class PrefixedArtifactStore:
+    """An artifact store whose artifacts live under `prefix/` of another one (Optuna's stores take a bucket
+    only): `s3://bucket/prefix` then keeps several studies apart in one bucket."""
+
+    def __init__(self, store, prefix: str) -> None:
+        self.store, self.prefix = store, prefix.strip("/") + "/"
+
+    def open_reader(self, artifact_id: str):
+        return self.store.open_reader(self.prefix + artifact_id)
+
+    def write(self, artifact_id: str, content_body) -> None:
+        self.store.write(self.prefix + artifact_id, content_body)
+
+    def remove(self, artifact_id: str) -> None:
+        self.store.remove(self.prefix + artifact_id)
+
+
 def open_artifact_store(location: str):
-    """A FileSystemArtifactStore for a folder, or Optuna's S3/GCS stores for s3:// and gs:// URLs."""
-    for scheme, factory in (("s3://", "Boto3ArtifactStore"), ("gs://", "GCSArtifactStore")):
-        if location.startswith(scheme):
-            bucket, _, prefix = location[len(scheme):].partition("/")
-            if prefix:
-                raise StorageError(f"artifact store {location}: give a bucket only ({scheme}{bucket})")
-            return getattr(optuna.artifacts, factory)(bucket)
+    """A FileSystemArtifactStore for a folder, or Optuna's Boto3ArtifactStore for `s3://bucket[/prefix]`."""
+    if location.startswith("s3://"):
+        require_storage_extras(artifacts=location)
+        from optuna.artifacts import Boto3ArtifactStore
+
+        bucket, _, prefix = location[len("s3://"):].partition("/")
+        store = Boto3ArtifactStore(bucket)
+        return PrefixedArtifactStore(store, prefix) if prefix.strip("/") else store
+    if "://" in location:
+        raise StorageError(f"artifact store {location}: use a folder or s3://bucket/prefix (for Google Cloud "
+                           f"Storage, s3:// with AWS_ENDPOINT_URL=https://storage.googleapis.com and HMAC keys)")
     Path(location).mkdir(parents=True, exist_ok=True)
     return FileSystemArtifactStore(location)

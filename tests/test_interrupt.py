@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -265,6 +266,6 @@ def test_ray_artifact_store_turning_read_only_fails_the_study_in_one_line(tmp_pa
     assert driver.returncode == 2, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and err.strip().endswith(errors[0])
-    assert errors[0].startswith(f"error: artifact store {artifacts} is not writable")
+    assert re.match(rf"error: worker \d stopped: artifact store {re.escape(str(artifacts))} is not writable", errors[0])
     assert seconds_until_gone(trial_pids(trials(spec_path)), STOP_WITHIN_S) < STOP_WITHIN_S
     assert not [t for t in trials(spec_path) if t.state in (TrialState.COMPLETE, TrialState.RUNNING)]
