@@ -56,6 +56,29 @@ class Study:
     def trials_dataframe(self) -> "pd.DataFrame":
         return self.optuna_study.trials_dataframe()
 
+    def leaderboard(self, top: int | None = None) -> "pd.DataFrame":
+        """Complete trials, best first: number, objective value(s), backbone, policy, validation and test
+        accuracies, training time (the report's `top_trials.csv` columns), indexed by trial number."""
+        from search.report import ranked_trials, trials_table
+
+        study = self.optuna_study
+        return trials_table(study, ranked_trials(study)[:top]).set_index("number")
+
+    def _repr_html_(self) -> str:
+        """A notebook cell showing a study: where it lives, its trial counts and its five best trials."""
+        from html import escape
+
+        from optuna.trial import TrialState
+
+        counts = {state.name.lower(): 0 for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
+                                                      TrialState.RUNNING)}
+        for trial in self.optuna_study.get_trials(deepcopy=False):
+            counts[trial.state.name.lower()] = counts.get(trial.state.name.lower(), 0) + 1
+        summary = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
+        return (f"<p><b>Study {escape(self.name)}</b>: {escape(summary or 'no trials yet')}<br>"
+                f"storage <code>{escape(self.location.storage)}</code></p>"
+                + self.leaderboard(top=5).to_html(float_format="{:.4f}".format, na_rep=""))
+
     @property
     def dashboard_command(self) -> str:
         return self.location.dashboard_command()

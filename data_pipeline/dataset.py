@@ -45,11 +45,11 @@ def encode_labels(labels: Sequence, class_names: Sequence[str] | None = None, so
         labels = labels.astype(np.float64)  # numbers in an object array (a list, a pandas column)
     if labels.dtype.kind not in "USO":
         return labels, None if class_names is None else tuple(str(c) for c in class_names)
-    text = labels.astype(str).reshape(-1)
-    empty = np.flatnonzero(np.char.str_len(np.char.strip(text)) == 0)
-    if len(empty):
-        raise DataError(f"{source}: empty label at index {int(empty[0])}")
-    names = tuple(str(c) for c in class_names) if class_names is not None else tuple(class_order(text.tolist()))
+    text = labels.astype(str).reshape(-1).tolist()
+    empty = [i for i, value in enumerate(text) if not value.strip()]
+    if empty:
+        raise DataError(f"{source}: empty label at index {empty[0]}")
+    names = tuple(str(c) for c in class_names) if class_names is not None else tuple(class_order(text))
     position = {name: i for i, name in enumerate(names)}
     unknown = [value for value in text if value not in position]
     if unknown:

@@ -13,20 +13,29 @@ are: `fit` learns only how to combine them, on validation images, never on test 
     >>> clf.fit(val_images, val_labels).predict(test_images)                         # doctest: +SKIP
     >>> clf.save("my_ensemble")                                                      # doctest: +SKIP
 
-Inputs follow `standalone.prepare_images`: uint8 RGB (N,H,W,3); another size is resized to the members'
-input size (antialiased bicubic) unless `resize=False`, which refuses it instead.
+Inputs: uint8 RGB (N,H,W,3) arrays (`standalone.prepare_images`: another size is resized to the members'
+input size, antialiased bicubic, unless `resize=False`, which refuses it instead; greyscale is made RGB), or
+what `python -m ensemble.predict` reads: an image file, a folder, an .npz, given as a path or a list of
+paths, and PIL images (decoded and resized like the study's image files):
+
+    >>> clf.predict("cells/")                               # doctest: +SKIP
+    >>> clf.evaluate(test_images, test_labels)              # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import os
+from html import escape
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 
 from ensemble.standalone import BN_PRIOR, VIEW_SETS, EnsembleError, TTARunner, prepare_images
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class EnsembleClassifier(ClassifierMixin, BaseEstimator):
@@ -160,12 +169,49 @@ class EnsembleClassifier(ClassifierMixin, BaseEstimator):
                                    adapt_bn=adapt_bn, bn_prior=self.bn_prior)
         return cache[key]
 
+    def _read(self, images) -> tuple[np.ndarray, np.ndarray | None]:
+        """Any accepted input as an image array, with the true labels when the input carries them."""
+        from data_pipeline.dataset import to_rgb
+
+        if isinstance(images, (str, os.PathLike)):
+            from ensemble.predict import read_inputs
+
+            found = read_inputs(images, self._manifest())
+            return to_rgb(found.images, str(images)), found.labels
+        if _is_image(images):
+            return self._read([images])
+        if isinstance(images, (list, tuple)) and images and any(_is_image(x) or isinstance(x, (str, os.PathLike))
+                                                                for x in images):
+            return np.concatenate([self._one(x) for x in images]), None
+        return to_rgb(images), None
+
+    def _manifest(self) -> dict:
+        """What reading image files needs (input size, the study's centre crop, class names): the manifest of a
+        saved ensemble, else the same keys from the members."""
+        manifest = getattr(self, "manifest_", None)
+        if manifest:
+            return manifest
+        names = self.class_names if self.class_names is not None else []
+        return {"input_size": list(self._runner(False).input_shape[:2]), "class_names": list(names)}
+
+    def _one(self, item) -> np.ndarray:
+        """One list element: a path (whatever it holds), a PIL image, or one (H,W,3) array."""
+        from data_pipeline.loaders import pil_to_array
+
+        if _is_image(item):
+            manifest = self._manifest()
+            crop = (manifest.get("data") or {}).get("center_crop")
+            return pil_to_array(item, tuple(manifest["input_size"]), crop)[None]
+        if isinstance(item, (str, os.PathLike)):
+            return self._read(item)[0]
+        return np.asarray(item)[None]
+
     def view_member_proba(self, images, *, adapt_bn: bool | None = None, progress: bool = False) -> np.ndarray:
         """(V, N, M, C): every member's probabilities on every TTA view (diagnostics and tests)."""
         from tqdm.auto import tqdm
 
         runner = self._runner(self.adapt_bn if adapt_bn is None else bool(adapt_bn))
-        images = prepare_images(images, runner.input_shape[:2], self.resize)
+        images = prepare_images(self._read(images)[0], runner.input_shape[:2], self.resize)
         with tqdm(total=len(images), unit="img", disable=not progress, desc="predict") as bar:
             return runner.view_probs(images, on_batch=bar.update)
 
@@ -174,18 +220,67 @@ class EnsembleClassifier(ClassifierMixin, BaseEstimator):
         return self.view_member_proba(images, adapt_bn=adapt_bn, progress=progress).mean(axis=0)
 
     def predict_proba(self, images, *, adapt_bn: bool | None = None, progress: bool = False) -> np.ndarray:
-        """(N, C) ensemble probabilities of uint8 (N,H,W,3) images.
+        """(N, C) ensemble probabilities of `images` (an array, path(s), a folder or PIL images).
 
         `adapt_bn` None uses the `adapt_bn` parameter (the manifest's for a loaded ensemble); True adapts
         BatchNorm to this call's batches (each `batch_size` images with their TTA views), False never.
         """
         self._check_fitted()
-        member_probs = self.member_proba(images, adapt_bn=adapt_bn, progress=progress)
+        return self._combine(self.member_proba(images, adapt_bn=adapt_bn, progress=progress))
+
+    def _combine(self, member_probs: np.ndarray) -> np.ndarray:
         return np.asarray(self.combiner_.predict_proba(member_probs), dtype=np.float32)
 
     def predict(self, images, *, adapt_bn: bool | None = None, progress: bool = False) -> np.ndarray:
         """(N,) int labels (`classes_`); `class_names_[labels]` for names."""
         return self.predict_proba(images, adapt_bn=adapt_bn, progress=progress).argmax(axis=1)
+
+    def evaluate(self, images, labels=None, *, adapt_bn: bool | None = None) -> "pd.DataFrame":
+        """The metrics table of the ensemble and of each member on labelled images: accuracy, balanced
+        accuracy, macro F1, ROC AUC, ECE, log-loss (`ensemble.metrics.summary`, scikit-learn's metrics).
+
+        `labels`: integers or class names; None takes them from the input (a class-per-folder tree, an .npz
+        with labels).
+        """
+        import pandas as pd
+
+        from data_pipeline.dataset import encode_labels, validate_labels
+        from ensemble.metrics import summary
+
+        self._check_fitted()
+        images, found = self._read(images)
+        if labels is None and found is not None:
+            known = found >= 0
+            images, labels = images[known], found[known]
+        if labels is None or len(labels) == 0:
+            raise EnsembleError("evaluate needs labels: pass them, or a class-per-folder tree or a labelled .npz")
+        encoded, _ = encode_labels(labels, self.class_names_, "evaluate labels")
+        y = validate_labels(encoded, len(images), len(self.class_names_), "evaluate labels")
+        member_probs = self.member_proba(images, adapt_bn=adapt_bn)
+        rows = {"ensemble": summary(self._combine(member_probs), y)}
+        for index, name in enumerate(self._member_labels()):
+            rows[name] = summary(member_probs[:, index], y)
+        return pd.DataFrame.from_dict(rows, orient="index").rename_axis("model")
+
+    def _member_labels(self) -> list[str]:
+        return list(self.member_names or [f"member_{i:02d}" for i in range(len(self.members))])
+
+    def _repr_html_(self) -> str:
+        """A notebook cell showing the ensemble: classes, members, combiner, views, input size."""
+        if not hasattr(self, "combiner_"):
+            return f"<p><b>EnsembleClassifier</b> (not fitted): {len(self.members)} member model(s)</p>"
+        weights = self.weights_ if self.weights_ is not None else [None] * self.n_members_
+        members = ", ".join(name if w is None else f"{name} ({w:.2f})" for name, w in zip(self._member_labels(),
+                                                                                        weights))
+        rows = {"classes": f"{len(self.class_names_)}: {', '.join(self.class_names_)}", "members": members,
+                "combiner": getattr(self.combiner_, "kind", type(self.combiner_).__name__),
+                "TTA views": self.tta_views, "input size": "x".join(map(str, self.input_size_)),
+                "precision": self.precision_}
+        if self.report_ is not None:
+            rows["artifact"] = str(self.report_.folder)
+        body = "".join(f"<tr><th style='text-align:left'>{escape(key)}</th><td style='text-align:left'>"
+                       f"{escape(str(value))}</td></tr>" for key, value in rows.items())
+        return f"<table><caption><b>EnsembleClassifier</b></caption>{body}</table>"
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the artifact folder (manifest with checksums, members, combiner) atomically; see
@@ -194,6 +289,12 @@ class EnsembleClassifier(ClassifierMixin, BaseEstimator):
 
         self._check_fitted()
         return save_ensemble(self, path)
+
+
+def _is_image(item) -> bool:
+    from PIL import Image
+
+    return isinstance(item, Image.Image)
 
 
 def uniform_vote(models: Sequence, class_names: Sequence[str], tta_views: int = 8, precision: str = "float32"

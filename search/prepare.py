@@ -28,16 +28,17 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class PreparedData:
-    """What the driver found: split sizes after cleaning, and the cleaning report (None: cleaning off)."""
+    """What the driver found: the classes, split sizes after cleaning, and the cleaning report (None: off)."""
 
     sizes: dict[str, int]
     removed: int
     report_file: Path | None
+    class_names: tuple[str, ...] = ()
 
     def describe(self) -> str:
         sizes = ", ".join(f"{name} {n}" for name, n in self.sizes.items())
         cleaned = f"; cleaning removed {self.removed} image(s)" if self.report_file else "; cleaning off"
-        return f"data: {sizes}{cleaned}"
+        return f"data: {len(self.class_names)} classes ({', '.join(self.class_names)}); {sizes}{cleaned}"
 
 
 def cleaning_config(spec: StudySpec) -> CleaningConfig:
@@ -83,8 +84,9 @@ def prepare_data(spec: StudySpec) -> PreparedData:
     if config.data and not Path(config.data).exists():
         raise DataError(f"data path not found: {config.data} (set --data or 'data.path')")
     removed, report_file = _clean(spec, config) if spec.cleaning.enabled else (0, None)
-    sizes = _check_split(split_dataset(config), config)
-    return PreparedData(sizes=sizes, removed=removed, report_file=report_file)
+    dataset = split_dataset(config)
+    return PreparedData(sizes=_check_split(dataset, config), removed=removed, report_file=report_file,
+                        class_names=dataset.class_names)
 
 
 def upload_cleaning_report(study, artifact_store, prepared: PreparedData) -> None:

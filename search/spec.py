@@ -31,8 +31,11 @@ STUDIES_DIR = resources.files("studies")
 
 @dataclass
 class DataSpec:
+    """The data: `path` an .npz, a class-per-folder tree or a .csv of files and labels (data_pipeline.loaders);
+    `image_size` and `center_crop` (pixels) apply to image files, which are resized to 64 px by default."""
+
     path: str | None = None  # None / "": the embedded 28x28 PBC set
-    image_size: int | None = None
+    image_size: int | None = None  # image files: resize to this side (None: 64)
     center_crop: int | None = None
     val_fraction: float = 0.1
     test_fraction: float = 0.2
@@ -220,6 +223,8 @@ def validate_spec(spec: StudySpec, origin: str = "spec") -> None:
         "executor.kind": spec.executor.kind in ("local", "ray"),
         "executor.workers": spec.executor.workers is None or _positive_int(spec.executor.workers),
         "executor.cpus": spec.executor.cpus is None or _positive_int(spec.executor.cpus),
+        "data.image_size": spec.data.image_size is None or _positive_int(spec.data.image_size),
+        "data.center_crop": spec.data.center_crop is None or _positive_int(spec.data.center_crop),
         "algorithm.sampler": spec.algorithm.sampler in ("tpe", "random"),
         "algorithm.pruner": spec.algorithm.pruner in ("hyperband", "median", "none"),
         "budget.trials": spec.budget.trials >= 1,

@@ -72,7 +72,7 @@ def _bad_npz(tmp_path: Path, images: np.ndarray, labels: np.ndarray) -> str:
 
 
 @pytest.mark.parametrize(("make", "message"), [
-    (lambda rng: (rng.integers(0, 255, (40, 28, 28), dtype=np.uint8), np.arange(40) % 8), "images"),
+    (lambda rng: (rng.integers(0, 255, (40, 28, 28, 4), dtype=np.uint8), np.arange(40) % 8), "colour channels"),
     (lambda rng: (rng.integers(0, 255, (16, 28, 28, 3), dtype=np.uint8), np.arange(16) % 8), "class"),
 ])
 def test_bad_data_fails_in_seconds_before_any_worker(tmp_path, make, message):
