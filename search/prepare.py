@@ -38,7 +38,8 @@ class PreparedData:
     def describe(self) -> str:
         sizes = ", ".join(f"{name} {n}" for name, n in self.sizes.items())
         cleaned = f"; cleaning removed {self.removed} image(s)" if self.report_file else "; cleaning off"
-        return f"data: {len(self.class_names)} classes ({', '.join(self.class_names)}); {sizes}{cleaned}"
+        names = list(self.class_names[:10]) + (["..."] if len(self.class_names) > 10 else [])
+        return f"data: {len(self.class_names)} classes ({', '.join(names)}); {sizes}{cleaned}"
 
 
 def cleaning_config(spec: StudySpec) -> CleaningConfig:
