@@ -268,6 +268,7 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
     from ensemble.classifier import EnsembleClassifier
     from ensemble.combiners import make_combiner
     from ensemble.evaluate import score_combiners
+    from ensemble.report_page import upload_ensemble_page, write_ensemble_page
     from ensemble.selection import rank_candidates
 
     reference = candidates[0]
@@ -297,11 +298,13 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
         X_test = images.get("test_runtime", X_test)
         report = _evaluate(options, staging, ens, reference, members, best_position, images, X_test, choice,
                            rows, notes)
+        write_ensemble_page(report, ens, reference, images, X_test, f"Ensemble of study {location.name}")
         inference = _inference_entry(options, ens, selection, budget)
         extra = _manifest_extra(options, location, members, selection, rows, report, images, inference,
                                 members[best_position].number)
         ens.manifest_ = write_artifact(ens, staging, extra, members_written=True)
     report.folder = out
+    upload_ensemble_page(location, store, out / "report")
     ens.report_ = report
     _say(options, "\n" + report.summary())
     _say(options, f"\nensemble saved to {out}")

@@ -19,12 +19,16 @@ from search.plots import new_figure, save_png
 Cell = tuple[np.ndarray | None, str]  # an image (H, W, 3) uint8, or None for an empty cell, and its caption
 Row = tuple[str, list[Cell]]  # a row label and its cells
 HELD_OUT = "held out"
+MIN_WIDTH_INCHES = 6.0
 CAPTION_CHARS = 15  # what fits under a 1-inch cell at the caption font size
 
 
-def short(name: str, chars: int = CAPTION_CHARS) -> str:
-    """`name` cut to `chars` characters (with an ellipsis), so captions of neighbouring cells do not overlap."""
-    return name if len(name) <= chars else name[:chars - 1] + "\u2026"
+def short(name: str, chars: int = CAPTION_CHARS, keep_end: bool = False) -> str:
+    """`name` cut to `chars` characters with an ellipsis (its end kept for ids, whose file name is at the end),
+    so captions of neighbouring cells do not overlap."""
+    if len(name) <= chars:
+        return name
+    return "\u2026" + name[1 - chars:] if keep_end else name[:chars - 1] + "\u2026"
 
 
 def image_grid_png(rows: Sequence[Row], path: str | Path, title: str = "", cell_inches: float = 0.9,
@@ -33,7 +37,8 @@ def image_grid_png(rows: Sequence[Row], path: str | Path, title: str = "", cell_
     columns = max(len(cells) for _, cells in rows)
     lines = [max(caption.count("\n") + 1 if caption else 0 for _, caption in cells) for _, cells in rows]
     below = max(lines[1:], default=0)  # caption lines between rows; the first row's sit under the title
-    width = label_inches + cell_inches * columns
+    used = label_inches + cell_inches * columns
+    width = max(used, MIN_WIDTH_INCHES)  # room for the title; the cells stay on the left
     top, gap = (0.3 if title else 0.05) + 0.13 * lines[0], 0.05 + 0.13 * below
     height = top + 0.1 + len(rows) * cell_inches + (len(rows) - 1) * gap
     figure, axes = new_figure(width, height, columns=columns, rows=len(rows))
@@ -50,7 +55,7 @@ def image_grid_png(rows: Sequence[Row], path: str | Path, title: str = "", cell_
                             color="tab:red" if HELD_OUT in label else "black")
     if title:
         figure.suptitle(title, fontsize=10, y=1 - 0.06 / height, va="top")
-    figure.subplots_adjust(left=label_inches / width, right=0.99, top=1 - top / height, bottom=0.1 / height,
+    figure.subplots_adjust(left=label_inches / width, right=used / width - 0.01, top=1 - top / height, bottom=0.1 / height,
                            wspace=0.08, hspace=gap / cell_inches)
     save_png(figure, path, tight=False)
 
@@ -74,7 +79,7 @@ def cleaning_rows(report: pd.DataFrame, images_by_id: dict[str, np.ndarray], cla
     rows = []
     removed = report[~report["kept"].astype(bool)]
     for reason, group in removed.groupby("reason", sort=False):
-        cells = [(images_by_id.get(str(row.id)), f"{short(class_names[int(row.label)])}\n{short(str(row.id))}")
+        cells = [(images_by_id.get(str(row.id)), f"{short(class_names[int(row.label)])}\n{short(str(row.id), keep_end=True)}")
                  for row in group.head(per_reason).itertuples()]
         rows.append((f"{reason}\n({len(group)})", cells))
     return rows

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pandas as pd
-from optuna.trial import TrialState
 
 from data_pipeline.errors import CellsearchError
 from search.image_grids import class_sample_rows, cleaning_rows, corruption_rows, image_grid_png
@@ -108,9 +107,12 @@ def _data_sections(page: ReportPage, study: optuna.Study) -> None:
 def _best_trial(page: ReportPage, arrays: dict | None, robustness: list[Path], note: str) -> None:
     section = page.section("best", "Best trial under shift")
     page.text(section, note)
+    captions = {"robustness.png": "Accuracy on the held-out-family validation copy by family and severity; "
+                                  "dashed: clean accuracy of the same images.",
+                "confusion_shifted.png": "Confusion matrix on the held-out-family validation copy."}
     for path in robustness:
-        if path.suffix == ".png":
-            page.image(section, path.relative_to(page.folder).as_posix(), path.stem.replace("_", " "))
+        if path.name in captions:
+            page.image(section, path.relative_to(page.folder).as_posix(), captions[path.name])
     if arrays is None:
         return
     sets = {"clean validation": (arrays["val_labels"], arrays["val_view_probs"].mean(axis=0))}
@@ -135,6 +137,4 @@ def write_study_page(study: optuna.Study, folder: Path, table: pd.DataFrame, fil
     section = page.section("notes", "Notes")
     for line in notes:
         page.note(section, line)
-    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    page.text(section, f"{complete} complete trial(s) at the time of writing.")
     return [*(path for path in page.images if path not in files), page.write()]

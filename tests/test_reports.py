@@ -313,3 +313,82 @@ def test_multi_objective_report_holds_the_pareto_front(tmp_path):
     assert {"pareto_front.csv", "pareto_front.png", "robustness.png"} <= {m.filename for m in
                                                                           get_all_artifact_meta(study)}
     assert list(top_trials(study, 2).columns[:3]) == ["number", "val_accuracy_tta", "val_corrupted_accuracy_tta"]
+
+
+def test_grid_rows_choose_the_right_images():
+    from data_pipeline.corrupt import CORRUPTIONS, FAMILIES
+    from search.image_grids import HELD_OUT, class_sample_rows, confidently_wrong_rows, corruption_rows
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    labels = np.arange(40) % C
+    rows = class_sample_rows(images, labels, CLASSES, per_class=3)
+    assert [label for label, _ in rows] == [f"{name}\n(5)" for name in CLASSES]
+    assert all(any((image == images[labels == k]).all(axis=(1, 2, 3)).any() for image, _ in cells)
+               for k, (_, cells) in enumerate(rows)) and all(len(cells) == 3 for _, cells in rows)
+
+    rows = corruption_rows(images[0], heldout=("artefact",))
+    assert len(rows) == len(CORRUPTIONS) and all(len(cells) == 6 for _, cells in rows)
+    assert [label for label, _ in rows if HELD_OUT in label] == [f"artefact ({HELD_OUT})\n{kind}"
+                                                                 for kind in FAMILIES["artefact"]]
+    assert np.array_equal(rows[0][1][0][0], images[0]) and not np.array_equal(rows[0][1][5][0], images[0])
+
+    probs = probs_for(labels, np.arange(40) >= 5)  # the first 5 wrong, at confidences 0.8 ... 0.95 below
+    probs[:5] *= 1 + np.arange(5)[::-1, None] / 100
+    rows = confidently_wrong_rows(images, labels, probs / probs.sum(1, keepdims=True), CLASSES, columns=4)
+    assert [len(cells) for _, cells in rows] == [4, 1]
+    assert np.array_equal(rows[0][1][0][0], images[0]) and np.array_equal(rows[1][1][0][0], images[4])
+    assert rows[0][1][0][1].startswith(f"{CLASSES[0]}\nas {CLASSES[1]}\n")
+    assert confidently_wrong_rows(images, labels, probs_for(labels, np.ones(40, bool)), CLASSES) == []
+
+
+def planted_data(path: Path) -> Path:
+    """A small MedMNIST-layout subset of the embedded cells with one exact duplicate and one label conflict
+    planted in the training split."""
+    from data_pipeline.loaders import default_data_path
+
+    rng = np.random.default_rng(1)
+    arrays = {}
+    with np.load(default_data_path()) as full:
+        for split, size in (("train", 160), ("val", 64), ("test", 64)):
+            keep = np.sort(rng.choice(len(full[f"{split}_labels"]), size, replace=False))
+            arrays.update({f"{split}_{key}": full[f"{split}_{key}"][keep] for key in ("images", "labels", "files")})
+    arrays["train_images"][1], arrays["train_labels"][1] = arrays["train_images"][0], arrays["train_labels"][0]
+    arrays["train_images"][3] = arrays["train_images"][2]
+    arrays["train_labels"][3] = (arrays["train_labels"][2] + 1) % C
+    np.savez(path, **arrays)
+    return path
+
+
+def test_study_page_shows_the_data_what_cleaning_removed_and_the_corruptions(tmp_path):
+    from search.prepare import prepare_data
+    from search.spec import load_spec
+    from search_helpers import write_tiny_spec
+
+    data = planted_data(tmp_path / "cells.npz")
+    path = write_tiny_spec(tmp_path, name="paged")
+    path.write_text(path.read_text().replace("[data]\n", f'[data]\npath = "{data.as_posix()}"\n'))
+    spec = load_spec(str(path))
+    prepared = prepare_data(spec)  # the real cleaning, as search.run does it before any trial
+    report = pd.read_csv(prepared.report_file).query("not kept")
+    assert {"exact_duplicate", "label_conflict"} <= set(report.reason)
+    location = spec.location
+    study = optuna.create_study(study_name="paged", storage=location.storage, direction="maximize")
+    study.set_user_attr("spec", json.loads(json.dumps(spec.to_dict())))
+    Path(location.artifacts).mkdir()
+    store = FileSystemArtifactStore(location.artifacts)
+    for value in (0.6, 0.7):
+        add_trial(study, store, value, location.folder)
+    write_report(study, location.report_dir, artifact_store=store)
+
+    page = location.report_dir / "index.html"
+    images = page_images(page, {"overview", "samples", "cleaning", "corruptions", "best", "files", "notes"})
+    assert set(images) == {"samples.png", "cleaning.png", "corruptions.png", "reliability.png",
+                           "robustness/robustness.png", "robustness/confusion_shifted.png"}
+    assert images["samples.png"].height > images["cleaning.png"].height  # 8 classes, 2-3 reasons
+    assert images["corruptions.png"].height > 2.5 * images["corruptions.png"].width  # 21 kinds x 6 columns
+    text = page.read_text()
+    assert f"({len(report)} images" not in text and "label_conflict" in text and "exact_duplicate" in text
+    assert "acquisition, artefact (red) are held out" in text
+    uploaded = {m.filename for m in get_all_artifact_meta(study)}
+    assert {"index.html", "samples.png", "cleaning.png", "corruptions.png", "reliability.png"} <= uploaded
