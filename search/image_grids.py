@@ -55,8 +55,8 @@ def image_grid_png(rows: Sequence[Row], path: str | Path, title: str = "", cell_
                             color="tab:red" if HELD_OUT in label else "black")
     if title:
         figure.suptitle(title, fontsize=10, y=1 - 0.06 / height, va="top")
-    figure.subplots_adjust(left=label_inches / width, right=used / width - 0.01, top=1 - top / height, bottom=0.1 / height,
-                           wspace=0.08, hspace=gap / cell_inches)
+    figure.subplots_adjust(left=label_inches / width, right=used / width - 0.01, top=1 - top / height,
+                           bottom=0.1 / height, wspace=0.08, hspace=gap / cell_inches)
     save_png(figure, path, tight=False)
 
 
@@ -79,7 +79,8 @@ def cleaning_rows(report: pd.DataFrame, images_by_id: dict[str, np.ndarray], cla
     rows = []
     removed = report[~report["kept"].astype(bool)]
     for reason, group in removed.groupby("reason", sort=False):
-        cells = [(images_by_id.get(str(row.id)), f"{short(class_names[int(row.label)])}\n{short(str(row.id), keep_end=True)}")
+        cells = [(images_by_id.get(str(row.id)),
+                  f"{short(class_names[int(row.label)])}\n{short(str(row.id), keep_end=True)}")
                  for row in group.head(per_reason).itertuples()]
         rows.append((f"{reason}\n({len(group)})", cells))
     return rows
