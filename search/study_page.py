@@ -94,7 +94,7 @@ def _data_sections(page: ReportPage, study: optuna.Study) -> None:
     corruptions = page.section("corruptions", "Corruptions")
     try:
         spec, config, dataset = study_data(study)
-    except (CellsearchError, KeyError, OSError) as exc:
+    except (CellsearchError, KeyError, OSError, ValueError) as exc:  # a report after hours of search must not fail
         for section in (samples, cleaning, corruptions):
             page.note(section, f"Skipped: the study's data could not be loaded ({exc}).")
         return

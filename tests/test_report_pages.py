@@ -8,26 +8,20 @@ import pandas as pd
 import pytest
 from optuna.artifacts import download_artifact, get_all_artifact_meta
 
-from test_ensemble_study import study  # noqa: F401  (shared fixture)
+from test_ensemble_robust import location  # noqa: F401  (shared fixtures)
+from test_ensemble_study import study  # noqa: F401
 from test_reports import page_images
 
 
 @pytest.fixture(scope="module")
-def location(study):  # noqa: F811
-    from search.location import StudyLocation
-
-    return StudyLocation("enstiny", out=str(study[0] / "runs"))
-
-
-@pytest.fixture(scope="module")
-def paged(location, tmp_path_factory):
+def paged(location, tmp_path_factory):  # noqa: F811
     from ensemble import build_ensemble
 
-    out = tmp_path_factory.mktemp("paged") / "ens"
+    out = tmp_path_factory.mktemp("paged") / "ens"  # topk, 2 TTA views: a quicker build than the other tests'
     return build_ensemble(location, top=2, method="topk", tta=2, out=str(out), quiet=True, progress=False)
 
 
-def test_the_search_wrote_the_study_page(location):
+def test_the_search_wrote_the_study_page(location):  # noqa: F811
     page = location.report_dir / "index.html"
     images = page_images(page, {"overview", "samples", "cleaning", "corruptions", "best", "files", "notes"})
     assert {"samples.png", "corruptions.png", "reliability.png", "robustness/robustness.png"} <= set(images)
@@ -36,7 +30,7 @@ def test_the_search_wrote_the_study_page(location):
     assert len(removed) > 0 or "Cleaning removed nothing" in page.read_text()
 
 
-def test_ensemble_page_shows_the_ensemble_against_its_members(paged, location, tmp_path):
+def test_ensemble_page_shows_the_ensemble_against_its_members(paged, location, tmp_path):  # noqa: F811
     from ensemble.candidates import artifact_store, open_study
 
     report = paged.report_
@@ -52,8 +46,10 @@ def test_ensemble_page_shows_the_ensemble_against_its_members(paged, location, t
     assert "report/index.html" in paged.manifest_["files"]  # checksummed with the artifact
 
     searched = open_study(location)  # the page and its picture are study artifacts, next to the study's own page
+    listed = [m.filename for m in get_all_artifact_meta(searched)]
+    assert listed.count("ensemble_index.html") == 1  # every build of the session rewrote the same artifact
+    assert "index.html" in listed
     metas = {m.filename: m for m in get_all_artifact_meta(searched)}
-    assert "index.html" in metas
     for name in ("index.html", "robustness.png"):
         download_artifact(artifact_store=artifact_store(location), file_path=str(tmp_path / name),
                           artifact_id=metas[f"ensemble_{name}"].artifact_id)
