@@ -133,6 +133,7 @@ def test_failing_trials_are_recorded_and_stop_the_study_in_one_line(tmp_path):
     ({"CPU": 2, "GPU": 2}, {"workers": 4}, RayPlan(workers=4, cpus_per_trial=0.5, gpus_per_trial=0.5)),
     ({"CPU": 4}, {}, RayPlan(workers=4, cpus_per_trial=1, gpus_per_trial=0)),
     ({"CPU": 32}, {}, RayPlan(workers=8, cpus_per_trial=4, gpus_per_trial=0)),
+    ({"CPU": 2}, {"workers": 2, "cpus": 1}, RayPlan(workers=2, cpus_per_trial=0.5, gpus_per_trial=0)),
 ])
 def test_resource_plan_fits_all_workers_at_once(cluster, executor, expected):
     plan = plan_resources(spec_from_dict({"executor": executor}), cluster)

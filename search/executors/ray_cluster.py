@@ -87,10 +87,13 @@ def plan_resources(spec: StudySpec, cluster: dict[str, float]) -> RayPlan:
     """One worker per GPU (or per `gpus_per_trial`), else one per core (at most 8, like the local plan).
 
     An explicit `executor.workers` beyond the GPUs shares them (the local executor's round robin); CPUs
-    are split evenly so that all workers fit at once instead of queueing behind each other.
+    are split evenly so that all workers fit at once instead of queueing behind each other. `executor.cpus`
+    caps the CPUs this driver takes, leaving the rest of a shared cluster to others (another driver).
     """
     total_gpus = float(cluster.get("GPU", 0.0))
     total_cpus = float(cluster.get("CPU", 1.0))
+    if spec.executor.cpus:
+        total_cpus = min(total_cpus, float(spec.executor.cpus))
     wanted = spec.executor.gpus_per_trial if total_gpus else 0.0
     if spec.executor.workers:
         workers = spec.executor.workers
