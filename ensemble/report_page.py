@@ -3,9 +3,9 @@ as the shift grows, sample test cells, held-out corruptions as the test copy app
 confidently wrong test images, a reliability diagram, and the build's tables and files.
 
 `report/robustness.png` is redrawn here with a second panel, every member's accuracy against severity
-beside the ensemble's: the one picture that shows what the ensemble buys under shift. The page is also
-uploaded to the study's artifact store as `ensemble_index.html` (with `ensemble_robustness.png`), so
-optuna-dashboard lists it beside the study's own page.
+beside the ensemble's: the one picture that shows what the ensemble buys under shift. The page and every
+PNG of report/ are also uploaded to the study's artifact store, named `ensemble_<file>`, so optuna-dashboard
+shows the pictures inline and offers the page for download beside the study's own.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from search.scores import accuracy
 
 ENSEMBLE = "ensemble"
 UPLOAD_PREFIX = "ensemble_"
-UPLOADED = (PAGE_NAME, "robustness.png")
 SAMPLES, HELDOUT, WRONG, RELIABILITY = "samples.png", "heldout_examples.png", "confidently_wrong.png", "reliability.png"
 
 
@@ -141,10 +140,10 @@ def write_ensemble_page(report, ens, reference, images: dict, X_test: np.ndarray
 
 
 def upload_ensemble_page(location, store, folder: Path) -> dict[str, str]:
-    """Upload the page and its robustness picture to the study's artifacts (ensemble_*), replacing an earlier
+    """Upload the page and the PNGs of report/ to the study's artifacts (ensemble_*), replacing an earlier
     build's; {name: artifact id}."""
     from ensemble.candidates import open_study
     from search.report import upload_report
 
-    return upload_report(open_study(location), store, folder, [folder / name for name in UPLOADED],
+    return upload_report(open_study(location), store, folder, [folder / PAGE_NAME, *sorted(folder.glob("*.png"))],
                          prefix=UPLOAD_PREFIX)

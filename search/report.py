@@ -4,7 +4,8 @@
 (search.study_page).
 
 Given the artifact store, the page, the CSV, PNG, JSON and text files are also uploaded as study artifacts
-so optuna-dashboard shows them; the plotly HTML plots are not (they load plotly.min.js from beside them, and
+so optuna-dashboard lists them (it shows PNGs inline; the page embeds its images, so it downloads as one
+complete file); the plotly HTML plots are not (they load plotly.min.js from beside them, and
 the dashboard draws the same plots itself). Those plots need the `plots` extra; without plotly they are
 skipped with one note and the rest of the report is written.
 """

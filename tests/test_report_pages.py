@@ -50,6 +50,7 @@ def test_ensemble_page_shows_the_ensemble_against_its_members(paged, location, t
     assert listed.count("ensemble_index.html") == 1  # every build of the session rewrote the same artifact
     assert "index.html" in listed
     metas = {m.filename: m for m in get_all_artifact_meta(searched)}
+    assert {"ensemble_confidently_wrong.png", "ensemble_reliability.png", "ensemble_samples.png"} <= set(listed)
     for name in ("index.html", "robustness.png"):
         download_artifact(artifact_store=artifact_store(location), file_path=str(tmp_path / name),
                           artifact_id=metas[f"ensemble_{name}"].artifact_id)
