@@ -77,12 +77,19 @@ def set_verbosity(verbosity: int) -> None:
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run a command's `main`; every `CellsearchError` becomes `error: <message>` and exit code 2."""
+    """Run a command's `main`; every `CellsearchError` becomes `error: <message>` and exit code 2. Without
+    `-v`, TensorFlow's C++ log lines are filtered out of stderr (search.native_log)."""
+    from contextlib import nullcontext
+
+    from search.native_log import native_log_filtered
+
     quiet_tensorflow()
-    try:
-        return main(argv)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as stop:  # Ctrl-C: the command has said what it stopped, no traceback
-        return getattr(stop, "exit_code", 130)
+    verbose = any(a in ("-v", "--verbose") for a in (sys.argv[1:] if argv is None else argv))
+    with nullcontext() if verbose else native_log_filtered():
+        try:
+            return main(argv)
+        except USER_ERRORS as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as stop:  # Ctrl-C: the command has said what it stopped, no traceback
+            return getattr(stop, "exit_code", 130)

@@ -165,3 +165,20 @@ def test_fresh_wheel_runs_the_readme_command_then_predicts_jpegs(tmp_path, raw_s
     assert rows[0].startswith("id,label,class_name,prob_") and len(rows) == 1 + 6
     for noise in ("A new study created", "oneDNN", "absl::InitializeLog", "cuda"):
         assert noise not in done.stdout + done.stderr, noise
+
+
+def test_tensorflow_cpp_lines_are_filtered_from_stderr_and_the_rest_passes():
+    code = r"""
+import os
+from search.native_log import native_log_filtered
+with native_log_filtered():
+    import tensorflow as tf
+    tf.constant(1) + 1
+    os.write(2, b"I0000 00:00:1796419081.327366   22164 port.cc:153] oneDNN custom operations are on.\n")
+    os.write(2, b"\rbar 1/2")
+    os.write(2, b"\rbar 2/2\nerror: kept\n")
+"""
+    done = subprocess.run([sys.executable, "-c", code],
+                          capture_output=True, timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr == b"\rbar 1/2\rbar 2/2\nerror: kept\n"  # bytes: \r as written
