@@ -70,7 +70,7 @@ def _execute(spec: StudySpec, study: optuna.Study, show_progress: bool, say) -> 
     deadline = time.time() + spec.budget.timeout_s if spec.budget.timeout_s else None
     gpus = parse_gpus(spec.executor.gpus)
     if spec.executor.kind == "ray":
-        from search.executors.ray_tune import run_ray
+        from search.executors.ray_executor import run_ray
 
         run_ray(spec, location.storage, location.artifacts, gpus, deadline, show_progress=show_progress)
         return
@@ -89,6 +89,7 @@ def run_study(spec: StudySpec, *, reseed_top: int | None = None, show_progress: 
     Returns the Optuna study. Running it again continues the study until it holds `budget.trials`
     finished trials. `quiet`: no notes on the data, the workers and the storage (errors still show).
     """
+    from search.executors import require_extras
     from search.prepare import prepare_data, upload_cleaning_report
     from search.report import write_report
     from search.storage import open_artifact_store, open_storage
@@ -96,6 +97,7 @@ def run_study(spec: StudySpec, *, reseed_top: int | None = None, show_progress: 
 
     if reseed_top is not None and reseed_top < 1:
         raise ConfigError(f"invalid reseed_top value {reseed_top}: need at least 1")
+    require_extras(spec)
     say = (lambda message: None) if quiet else (lambda message: print(message, flush=True))
     prepared = prepare_data(spec)
     say(prepared.describe())
