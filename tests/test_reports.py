@@ -392,3 +392,16 @@ def test_study_page_shows_the_data_what_cleaning_removed_and_the_corruptions(tmp
     assert "acquisition, artefact (red) are held out" in text
     uploaded = {m.filename for m in get_all_artifact_meta(study)}
     assert {"index.html", "samples.png", "cleaning.png", "corruptions.png", "reliability.png"} <= uploaded
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_without_plotly_a_multi_objective_report_keeps_its_pareto_png(tmp_path, monkeypatch):
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    store = FileSystemArtifactStore(str(tmp_path))
+    for values in ((0.9, 0.5), (0.8, 0.7), (0.7, 0.6)):
+        add_trial(study, store, list(values), tmp_path)
+    monkeypatch.setitem(sys.modules, "plotly", None)
+    write_report(study, tmp_path / "report", artifact_store=store)
+    assert_png(tmp_path / "report" / "pareto_front.png")
+    assert not (tmp_path / "report" / "pareto_front.html").exists()
+    assert "interactive plots skipped" in (tmp_path / "report" / "notes.txt").read_text()
