@@ -1,4 +1,4 @@
-"""Stain colour space (HED) and stain jitter for batches of RGB images, float 0..255, in TensorFlow.
+"""Stain colour space (HED) and stain jitter for batches of RGB images, float 0..255, in `keras.ops` (any backend).
 
 Colour deconvolution after Ruifrok & Johnston (2001), with the matrix and log scaling of scikit-image's
 `rgb2hed` / `hed2rgb`: optical density `log(rgb) / log(1e-6)` (rgb in [1e-6, 1]) times the inverse of the
@@ -14,8 +14,10 @@ their two dyes (basic azure, acidic eosin) span a similar plane, and the jitter 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 # Rows: optical density (R, G, B) of a unit of haematoxylin, eosin and DAB (scikit-image's rgb_from_hed).
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
@@ -25,28 +27,28 @@ _LOG_MIN = float(np.log(_MIN_INTENSITY))
 _MAX_VALUE = 255.0
 
 
-def _pixels_times(images: tf.Tensor, matrix: np.ndarray) -> tf.Tensor:
+def _pixels_times(images: Any, matrix: np.ndarray) -> Any:
     """Each pixel's 3-vector (last axis) times `matrix` (row-vector convention, as scikit-image)."""
-    return tf.tensordot(images, tf.constant(matrix, images.dtype), axes=1)
+    return ops.matmul(images, ops.convert_to_tensor(matrix.astype(np.float32)))
 
 
-def rgb_to_hed(images: tf.Tensor) -> tf.Tensor:
+def rgb_to_hed(images: Any) -> Any:
     """(..., 3) RGB in 0..255 -> (..., 3) H, E, D concentrations (scikit-image's scale; 0 = no stain)."""
-    rgb = tf.maximum(tf.cast(images, tf.float32) / _MAX_VALUE, _MIN_INTENSITY)
-    return _pixels_times(tf.math.log(rgb) / _LOG_MIN, HED_FROM_RGB)
+    rgb = ops.maximum(ops.cast(images, "float32") / _MAX_VALUE, _MIN_INTENSITY)
+    return _pixels_times(ops.log(rgb) / _LOG_MIN, HED_FROM_RGB)
 
 
-def hed_to_rgb(hed: tf.Tensor) -> tf.Tensor:
+def hed_to_rgb(hed: Any) -> Any:
     """(..., 3) H, E, D concentrations -> (..., 3) RGB in 0..255 (clipped)."""
-    rgb = tf.exp(_pixels_times(hed, RGB_FROM_HED) * _LOG_MIN)
-    return tf.clip_by_value(rgb * _MAX_VALUE, 0.0, _MAX_VALUE)
+    rgb = ops.exp(_pixels_times(hed, RGB_FROM_HED) * _LOG_MIN)
+    return ops.clip(rgb * _MAX_VALUE, 0.0, _MAX_VALUE)
 
 
-def hed_jitter(images: tf.Tensor, scale: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+def hed_jitter(images: Any, scale: Any, bias: Any) -> Any:
     """images (B,H,W,3) with each image's H, E, D concentrations mapped to `c * scale + bias`, (B,3) each.
 
     `bias` is in natural-log optical density, the unit of Tellez et al.'s sigmas (scikit-image < 0.19's
     `rgb2hed`); the concentrations above are that divided by -log(1e-6) ~ 13.8.
     """
-    shift = bias / -_LOG_MIN
-    return hed_to_rgb(rgb_to_hed(images) * scale[:, None, None, :] + shift[:, None, None, :])
+    scale, shift = ops.reshape(scale, (-1, 1, 1, 3)), ops.reshape(bias, (-1, 1, 1, 3)) / -_LOG_MIN
+    return hed_to_rgb(rgb_to_hed(images) * scale + shift)

@@ -1,32 +1,32 @@
-"""tf.data streams that feed Keras models: shuffled, batched, augmented per batch, deterministic by seed.
+"""Batch streams that feed Keras models under any backend: shuffled, batched, augmented per batch,
+deterministic by seed.
 
 Design choices, and why:
-- The arrays stay in memory as tensors and each batch is a `tf.gather` of shuffled indices: the shuffle
-  buffer holds int64 indices instead of a second copy of every image, and gathering a batch at once is
-  about twice as fast as slicing element by element then batching.
+- A `keras.utils.PyDataset` over in-memory numpy arrays, not tf.data: `fit` takes it under JAX, TensorFlow
+  and PyTorch alike, and the input pipeline needs no TensorFlow. Each batch is one fancy-index gather of
+  shuffled rows (uint8, converted to float32 per batch).
 - Images stay raw 0..255 (float32 from the batch on): models do their own input scaling.
-- Augmentation runs on whole batches (vectorised Keras layers), in a parallel `map` with
-  `deterministic=True`, then `prefetch`.
-- Determinism: each batch carries a key from `tf.data.Dataset.random(seed, rerandomize_each_iteration=True)`
-  and the augmenter draws all its randomness statelessly from that key. Two streams built with the same
-  seed therefore give identical batches, epoch after epoch (each new pass over the data set gets new,
-  still reproducible keys and a new, reproducible shuffle); different seeds differ.
+- Augmentation runs on whole batches in the augmenter's compiled function (`data_pipeline.augment`);
+  `workers` > 1 prepares batches in threads while the model trains on the previous ones.
+- Determinism: batch b of pass p is augmented with the key (seed, p * batches_per_pass + b) and pass p is
+  shuffled by a generator seeded with (seed, p). Two streams built with the same seed therefore give
+  identical batches, pass after pass (each new pass gets a new, reproducible shuffle and new keys);
+  different seeds differ. Batches never straddle two passes.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import keras
 import numpy as np
-import tensorflow as tf
 
 from data_pipeline.augment import Augmenter
 from data_pipeline.dataset import validate_images, validate_labels
 from data_pipeline.errors import DataError
-
-AUTOTUNE = tf.data.AUTOTUNE
 
 
 def _check_int(value: Any, name: str, minimum: int) -> int:
@@ -56,79 +56,93 @@ def _check_augmenter(augmenter: Any, num_classes: int) -> None:
         raise DataError(f"augmenter was built for {augmenter.num_classes} classes, stream has {num_classes}")
 
 
-def _deterministic(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    options = tf.data.Options()
-    options.deterministic = True
-    return dataset.with_options(options)
-
-
-def _augment_fn(augmenter: Callable[..., Any], has_weights: bool) -> Callable[..., Any]:
-    """The map function: augmenter on (images, labels) with the batch key; weights pass through unchanged."""
-    keyed = isinstance(augmenter, Augmenter)
-
-    @tf.autograph.experimental.do_not_convert
-    def apply(batch: tuple[tf.Tensor, ...], key: tf.Tensor) -> tuple[tf.Tensor, ...]:
-        images, labels = batch[0], batch[1]
-        images, labels = augmenter(images, labels, seed=key) if keyed else augmenter(images, labels)
-        return (images, labels, batch[2]) if has_weights else (images, labels)
-
-    return apply
-
-
 def steps_per_epoch(n: int, batch_size: int, drop_remainder: bool = False) -> int:
     """Batches in one pass over `n` examples (what `fit(steps_per_epoch=...)` needs with repeat=True)."""
     return n // batch_size if drop_remainder else math.ceil(n / batch_size)
 
 
+class BatchStream(keras.utils.PyDataset):
+    """Batches of `images` (and one-hot `labels`, `weights` when given) for `fit` / `predict`; see
+    `make_stream`. Iterating it yields one pass and moves on to the next, as `fit`'s epochs do."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None, batch_size: int, *,
+                 augmenter: Callable[..., Any] | None = None, shuffle: bool = True, seed: int = 0,
+                 repeat: bool = False, drop_remainder: bool = False, weights: np.ndarray | None = None,
+                 workers: int = 1) -> None:
+        super().__init__(workers=workers, use_multiprocessing=False)
+        self.images, self.labels, self.weights = images, labels, weights
+        self.batch_size, self.augmenter, self.shuffle, self.seed = batch_size, augmenter, shuffle, seed
+        self.repeat, self.drop_remainder = repeat, drop_remainder
+        self.steps = steps_per_epoch(len(images), batch_size, drop_remainder)
+        self.epoch = 0
+        self._order: tuple[int, np.ndarray] | None = None
+
+    @property
+    def num_batches(self) -> int | None:
+        return None if self.repeat else self.steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, index: int) -> Any:
+        step = index if self.repeat else self.epoch * self.steps + index
+        epoch, batch = divmod(step, self.steps)
+        rows = self._rows(epoch)[batch * self.batch_size:(batch + 1) * self.batch_size]
+        images = self.images[rows].astype(np.float32)
+        if self.labels is None:
+            return images
+        labels = self.labels[rows]
+        if self.augmenter is not None:
+            keyed = isinstance(self.augmenter, Augmenter)
+            images, labels = self.augmenter(images, labels, seed=(self.seed, step)) if keyed else \
+                self.augmenter(images, labels)
+        return (images, labels) if self.weights is None else (images, labels, self.weights[rows])
+
+    def __iter__(self) -> Iterator[Any]:
+        for index in range(self.num_batches) if self.num_batches is not None else itertools.count():
+            yield self[index]
+        self.on_epoch_end()
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+
+    def _rows(self, epoch: int) -> np.ndarray:
+        """The row order of pass `epoch` (the same for every pass when not shuffling)."""
+        if not self.shuffle:
+            return np.arange(len(self.images))
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.images)))
+        return self._order[1]
+
+
 def make_stream(images: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int, *,
                 augmenter: Callable[..., Any] | None = None, shuffle: bool = True, seed: int = 0,
                 cache: bool = True, repeat: bool = False, drop_remainder: bool = False,
-                sample_weights: np.ndarray | None = None) -> tf.data.Dataset:
+                sample_weights: np.ndarray | None = None, workers: int = 1) -> BatchStream:
     """Batches `(images float32 (B,H,W,3) in 0..255, one-hot float32 (B,C)[, weights float32 (B,)])`.
 
     `augmenter`: an `Augmenter` (deterministic, keyed per batch) or any `(images, labels) -> (images,
     labels)` callable (then determinism is its own business). Sample weights are not mixed by
     CutMix/MixUp: a mixed image keeps the weight of the image it was pasted onto.
-    `cache`: with `shuffle=False` every pass yields the same raw batches, so they are gathered once and
-    kept (as uint8); with `shuffle=True` there is nothing pass-invariant to keep (the arrays are already
-    in memory) and the flag has no effect.
-    `repeat`: loop forever (reshuffling each pass; shuffled batches may straddle two passes, unshuffled
-    ones do not); use `steps_per_epoch()` to size an epoch.
+    `cache`: accepted for compatibility; the arrays are in memory and gathered per batch either way.
+    `repeat`: loop forever (reshuffling each pass); use `steps_per_epoch()` to size an epoch.
+    `workers`: threads preparing batches ahead of the model (1: batches are made when asked for).
     """
     images = validate_images(images, "stream images")
     num_classes = _check_int(num_classes, "num_classes", 2)
     labels = validate_labels(labels, len(images), num_classes, "stream labels")
     batch_size = _check_int(batch_size, "batch_size", 1)
     seed = _check_int(seed, "seed", 0)
+    workers = _check_int(workers, "workers", 1)
     _check_augmenter(augmenter, num_classes)
-    arrays = [tf.constant(images), tf.one_hot(labels, num_classes, dtype=tf.float32)]
-    if sample_weights is not None:
-        arrays.append(tf.constant(_check_sample_weights(sample_weights, len(images))))
-
-    indices = tf.data.Dataset.range(len(images))
-    if shuffle:
-        indices = indices.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-        indices = indices.repeat() if repeat else indices
-    batches = indices.batch(batch_size, drop_remainder=drop_remainder)
-    batches = batches.map(lambda idx: tuple(tf.gather(a, idx) for a in arrays),
-                          num_parallel_calls=AUTOTUNE, deterministic=True)
-    if not shuffle:  # identical raw batches every pass: keep them, then loop over them
-        batches = batches.cache() if cache else batches
-        batches = batches.repeat() if repeat else batches
-    batches = batches.map(lambda images, *rest: (tf.cast(images, tf.float32), *rest),
-                          num_parallel_calls=AUTOTUNE, deterministic=True)
-    if augmenter is not None:
-        keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-        batches = tf.data.Dataset.zip(batches, keys).map(
-            _augment_fn(augmenter, sample_weights is not None), num_parallel_calls=AUTOTUNE, deterministic=True)
-    return _deterministic(batches.prefetch(AUTOTUNE))
+    weights = None if sample_weights is None else _check_sample_weights(sample_weights, len(images))
+    one_hot = np.eye(num_classes, dtype=np.float32)[labels]
+    return BatchStream(images, one_hot, batch_size, augmenter=augmenter, shuffle=shuffle, seed=seed, repeat=repeat,
+                       drop_remainder=drop_remainder, weights=weights, workers=workers)
 
 
-def make_eval_stream(images: np.ndarray, batch_size: int) -> tf.data.Dataset:
+def make_eval_stream(images: np.ndarray, batch_size: int) -> BatchStream:
     """Batches of images only, float32 0..255, in the input order: for `model.predict`."""
     images = validate_images(images, "eval images")
     batch_size = _check_int(batch_size, "batch_size", 1)
-    stored = tf.constant(images)
-    batches = tf.data.Dataset.range(len(images)).batch(batch_size).map(
-        lambda idx: tf.cast(tf.gather(stored, idx), tf.float32), num_parallel_calls=AUTOTUNE, deterministic=True)
-    return _deterministic(batches.prefetch(AUTOTUNE))
+    return BatchStream(images, None, batch_size, shuffle=False)

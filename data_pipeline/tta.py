@@ -20,6 +20,20 @@ def view_indices(n_views: int) -> tuple[int, ...]:
     return VIEW_SETS[n_views]
 
 
+def dihedral_index_maps(height: int, width: int) -> np.ndarray:
+    """(V, H*W) int32: row v lists, for each output pixel, the input pixel of view v; row 0 is the identity.
+
+    V = 8 (the views of `dihedral_view`, in its order) for square images, else 4 (identity, half turn,
+    horizontal flip, vertical flip), which keep any shape.
+    """
+    grid = np.arange(height * width, dtype=np.int32).reshape(height, width)
+    if height == width:
+        views = [np.rot90(view, k) for view in (grid, grid[:, ::-1]) for k in range(4)]
+    else:
+        views = [grid, grid[::-1, ::-1], grid[:, ::-1], grid[::-1]]
+    return np.stack([view.reshape(-1) for view in views])
+
+
 def dihedral_view(images: np.ndarray, index: int) -> np.ndarray:
     """View `index` (0..7) of a (N,H,W,C) batch; view 0 is the identity."""
     if not 0 <= index < 8:
