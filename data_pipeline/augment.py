@@ -139,6 +139,7 @@ _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
 _HIST_BINS = 256
 _SEEDS_PER_KEY = 128           # draws one bound key can serve (an AugMix slot traces ~40)
 _MAX_SEED = 2**31 - 1
+_MAX_ENGINES = 16              # compiled policy configurations kept per process (see Augmenter)
 ImagesLabels = tuple[Any, Any]
 PolicyFn = Callable[[Any, Any], ImagesLabels]
 
@@ -486,6 +487,9 @@ def _float32_layers() -> Iterator[None]:
         keras.config.set_dtype_policy(previous)
 
 
+_ENGINES: dict[tuple, "Augmenter"] = {}
+
+
 def _host_key(*parts: int) -> np.ndarray:
     """A (2,) int32 key mixed from non-negative integers (numpy's SeedSequence hash)."""
     state = np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2)
@@ -494,6 +498,10 @@ def _host_key(*parts: int) -> np.ndarray:
 
 class Augmenter:
     """A policy + strength, callable on a batch `(images (B,H,W,3) float32 0..255, one-hot (B,C))`.
+
+    Augmenters of the same configuration (policy, strength, families, views) share the first one's layers and
+    compiled function, so a process compiles each configuration once (under JAX a compile takes seconds);
+    `seed` and `family_usage` stay each augmenter's own.
 
     Call as `augmenter(images, labels, seed=key)`; `key` is an int or a pair of ints. Without a key the
     draws come from a host generator seeded with the constructor's `seed`. Returns backend tensors.
@@ -520,10 +528,15 @@ class Augmenter:
         self._plans: list[Any] = []                           # (B,) corruption kind per image, -1 = none
         self.corruption_kinds: list[tuple[str, str]] = []     # (family, kind) of the 'corrupt' policies
         self.is_identity = self.policy == "none" or self.strength == 0.0
-        if not self.is_identity:
-            with _float32_layers():
-                self._policy_fn = _POLICY_BUILDERS[self.policy](self)
-        self._compiled = compile_function(self._step)
+        self._engine = _ENGINES.get(self._engine_key())
+        if self._engine is None:  # the first augmenter of a configuration builds and compiles it for all
+            if not self.is_identity:
+                with _float32_layers():
+                    self._policy_fn = _POLICY_BUILDERS[self.policy](self)
+            self._compiled = compile_function(self._step)
+            self._engine = _ENGINES[self._engine_key()] = self
+            while len(_ENGINES) > _MAX_ENGINES:
+                _ENGINES.pop(next(iter(_ENGINES)))
 
     def __repr__(self) -> str:
         return f"Augmenter(policy={self.policy!r}, strength={self.strength:g}, num_classes={self.num_classes})"
@@ -546,15 +559,19 @@ class Augmenter:
         images, labels = ops.cast(images, "float32"), ops.cast(labels, "float32")
         if self.is_identity and self.views == 1:
             return images, labels
-        key = self._key(seed)
-        with self._call_lock:
-            out_images, out_labels, counts, plan = self._compiled(images, labels, key)
-            families = [names for names, _ in self._counts]
+        key, engine = self._key(seed), self._engine
+        with engine._call_lock:
+            out_images, out_labels, counts, plan = engine._compiled(images, labels, key)
+            families = [names for names, _ in engine._counts]
         for names, count in zip(families, counts):
             self.count_usage(names, int(ops.convert_to_numpy(count)))
         if plan is not None:
             out_images = self._corrupt_on_host(out_images, ops.convert_to_numpy(plan), key)
         return out_images, out_labels
+
+    def _engine_key(self) -> tuple:
+        """What the compiled function depends on (the seed only enters through the key)."""
+        return self.policy, self.strength, self.families, self.views, keras.backend.backend()
 
     def _step(self, images: Any, labels: Any, key: Any) -> tuple[Any, Any, list[Any], Any]:
         """The compiled part of a call: images, labels, the family counts and the corruption plan (or None)."""
@@ -629,7 +646,7 @@ class Augmenter:
         seed = int(rng.integers(0, _MAX_SEED))
         for k, level in sorted(set(zip(plan[plan >= 0].tolist(), severity[plan >= 0].tolist()))):
             rows = np.flatnonzero((plan == k) & (severity == level))
-            family, name = self.corruption_kinds[k]
+            family, name = self._engine.corruption_kinds[k]
             out[rows] = corruptions.corrupt(np.rint(out[rows]).astype(np.uint8), name, level, seed)
             self.count_usage((family,), len(rows))
         return ops.convert_to_tensor(out)

@@ -23,5 +23,5 @@ def compile_function(fn: Callable) -> Callable:
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn, autograph=False, reduce_retracing=True)
+        return tf.function(fn, autograph=False)  # one trace per input shape: the ops need static image sizes
     return fn
