@@ -1,7 +1,8 @@
 """How fast a stopped driver takes its workers with it, on this machine.
 
-    python benchmarks/bench_interrupt.py                      # local executor, 2 workers
-    python benchmarks/bench_interrupt.py --executor ray       # Ray Tune, 2 simulated GPUs
+    python benchmarks/bench_interrupt.py                          # local executor, 2 workers
+    python benchmarks/bench_interrupt.py --executor ray           # Ray on one node, 2 simulated GPUs
+    python benchmarks/bench_interrupt.py --executor ray-2-nodes   # a cluster of two `ray start` nodes
 
 Each scenario starts `python -m search.run` on a tiny study in its own session (as a terminal would), waits
 until every worker trains a trial, then stops the driver the way a user does:
@@ -15,6 +16,12 @@ It prints, per scenario, the seconds from the signal to the last trial process g
 trials recorded as their `worker`: local workers, Ray trial actors), to the last process the driver started
 being gone (for Ray also its raylet and GCS), to the driver's exit, and what the storage then holds:
 trials interrupted (FAIL, fail_reason "interrupted"), still RUNNING, and configurations queued again.
+
+`ray-2-nodes` runs each scenario on a fresh cluster of this machine (a head node and a node joined with
+`--address`, one CPU each, so the two trials run one per node; see tests/search_helpers.py), whose own
+processes are not the driver's and stay up. It adds the scenario `node-loss`: every process of the second
+node is SIGKILLed while both nodes train; it prints the trials per node and the seconds from the node's
+death until its trial runs again on the head node.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from optuna.trial import TrialState
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from search_helpers import descendants, trial_pids, write_tiny_spec  # noqa: E402
+from search_helpers import RAY_ENV, descendants, ray_cluster, trial_pids, wait_for, write_tiny_spec  # noqa: E402
 
 from search.lifecycle import process_alive  # noqa: E402
 
@@ -53,26 +60,46 @@ def load_trials(url: str, name: str) -> list:
     return []
 
 
-def run_scenario(scenario: str, executor: str, folder: Path, timeout: float = 600) -> dict:
-    signum, whole_group, times = SCENARIOS[scenario]
-    spec_path = write_tiny_spec(folder, name=scenario.replace("-", "_"), trials=2, min_epochs=3, max_epochs=3,
-                                train_images=1200)
+def start_study(executor: str, folder: Path, name: str, trials: int = 2, address: str | None = None,
+                timeout: float = 600) -> tuple[subprocess.Popen, str, str]:
+    """A driver in its own session (as a terminal starts one), once two of its trials train; returns it, the
+    storage URL and the study name."""
+    spec_path = write_tiny_spec(folder, name=name, trials=trials, min_epochs=3, max_epochs=3, train_images=1200)
     url = f"sqlite:///{folder / 'runs' / spec_path.stem / 'study.db'}"
-    extra = ["--executor", "ray", "--gpus", "0,1"] if executor == "ray" else ["--workers", "2"]
+    extra = {"local": ["--workers", "2"], "ray": ["--executor", "ray", "--gpus", "0,1"],
+             "ray-2-nodes": ["--executor", "ray", "--address", str(address), "--workers", "2"]}[executor]
     driver = subprocess.Popen([sys.executable, "-m", "search.run", "--no-progress", "--study", str(spec_path),
                                *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=(folder / "driver.err").open("w"),
-                              text=True, start_new_session=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        running = [t for t in load_trials(url, spec_path.stem)
-                   if t.state == TrialState.RUNNING and "worker" in t.user_attrs]
-        if len(running) >= 2:
-            break
-        time.sleep(0.5)
-    else:
+                              text=True, start_new_session=True, env={**os.environ, **RAY_ENV})
+    try:
+        wait_for(lambda: len([t for t in load_trials(url, name) if t.state == TrialState.RUNNING
+                              and "worker" in t.user_attrs]) >= 2, timeout, f"{name}: two trials in training")
+    except AssertionError:
         driver.kill()
-        raise RuntimeError(f"{scenario}: no two trials trained within {timeout:.0f} s; driver's stderr ends: "
-                           + (folder / "driver.err").read_text()[-2000:])
+        raise RuntimeError(f"{name}: no two trials trained within {timeout:.0f} s; driver's stderr ends: "
+                           + (folder / "driver.err").read_text()[-2000:]) from None
+    return driver, url, name
+
+
+@contextlib.contextmanager
+def nodes_for(executor: str, folder: Path):
+    """The two-node cluster of `ray-2-nodes` (none for the other executors)."""
+    if executor != "ray-2-nodes":
+        yield None
+        return
+    with ray_cluster(folder, nodes=2, cpus=1) as nodes:
+        yield nodes
+
+
+def run_scenario(scenario: str, executor: str, folder: Path) -> dict:
+    with nodes_for(executor, folder) as nodes:
+        return stop_driver(scenario, executor, folder, nodes[0].address if nodes else None)
+
+
+def stop_driver(scenario: str, executor: str, folder: Path, address: str | None) -> dict:
+    signum, whole_group, times = SCENARIOS[scenario]
+    driver, url, name = start_study(executor, folder, scenario.replace("-", "_"), address=address)
+    spec_path = folder / f"{name}.toml"
     started, trial_processes = descendants(driver.pid), trial_pids(load_trials(url, spec_path.stem))
     sent = time.monotonic()
     for repeat in range(times):
@@ -103,21 +130,53 @@ def run_scenario(scenario: str, executor: str, folder: Path, timeout: float = 60
     }
 
 
+def node_loss(folder: Path, trials: int = 4) -> str:
+    """Kill every process of the second node while both nodes train; the trials per node and the seconds until
+    the lost trial runs again (its retry trains on the head node)."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    with ray_cluster(folder, nodes=2, cpus=1) as (head, second):
+        driver, url, name = start_study("ray-2-nodes", folder, "node_loss", trials=trials, address=head.address)
+        lost = [t.number for t in load_trials(url, name) if t.state == TrialState.RUNNING
+                and trial_pids([t]) <= second.pids()]
+        killed = time.time()
+        second.kill()
+        rerun = wait_for(lambda: [t for t in load_trials(url, name) if "worker" in t.user_attrs
+                                  and RetryHeartbeatStaleTrialCallback.retried_trial_number(t) in lost], 600,
+                         "the lost trial running again")
+        driver.wait(timeout=900)
+    trials_now = load_trials(url, name)
+    per_node = {}
+    for trial in trials_now:
+        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            node = trial.user_attrs["ray_node_ip"]
+            per_node[node] = per_node.get(node, 0) + 1
+    started = min(t.datetime_start.timestamp() for t in rerun)
+    return (f"node-loss: trials lost with the node {lost}, running again after {started - killed:.1f} s "
+            f"(grace period 6 s); finished trials per node {per_node}; driver exit code {driver.returncode}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--executor", choices=("local", "ray"), default="local")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated, of " + ", ".join(SCENARIOS))
+    parser.add_argument("--executor", choices=("local", "ray", "ray-2-nodes"), default="local")
+    parser.add_argument("--scenarios", default=",".join([*SCENARIOS, "node-loss"]),
+                        help="comma-separated, of " + ", ".join(SCENARIOS) + ", node-loss (ray-2-nodes only)")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     columns = ("scenario", "executor", "processes", "trials_gone_s", "all_gone_s", "driver_exit_s", "left_alive",
                "interrupted", "running", "queued_again")
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns), flush=True)
     for scenario in args.scenarios.split(","):
+        if scenario == "node-loss":
+            continue
         with tempfile.TemporaryDirectory(prefix=f"bench_interrupt_{scenario}_") as folder:
             row = run_scenario(scenario, args.executor, Path(folder))
         print("| " + " | ".join(str(row[c]) for c in columns) + " |", flush=True)
         if row["last_line"]:
             print(f"  driver's last line: {row['last_line']}", flush=True)
+    if args.executor == "ray-2-nodes" and "node-loss" in args.scenarios.split(","):
+        with tempfile.TemporaryDirectory(prefix="bench_interrupt_node_loss_") as folder:
+            print(node_loss(Path(folder)), flush=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,12 +124,13 @@ class RayNode:
     whole node down at once, as a machine that dies."""
 
     def __init__(self, folder: Path, name: str, cpus: int, head_address: str | None = None,
-                 env: dict | None = None) -> None:
+                 env: dict | None = None, ip: str | None = None) -> None:
         self.log = folder / f"ray_{name}.log"
         ports = {"--node-manager-port": free_port(), "--object-manager-port": free_port(),
                  "--dashboard-agent-listen-port": free_port(), "--metrics-export-port": free_port()}
+        self.temp_dir = tempfile.mkdtemp(prefix=f"ray_{name}_", dir="/tmp")  # socket paths: at most 107 bytes
         command = ["ray", "start", "--block", "--num-cpus", str(cpus), "--num-gpus", "0", "--disable-usage-stats",
-                   "--object-store-memory", str(100 * 2**20), "--temp-dir", str(folder / f"ray_{name}")]
+                   "--object-store-memory", str(100 * 2**20), "--temp-dir", self.temp_dir]
         if head_address is None:
             self.port = free_port()
             ports.update({"--port": self.port, "--ray-client-server-port": free_port(),
@@ -136,6 +138,8 @@ class RayNode:
             command += ["--head", "--include-dashboard", "false"]
         else:
             command += ["--address", head_address]
+        if ip:
+            command += ["--node-ip-address", ip]
         command += [str(part) for pair in ports.items() for part in pair]
         self.process = subprocess.Popen([str(Path(sys.executable).parent / command[0]), *command[1:]],
                                         env={**os.environ, **RAY_ENV, **(env or {})}, stdout=self.log.open("w"),
@@ -161,16 +165,21 @@ class RayNode:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.process.wait(timeout=30)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def ray_cluster(folder: Path, nodes: int = 2, cpus: int = 1, env: dict | None = None) -> Iterator[list[RayNode]]:
-    """A head node and `nodes - 1` nodes joined with `--address`, each with `cpus` CPUs; all killed after."""
+    """A head node and `nodes - 1` nodes joined with `--address`, each with `cpus` CPUs; all killed after.
+
+    The joined nodes take loopback addresses of their own (127.0.0.2, ...): a driver attaches to the node of
+    its own address, so it never sits on a node a test kills."""
     started: list[RayNode] = []
     try:
         started.append(RayNode(folder, "head", cpus, env=env))
         for index in range(1, nodes):
-            started.append(RayNode(folder, f"node{index}", cpus, head_address=started[0].address, env=env))
+            started.append(RayNode(folder, f"node{index}", cpus, head_address=started[0].address, env=env,
+                                   ip=f"127.0.0.{index + 1}"))
         yield started
     finally:
         for node in reversed(started):
