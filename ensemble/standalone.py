@@ -4,7 +4,9 @@
 that is tested inside the package is byte for byte the code that runs on the Codabench machine, where
 cellsearch is not installed. Hence the rules for this file:
 
-- imports: the standard library, numpy, and (lazily, inside functions) keras / tensorflow only;
+- imports: the standard library, numpy, and (lazily, inside functions) keras only; TensorFlow only for its
+  bfloat16 graph pass, when Keras runs on TensorFlow (so the file runs under JAX and PyTorch too, and where
+  only TensorFlow and Keras are installed, as on Codabench);
 - the members' one custom layer (`ImageNetPreprocess`, see backbones/preprocessing.py) is re-declared
   here in minimal form and handed to Keras as a `custom_objects` entry under its registered name, so
   models load with Keras' safe_mode ON and no global registration is clobbered;
@@ -17,8 +19,8 @@ cellsearch is not installed. Hence the rules for this file:
 Input rule (`prepare_images`): uint8 (N,H,W,3) RGB (other numeric dtypes only when every value is an
 integer-valued 0..255 number; floats in 0..1 are refused rather than silently turned black). Images whose
 (H,W) differ from the members' input size are resized, when `resize` is on (the default), with
-TensorFlow's antialiased bicubic resize and rounded back to uint8; aspect ratio is not preserved, so
-crop non-square images first if that matters. With `resize=False` a size mismatch is an error.
+Keras' antialiased bicubic resize (`keras.ops.image.resize`) and rounded back to uint8; aspect ratio is not
+preserved, so crop non-square images first if that matters. With `resize=False` a size mismatch is an error.
 
 Test-time BatchNorm adaptation (`adapt_bn`, manifest key "adapt_bn"; Schneider et al. 2020, "Improving
 robustness against common corruptions by covariate shift adaptation"): every BatchNormalization layer
@@ -142,15 +144,15 @@ def batch_size_for(height: int, width: int, n_views: int) -> int:
 
 
 def resize_images(images: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """uint8 (N,H,W,3) -> uint8 (N,h,w,3) with antialiased bicubic resampling (TensorFlow), chunked."""
-    import tensorflow as tf
+    """uint8 (N,H,W,3) -> uint8 (N,h,w,3) with antialiased bicubic resampling (Keras, any backend), chunked."""
+    from keras import ops
 
     out = np.empty((len(images), int(size[0]), int(size[1]), 3), dtype=np.uint8)
     step = max(1, (1 << 24) // max(1, images[0].size))
     for start in range(0, len(images), step):
-        chunk = tf.image.resize(images[start:start + step].astype(np.float32), (int(size[0]), int(size[1])),
-                                method="bicubic", antialias=True)
-        out[start:start + step] = np.clip(np.rint(chunk.numpy()), 0, 255).astype(np.uint8)
+        chunk = ops.image.resize(images[start:start + step].astype(np.float32), (int(size[0]), int(size[1])),
+                                 interpolation="bicubic", antialias=True)
+        out[start:start + step] = np.clip(np.rint(ops.convert_to_numpy(chunk)), 0, 255).astype(np.uint8)
     return out
 
 
@@ -294,20 +296,23 @@ def load_member_models(folder: str | os.PathLike, manifest: dict[str, Any], cust
     return models
 
 
-def _dihedral_tf(x, index: int):
+def _dihedral(x, index: int):
     """View `index` of a (N,H,W,C) tensor, identical to data_pipeline.tta.dihedral_view (numpy rot90)."""
-    import tensorflow as tf
+    from keras import ops
 
     if index >= 4:
-        x = tf.reverse(x, axis=[2])
+        x = ops.flip(x, axis=2)
     k = index % 4
     if k == 1:
-        return tf.transpose(tf.reverse(x, axis=[2]), (0, 2, 1, 3))
+        return ops.transpose(ops.flip(x, axis=2), (0, 2, 1, 3))
     if k == 2:
-        return tf.reverse(x, axis=[1, 2])
+        return ops.flip(ops.flip(x, axis=1), axis=2)
     if k == 3:
-        return tf.reverse(tf.transpose(x, (0, 2, 1, 3)), axis=[2])
+        return ops.flip(ops.transpose(x, (0, 2, 1, 3)), axis=2)
     return x
+
+
+_dihedral_tf = _dihedral  # its name before the Keras 3 port (tests/test_ensemble_units.py)
 
 
 def cpu_has_bfloat16() -> bool:
@@ -320,10 +325,14 @@ def cpu_has_bfloat16() -> bool:
 
 
 def usable_precision(precision: str) -> str:
-    """`precision` if this machine runs it natively, else float32 (bfloat16 emulation would be slower)."""
+    """`precision` if this machine runs it natively, else float32 (bfloat16 emulation would be slower). The
+    bfloat16 pass is TensorFlow's: under another Keras backend inference stays float32."""
+    import keras
+
     if precision not in PRECISIONS:
         raise EnsembleError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return precision if precision == "float32" or cpu_has_bfloat16() else "float32"
+    native = cpu_has_bfloat16() and keras.backend.backend() == "tensorflow"
+    return precision if precision == "float32" or native else "float32"
 
 
 class _GraphPrecision:
@@ -354,17 +363,16 @@ class _GraphPrecision:
 class TTARunner:
     """All members on all TTA views of a batch in ONE compiled call.
 
-    The views are made inside the graph and stacked along the batch axis, so each member runs once per
-    batch on views x images inputs: far fewer, larger kernels than `model.predict` per view and member,
-    and no Python, no tf.data and no numpy copies of the views in between. `precision` "bfloat16" runs
-    the call through the bfloat16 graph pass (see PRECISIONS) when the CPU has it. `adapt_bn` runs clones
-    of the members that normalise with each batch's statistics (`adapt_batch_norm`, `bn_prior`).
+    The views are made inside one Keras model (`keras.ops`, so any backend) and stacked along the batch axis,
+    so each member runs once per batch on views x images inputs: far fewer, larger kernels than
+    `model.predict` per view and member, and no Python and no numpy copies of the views in between; Keras
+    compiles it (`predict_on_batch`: jit under JAX, a tf.function under TensorFlow). `precision` "bfloat16"
+    runs the call through the bfloat16 graph pass (see PRECISIONS) when the CPU has it. `adapt_bn` runs
+    clones of the members that normalise with each batch's statistics (`adapt_batch_norm`, `bn_prior`).
     """
 
     def __init__(self, models: Sequence, views: Sequence[int], batch_size: int | None = None,
                  precision: str = "float32", adapt_bn: bool = False, bn_prior: float = BN_PRIOR) -> None:
-        import tensorflow as tf
-
         self.precision = usable_precision(precision)
         if not models:
             raise EnsembleError("an ensemble needs at least one member model")
@@ -379,16 +387,18 @@ class TTARunner:
         self.adapt_bn = bool(adapt_bn)
         self.models = [adapt_batch_norm(m, bn_prior) for m in models] if adapt_bn else list(models)
         self.batch_size = batch_size or batch_size_for(height, width, len(self.views))
-        self._forward = tf.function(self._graph, reduce_retracing=True,
-                                    input_signature=[tf.TensorSpec((None, height, width, 3), tf.float32)])
+        self._model = self._views_model(height, width)
 
-    def _graph(self, x):
-        import tensorflow as tf
+    def _views_model(self, height: int, width: int):
+        """(n,H,W,3) float32 -> (V,n,M,C) probabilities of every member on every view."""
+        import keras
+        from keras import ops
 
+        inputs = keras.Input((height, width, 3), dtype="float32")
         n_views = len(self.views)
-        batch = tf.concat([_dihedral_tf(x, v) for v in self.views], axis=0) if n_views > 1 else x
-        outputs = tf.stack([tf.cast(m(batch, training=False), tf.float32) for m in self.models], axis=1)
-        return tf.reshape(outputs, (n_views, tf.shape(x)[0], len(self.models), -1))
+        batch = ops.concatenate([_dihedral(inputs, v) for v in self.views], axis=0) if n_views > 1 else inputs
+        outputs = ops.stack([ops.cast(m(batch, training=False), "float32") for m in self.models], axis=1)
+        return keras.Model(inputs, ops.reshape(outputs, (n_views, -1, len(self.models), outputs.shape[-1])))
 
     def batches(self, images: np.ndarray) -> Iterator[tuple[slice | np.ndarray, np.ndarray]]:
         """Yield (rows, (V,n,M,C) probabilities) per batch of uint8 (N,H,W,3) images of the right size;
@@ -399,7 +409,7 @@ class TTARunner:
             rows = slice(start, start + self.batch_size)
             rows = rows if order is None else np.sort(order[rows])
             with _GraphPrecision(self.precision):
-                probs = self._forward(images[rows].astype(np.float32)).numpy()
+                probs = np.asarray(self._model.predict_on_batch(images[rows].astype(np.float32)))
             yield rows, probs
 
     def view_probs(self, images: np.ndarray, on_batch=None) -> np.ndarray:
