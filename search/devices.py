@@ -1,17 +1,29 @@
-"""Device set-up for one worker process: which GPU it owns, memory growth, threads, mixed precision, XLA.
+"""Device set-up for one worker process under any Keras backend: which GPU it owns, its share of GPU memory,
+threads, mixed precision, XLA.
 
-Everything here must run before TensorFlow touches a device, so workers call `configure_worker` first.
+Everything here must run before the backend touches a device, so workers call `configure_backend` first.
+The backend is the driver's KERAS_BACKEND (TensorFlow when unset), passed on to every worker; TensorFlow is
+imported only when it is the backend.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 
 #: Environment variable naming the CPU cores a worker is pinned to ("0,1"); the CPU analogue of
 #: CUDA_VISIBLE_DEVICES.
 CORES_VARIABLE = "CELLSEARCH_CPU_CORES"
+BACKENDS = ("jax", "tensorflow", "torch")
+
+
+def backend_name() -> str:
+    """The Keras backend: Keras' own once imported, else KERAS_BACKEND, else TensorFlow (Keras' default)."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"].backend.backend()
+    return os.environ.get("KERAS_BACKEND", "tensorflow")
 
 
 @dataclass(frozen=True)
@@ -25,13 +37,17 @@ class WorkerDevices:
 
 
 def pin_environment(devices: WorkerDevices) -> dict[str, str]:
-    """Environment for a worker subprocess: CUDA_VISIBLE_DEVICES pins one GPU (or hides all), and
+    """Environment for a worker subprocess: the Keras backend, CUDA_VISIBLE_DEVICES pinning one GPU (or hiding
+    all), JAX allocating GPU memory as needed rather than 75% up front (several workers may share a GPU), and
     CELLSEARCH_CPU_CORES the worker's cores."""
-    env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"), "KERAS_BACKEND": "tensorflow"}
+    env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"), "KERAS_BACKEND": backend_name(),
+           "XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false")}
     env["CUDA_VISIBLE_DEVICES"] = devices.gpu if devices.gpu is not None else ""
     if devices.cpu_threads:
         threads = str(devices.cpu_threads)
         env.update(OMP_NUM_THREADS=threads, TF_NUM_INTRAOP_THREADS=threads, TF_NUM_INTEROP_THREADS="1")
+        if devices.cpu_threads == 1:  # XLA's CPU client (JAX) otherwise runs Eigen on every core
+            env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     if devices.cpu_cores:
         env[CORES_VARIABLE] = ",".join(str(c) for c in devices.cpu_cores)
     return env
@@ -48,12 +64,22 @@ def pin_cpu_cores() -> tuple[int, ...] | None:
     return cores
 
 
-def configure_tensorflow(cpu_threads: int | None = None) -> list:
-    """Pin CPU cores, turn on GPU memory growth (so a worker takes only what its trial needs), cap threads."""
+def configure_backend(cpu_threads: int | None = None) -> list:
+    """Pin CPU cores and cap threads; under TensorFlow also turn on GPU memory growth (so a worker takes only
+    what its trial needs). Returns the GPUs the backend sees."""
     pin_cpu_cores()
+    threads = cpu_threads or int(os.environ.get("TF_NUM_INTRAOP_THREADS", "0") or 0)
+    backend = backend_name()
+    if backend == "torch":
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        return list(range(torch.cuda.device_count()))
+    if backend == "jax":
+        return _jax_gpus()
     import tensorflow as tf
 
-    threads = cpu_threads or int(os.environ.get("TF_NUM_INTRAOP_THREADS", "0") or 0)
     if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -66,7 +92,26 @@ def configure_tensorflow(cpu_threads: int | None = None) -> list:
     return gpus
 
 
+configure_tensorflow = configure_backend  # the name workers imported before the backend became a choice
+
+
+def _jax_gpus() -> list:
+    import jax
+
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:  # no GPU platform
+        return []
+
+
 def has_gpu() -> bool:
+    backend = backend_name()
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.is_available()
+    if backend == "jax":
+        return bool(_jax_gpus())
     import tensorflow as tf
 
     return bool(tf.config.list_physical_devices("GPU"))
@@ -75,3 +120,10 @@ def has_gpu() -> bool:
 def resolve_switch(setting: str) -> bool:
     """'on'/'off' are explicit; 'auto' means on exactly when a GPU is present (mixed precision, XLA)."""
     return setting == "on" or (setting == "auto" and has_gpu())
+
+
+def jit_compile(setting: str) -> bool:
+    """`model.compile(jit_compile=...)` for a trial's setting: always under JAX (its only fast path), never
+    under PyTorch (`torch.compile` costs more than a trial saves), the setting under TensorFlow."""
+    backend = backend_name()
+    return backend == "jax" or (backend == "tensorflow" and resolve_switch(setting))

@@ -23,7 +23,7 @@ from data_pipeline.augment import build_augmenter
 from data_pipeline.imbalance import class_weights, oversample_indices
 from data_pipeline.stream import make_stream
 from search.config import TrialConfig
-from search.devices import resolve_switch
+from search.devices import jit_compile, resolve_switch
 from search.objectives import robust_score
 from search.scores import accuracy
 from search.predict import predict_views
@@ -107,7 +107,7 @@ def _compile(model, config: TrialConfig, learning_rate: float, epochs: int, step
         optimizer=_optimizer(config, learning_rate, epochs * steps_per_epoch, warmup),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=["accuracy"],
-        jit_compile=resolve_switch(config.jit_compile),
+        jit_compile=jit_compile(config.jit_compile),
     )
 
 
