@@ -143,7 +143,7 @@ def test_unknown_backbone_in_train_one_is_one_line(tmp_path):
 @pytest.mark.timeout(3600)
 def test_fresh_wheel_runs_the_readme_command_then_predicts_jpegs(tmp_path, raw_sample_dir):
     """`pip install . && cellsearch search --study quick && cellsearch build`, then `cellsearch predict` on a
-    folder of JPEGs, from a wheel installed in a temporary folder, run elsewhere (about 10 minutes idle)."""
+    folder of JPEGs, from a wheel installed in a temporary folder, run elsewhere."""
     from test_packaging import install_wheel  # the packaging test's offline build, installed into a folder
 
     target = install_wheel(tmp_path)
@@ -153,7 +153,7 @@ def test_fresh_wheel_runs_the_readme_command_then_predicts_jpegs(tmp_path, raw_s
         for jpeg in sorted(folder.glob("*.jpg"))[:2]:
             shutil.copy(jpeg, images / f"{folder.name}_{jpeg.name}")
     work = images.parent
-    env = {"PATH": f"{target / 'bin'}:{Path(sys.executable).parent}", "PYTHONPATH": str(target),
+    env = {"PATH": f"{target / 'bin'}:{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHONPATH": str(target),
            "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
     shell = "cellsearch search --study quick && cellsearch build && cellsearch predict --input images --out p.csv"
     started = time.monotonic()
