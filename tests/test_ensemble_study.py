@@ -65,7 +65,7 @@ def built(study):
     folder, _ = study
     out = folder / "ens"
     done = subprocess.run([sys.executable, "-m", "ensemble.build", "--top", "3", "--method", "topk",
-                           "--combiner", "stacking", "--out", str(out), "--distill", "--distill-epochs", "1"],
+                           "--combiner", "stacking", "--ensemble", str(out), "--distill", "--distill-epochs", "1"],
                           cwd=folder, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done
@@ -165,7 +165,7 @@ def test_build_under_an_inference_budget_takes_only_what_fits(study, candidates,
     limit = 0.8 / (cost.shared + 2 * cost.member)  # about two of the three members fit
     out = tmp_path / "fast"
     command = [sys.executable, "-m", "ensemble.build", "--top", "3", "--method", "topk", "--no-heldout-eval",
-               "--no-progress", "--out", str(out), "--min-images-per-s"]
+               "--no-progress", "--ensemble", str(out), "--min-images-per-s"]
     done = subprocess.run(command + [str(limit)], cwd=folder, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())

@@ -148,7 +148,7 @@ def test_train_one_cli_reproduces_a_config(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     done = subprocess.run([sys.executable, "-m", "search.train_one", "--config", str(path),
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+                           "--trial-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert is_complete(tmp_path / "out")
     assert "val_accuracy" in done.stdout
@@ -158,6 +158,6 @@ def test_train_one_cli_reports_bad_input_in_one_line(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"backbone": "vgg99"}))
     done = subprocess.run([sys.executable, "-m", "search.train_one", "--config", str(path),
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+                           "--trial-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "unknown backbone 'vgg99'" in done.stderr
