@@ -9,7 +9,7 @@ from typing import Any
 
 from cellsearch._study import Study
 from search.location import StudyLocation
-from search.spec import StudySpec, load_spec, spec_from_dict, validate_spec
+from search.spec import StudySpec, load_spec, spec_from_dict
 
 #: The file, in the study's folder, that in-memory data given to `search` is written to (workers are
 #: separate processes, so they read the data from disk like any other data set).
@@ -80,10 +80,7 @@ def search(study: str | os.PathLike | StudySpec | dict = "default", *, data: Any
 
     in_memory = data is not None and not isinstance(data, (str, os.PathLike))
     spec = apply_overrides(_spec(study), out=out, name=name, data=None if in_memory else data and str(data),
-                           trials=trials, timeout=timeout, objective=objective, **options)
-    if image_size is not None:
-        spec.data.image_size = image_size
-        validate_spec(spec, "options")
+                           image_size=image_size, trials=trials, timeout=timeout, objective=objective, **options)
     if in_memory:
         spec.data.path = _arrays_path(data, spec)
     run_study(spec, reseed_top=reseed_top, show_progress=progress)

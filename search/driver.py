@@ -22,7 +22,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "storage": ("storage", "url"), "artifacts": ("storage", "artifacts"),
     "executor": ("executor", "kind"), "workers": ("executor", "workers"), "gpus": ("executor", "gpus"),
     "cpus": ("executor", "cpus"), "address": ("executor", "address"), "data": ("data", "path"),
-    "objective": ("algorithm", "objective"),
+    "image_size": ("data", "image_size"), "objective": ("algorithm", "objective"),
 }
 
 

@@ -26,8 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spec", help="the study's spec: a shipped spec name or a .toml path (default: the one "
                                        "--study names, else default)")
     parser.add_argument("--name", help=argparse.SUPPRESS)  # former spelling: `--study SPEC --name NAME`
-    parser.add_argument("--data", help="data: .npz (AN2DL or MedMNIST layout) or a class-per-folder tree "
-                                       "(default: the spec's; the embedded 28x28 blood cells)")
+    parser.add_argument("--data", help="data: .npz (AN2DL or MedMNIST layout), a class-per-folder tree, or a .csv "
+                                       "of file names and labels (default: the spec's; the embedded 28x28 blood "
+                                       "cells)")
+    parser.add_argument("--image-size", type=int, help="side in pixels that images from folders and CSVs are "
+                                                       "resized to (default: the spec's, 64)")
     parser.add_argument("--out", help="output root: each study in <out>/<study>/ (default: the spec's, runs)")
     parser.add_argument("--trials", type=int, help="finished (complete or pruned) trials the study should hold "
                                                    "(default: the spec's)")
@@ -41,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                           "study.db)")
     parser.add_argument("--artifacts", help="artifact store: a folder or s3://bucket[/prefix] (default "
                                             "<out>/<study>/artifacts)")
-    parser.add_argument("--executor", choices=("local", "ray"), help="local worker processes, or Ray Tune "
+    parser.add_argument("--executor", choices=("local", "ray"), help="local worker processes, or Ray actors "
                                                                      "(default: the spec's, local)")
     parser.add_argument("--workers", type=int, help="parallel trials (default: one per GPU, else per core)")
     parser.add_argument("--gpus", help="auto, none, a count, or ids like 0,1 (default: the spec's, auto)")

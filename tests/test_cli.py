@@ -111,6 +111,7 @@ ERRORS = [
     (["search", "--study", "no_such_spec"], "study spec not found"),
     (["search", "--study", "quick", "--data", "{tmp}/missing.npz"], "data path not found"),
     (["search", "--study", "quick", "--objective", "nope"], "invalid choice"),
+    (["search", "--study", "quick", "--image-size", "0"], "'data.image_size': 0"),
     (["build"], "no study given"),
     (["build", "--study", "gone"], "gone"),
     (["dashboard", "--study", "gone"], "gone"),
