@@ -307,7 +307,7 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
     upload_ensemble_page(location, store, out / "report")
     ens.report_ = report
     _say(options, "\n" + report.summary())
-    _say(options, f"\nensemble saved to {out}")
+    _say(options, f"\nensemble saved to {out} (report: {out / 'report' / 'index.html'})")
     return ens
 
 

@@ -86,7 +86,7 @@ def summary(spec: StudySpec, study) -> str:
     storage = f" --storage {location.storage} --artifacts {location.artifacts}" if custom else ""
     return "\n".join([
         best_trial_line(study),
-        f"report:    {location.report_dir}",
+        f"report:    {location.report_dir / 'index.html'}",
         f"ensemble:  cellsearch build --study {spec.name}{where}{storage}   (writes {location.ensemble_dir})",
         f"predict:   cellsearch predict --study {spec.name}{where} --input IMAGES --out predictions.csv",
         f"dashboard: cellsearch dashboard --study {spec.name}{where}{storage}",
