@@ -225,6 +225,44 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` in the process tree (Linux /proc; empty elsewhere)."""
+    found, todo = set(), [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                children = {int(c) for c in (task / "children").read_text().split()} - found
+                todo.extend(children)
+                found |= children
+    return found
+
+
+def reap_after(driver_pid: int, match: str, delay_s: float) -> None:
+    """Watchdog loop: while `driver_pid` lives, note its descendants whose command line contains `match`; once
+    it died (even by SIGKILL), give them `delay_s` seconds, then SIGKILL those still there."""
+    noted: set[int] = set()
+    while process_alive(driver_pid):
+        for pid in descendants(driver_pid) - noted:
+            with contextlib.suppress(OSError):
+                if match in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                    noted.add(pid)
+        time.sleep(0.5)
+    time.sleep(delay_s)
+    for pid in noted:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def start_reaper(match: str, delay_s: float):
+    """A watchdog process (`reap_after`) for this process's descendants matching `match`: processes that
+    would outlive this one if it died unseen. Terminate it when they are stopped the ordinary way."""
+    import subprocess
+
+    code = f"from search.lifecycle import reap_after; reap_after({os.getpid()}, {match!r}, {delay_s})"
+    return subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 # ----------------------------------------------------------------------------------------- trials
 def requeue_interrupted(study: optuna.Study, trial: FrozenTrial) -> None:
     """Record that the RUNNING `trial` was interrupted and queue its configuration again; its own process

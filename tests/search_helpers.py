@@ -14,6 +14,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from search.lifecycle import descendants
+
+__all__ = ["descendants"]  # the tests' name for it
+
 POSTGRES_URL = os.environ.get("CELLSEARCH_TEST_POSTGRES",
                               "postgresql://cellsearch:cellsearch@127.0.0.1:5432/cellsearch")
 
@@ -76,18 +80,6 @@ def require_postgres() -> str:
             pytest.fail(f"CI must provide PostgreSQL at {POSTGRES_URL} (see .ci/postgres.sh)")
         pytest.skip("no PostgreSQL server on localhost")
     return POSTGRES_URL
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below `pid` in the process tree (Linux /proc)."""
-    found, todo = set(), [pid]
-    while todo:
-        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
-            with contextlib.suppress(OSError):
-                children = {int(c) for c in (task / "children").read_text().split()} - found
-                todo.extend(children)
-                found |= children
-    return found
 
 
 def trial_pids(trials: list) -> set[int]:

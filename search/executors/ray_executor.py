@@ -15,7 +15,8 @@ The driver only starts actors and watches them:
   the driver stops the others and raises it as one line, as the local executor does;
 - Ctrl-C or SIGTERM: the driver kills its actors and fails their running trials as interrupted, queued
   again; a SIGKILLed driver's actors are killed by Ray (they are owned by the driver), and those on the
-  driver's node also watch its pid and record their trial as interrupted first.
+  driver's node also watch its pid and record their trial as interrupted first. A private Ray (no
+  `--address`) is reaped by a watchdog process a few seconds after its driver died.
 Each trial records where it ran: `ray_node_id`, `ray_node_ip` and `ray_worker` (driver run and slot).
 A second driver on the same study simply adds its own actors: the storage shares the trials out.
 """
@@ -121,7 +122,7 @@ def run_ray(spec: StudySpec, storage_url: str, artifacts: str, gpus: list[str], 
     line says how to resume, and `Interrupted` propagates (see search.lifecycle). An error the study shares
     stops every actor and raises its line (WorkerFailed)."""
     from search.lifecycle import (Interrupted, driver_signals, fail_interrupted, probe_artifact_store,
-                                  running_trials, storage_failures)
+                                  running_trials, start_reaper, storage_failures)
     from search.progress import print_interrupted, watch
     from search.storage import open_artifact_store, open_storage
     from search.study import finished_count, prepare_study
@@ -136,6 +137,8 @@ def run_ray(spec: StudySpec, storage_url: str, artifacts: str, gpus: list[str], 
     if finished_count(study) >= spec.budget.trials or (deadline is not None and time.time() >= deadline):
         return {"workers": 0, "trials": 0}
     started_at, started = time.time(), start_ray(spec, gpus)
+    # A private Ray's agents outlive a SIGKILLed driver by a minute (they report to its dead GCS): reap them.
+    reaper = start_reaper("ray", STOP_GRACE_S) if started else None
     pool, received = None, []
     try:
         with driver_signals() as received:  # after ray.init, which installs its own SIGTERM handler
@@ -152,6 +155,7 @@ def run_ray(spec: StudySpec, storage_url: str, artifacts: str, gpus: list[str], 
             pool.stop()
         if started:
             ray.shutdown()
+            reaper.terminate()
         if pool is not None:
             with storage_failures(storage_url):
                 fail_interrupted(study, running_trials(study, WORKER_ATTR, pool.labels))
