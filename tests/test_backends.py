@@ -21,9 +21,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("jax", "tensorflow", "torch")
 
-# Tolerances between any two backends, on 4 batches of 64 images at strength 0.5 (pixel levels of 0..255):
-# the share of changed images is binomial (sd ~0.03), the mean absolute change per image varies with which
-# images the gates pick; a policy ported with another magnitude or gate misses them by far more.
+# Tolerances between any two backends, on 128 batches of 4 images at strength 0.5 (pixel levels of 0..255):
+# the share of changed images is binomial (sd ~0.02), the mean absolute change per image varies with which
+# images the gates pick and, for RandAugment and AugMix, which ops each batch draws (once per batch, as in
+# Keras: hence many small batches; RandAugment's mean still varies by ~1.2 levels, sd); a policy ported with
+# another magnitude or gate misses them by far more.
 TOLERANCE = {"mean": 4.0, "std": 4.0, "changed": 0.1, "change_rel": 0.25, "change_abs": 0.5}
 
 STATISTICS = """
@@ -35,16 +37,16 @@ from data_pipeline.corrupt import shifted_copy
 from data_pipeline.loaders import load
 
 data = load()
-rows = np.random.default_rng(0).choice(len(data), 256, replace=False)
+rows = np.random.default_rng(0).choice(len(data), 512, replace=False)
 images = data.images[rows].astype(np.float32)
 labels = np.eye(8, dtype=np.float32)[data.labels[rows]]
 out = {}
 for policy in POLICIES:
     augmenter = build_augmenter(policy, 0.5, 8, seed=11, stack_views=policy in CONSISTENCY_POLICIES)
     batches = []
-    for key, start in enumerate(range(0, 256, 64)):
-        batch = ops.convert_to_numpy(augmenter(images[start:start + 64], labels[start:start + 64], seed=key)[0])
-        batches.append(batch[-64:])  # the last view (the clean one leads a stacked batch)
+    for key, start in enumerate(range(0, 512, 4)):
+        batch = ops.convert_to_numpy(augmenter(images[start:start + 4], labels[start:start + 4], seed=key)[0])
+        batches.append(batch[-4:])  # the last view (the clean one leads a stacked batch)
     augmented = np.concatenate(batches)
     change = np.abs(augmented - images).reshape(len(images), -1)
     out[policy] = {"mean": float(augmented.mean()), "std": float(augmented.std()),
@@ -100,11 +102,15 @@ def test_validation_corruptions_are_the_same_bytes_on_every_backend(statistics):
 
 @pytest.mark.slow
 def test_same_trial_reaches_similar_accuracy_on_jax_and_tensorflow():
-    """"Similar": validation accuracies within 0.06 of each other (1024 training images, 4 epochs; two seeds of
-    one backend differ by about 0.03 here), and both far above chance (1/8)."""
-    jax, tensorflow = run_backend("jax", TRIAL), run_backend("tensorflow", TRIAL)
-    assert min(jax["val_accuracy"], tensorflow["val_accuracy"]) > 0.5, (jax, tensorflow)
-    assert abs(jax["val_accuracy"] - tensorflow["val_accuracy"]) <= 0.06, (jax, tensorflow)
+    """"Similar" = within what seeds alone do: after 4 epochs on 1024 images one configuration's validation
+    accuracy still spreads widely over seeds (TensorFlow, seeds 5-8: 0.66, 0.81, 0.69, 0.52), so the JAX run
+    of seed 5 must fall inside the range of TensorFlow's seeds 5-7, widened by 0.05 on each side, and both
+    backends must be far above chance (1/8)."""
+    tensorflow = [run_backend("tensorflow", TRIAL.replace("seed=5", f"seed={seed}"))["val_accuracy"]
+                  for seed in (5, 6, 7)]
+    jax = run_backend("jax", TRIAL)["val_accuracy"]
+    assert min(tensorflow) > 0.4 and jax > 0.4, (jax, tensorflow)
+    assert min(tensorflow) - 0.05 <= jax <= max(tensorflow) + 0.05, (jax, tensorflow)
 
 
 END_TO_END = """
