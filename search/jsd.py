@@ -46,8 +46,8 @@ class JSDTrainer(keras.Model):
 
     def compute_loss(self, x: Any = None, y: Any = None, y_pred: Any = None, sample_weight: Any = None,
                      training: bool = True) -> Any:
-        if not training:
-            return super().compute_loss(x, y, y_pred, sample_weight, training=training)
+        if not training:  # validation batches; also the stacked batch Keras builds JAX/PyTorch metrics with
+            return super().compute_loss(x, y, y_pred[: ops.shape(y)[0]], sample_weight, training=training)
         views = ops.split(y_pred, self.views, axis=0)
         loss = super().compute_loss(x, y, views[0], sample_weight, training=training)
         return loss + ops.cast(self.weight * jensen_shannon(*views), loss.dtype)
