@@ -1,0 +1,91 @@
+"""One default-study trial under each Keras backend, side by side: seconds per epoch and per trial.
+
+The trial is the default study's first warm start (compact_cnn_d3, 'corrupt' 0.8, batch 128), trained for
+`--epochs` epochs on one core per backend process (as the local executor runs it), then scored with its
+8-view TTA like every trial. Backends run one after another, each in a fresh process (Keras picks its
+backend once per process), so they do not share the CPU.
+
+    python benchmarks/bench_backends.py [--backends jax,tensorflow,torch] [--epochs 2] [--train-images N]
+
+`until_epoch1_s` runs from the start of `train_trial` to the end of the first epoch (data preparation, model,
+compilation: tracing, XLA), `first_step_s` to the first training step; `epoch_s` is the mean of the later
+epochs; `trial_s` is the whole `train_trial` (with the 8-view TTA evaluation and saving). Figures depend on what else
+runs on the machine: the load average is printed with each row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TRIAL = """
+import json, sys, tempfile, time
+from search.devices import configure_backend
+from search.runner import trial_config
+from search.space import warm_start_trials
+from search.spec import load_spec
+
+configure_backend(1)
+spec = load_spec("default")
+params = warm_start_trials(spec)[0][0]
+config = trial_config(spec, params, 0)
+config.epochs = {epochs}
+config.max_train_images = {train_images}
+config.exclude_file = None  # the search cleans once before its trials; a lone trial uses every image
+stamps = []
+started = time.perf_counter()
+from search.trainer import train_trial
+report = lambda epoch, scores: stamps.append(time.perf_counter())
+metrics = train_trial(config, tempfile.mkdtemp(), report=report).metrics
+total = time.perf_counter() - started
+steps = [b - a for a, b in zip([started] + stamps, stamps)]
+print("RESULT " + json.dumps({{"until_epoch1_s": steps[0], "first_step_s": metrics["seconds_to_first_step"],
+                              "epoch_s": sum(steps[1:]) / max(1, len(steps) - 1),
+                              "trial_s": total, "val_accuracy": metrics["val_accuracy"],
+                              "n_train": metrics["n_train"]}}))
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", default="jax,tensorflow,torch", help="comma-separated Keras backends")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per trial (the first one compiles)")
+    parser.add_argument("--train-images", type=int, default=None, help="stratified subsample (default: all)")
+    return parser.parse_args(argv)
+
+
+def run(backend: str, args: argparse.Namespace) -> dict:
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", "OMP_NUM_THREADS": "1",
+           "TF_NUM_INTRAOP_THREADS": "1", "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false",
+           "PYTHONPATH": str(ROOT)}
+    code = TRIAL.format(epochs=args.epochs, train_images=args.train_images)
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1][:200]}
+    return json.loads([line for line in done.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    print(f"cpus={os.cpu_count()}; default study warm start 0, {args.epochs} epochs, one core per trial")
+    print("| backend | first_step_s | until_epoch1_s | epoch_s | trial_s | val_accuracy | n_train | load 1m |")
+    print("|---|---|---|---|---|---|---|---|")
+    for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+        row = run(backend, args)
+        load = os.getloadavg()[0]
+        if "error" in row:
+            print(f"| {backend} | failed: {row['error']} | | | | | | {load:.1f} |")
+            continue
+        print(f"| {backend} | {row['first_step_s']:.1f} | {row['until_epoch1_s']:.1f} | {row['epoch_s']:.1f} | "
+              f"{row['trial_s']:.1f} | "
+              f"{row['val_accuracy']:.3f} | {row['n_train']} | {load:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
