@@ -2,7 +2,8 @@
 
 Tells whether augmentation can keep a CPU/GPU trainer fed: each row is images/s of
 `make_stream(..., augmenter=build_augmenter(policy, strength))` at batch size 128, measured after a
-warm-up (the warm-up also pays for tracing the tf.data graph, reported as `startup_s`).
+warm-up (the warm-up also pays for compiling the augmenter, reported as `startup_s`), under the Keras
+backend of KERAS_BACKEND.
 
     python benchmarks/bench_stream.py [--data64 PATH] [--seconds 8] [--batches 40] [--policies light,augmix]
                                       [--sizes 28,64]
