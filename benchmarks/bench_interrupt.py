@@ -50,8 +50,20 @@ SCENARIOS = {"ctrl-c": (signal.SIGINT, True, 1), "ctrl-c-twice": (signal.SIGINT,
              "sigterm": (signal.SIGTERM, False, 1), "sigkill": (signal.SIGKILL, False, 1)}
 
 
-def alive(pids: set[int]) -> set[int]:
-    return {pid for pid in pids if process_alive(pid)}
+def start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot): tells a process from a later one given its pid."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    return None
+
+
+def identities(pids: set[int]) -> dict[int, str | None]:
+    return {pid: start_time(pid) for pid in pids}
+
+
+def alive(processes: dict[int, str | None]) -> set[int]:
+    """Those of `processes` (pid -> start time) still running; a reused pid (pid_max may be 32768) is not."""
+    return {pid for pid, started in processes.items() if process_alive(pid) and start_time(pid) == started}
 
 
 def load_trials(url: str, name: str) -> list:
@@ -100,7 +112,8 @@ def stop_driver(scenario: str, executor: str, folder: Path, address: str | None)
     signum, whole_group, times = SCENARIOS[scenario]
     driver, url, name = start_study(executor, folder, scenario.replace("-", "_"), address=address)
     spec_path = folder / f"{name}.toml"
-    started, trial_processes = descendants(driver.pid), trial_pids(load_trials(url, spec_path.stem))
+    started = identities(descendants(driver.pid))
+    trial_processes = identities(trial_pids(load_trials(url, spec_path.stem)))
     sent = time.monotonic()
     for repeat in range(times):
         time.sleep(0.2 * repeat)

@@ -214,7 +214,7 @@ def process_alive(pid: int) -> bool:
     if Path("/proc/self/stat").exists():
         try:
             return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
+        except (OSError, IndexError):  # gone, or its stat read empty while it ended
             return False
     try:  # no /proc: the signal-0 probe, blind to zombies
         os.kill(pid, 0)
@@ -229,7 +229,10 @@ def descendants(pid: int) -> set[int]:
     """Every process below `pid` in the process tree (Linux /proc; empty elsewhere)."""
     found, todo = set(), [pid]
     while todo:
-        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+        tasks: list[Path] = []
+        with contextlib.suppress(OSError):  # the process may end while it is listed
+            tasks = list(Path(f"/proc/{todo.pop()}/task").iterdir())
+        for task in tasks:
             with contextlib.suppress(OSError):
                 children = {int(c) for c in (task / "children").read_text().split()} - found
                 todo.extend(children)
@@ -243,7 +246,7 @@ def reap_after(driver_pid: int, match: str, delay_s: float) -> None:
     noted: set[int] = set()
     while process_alive(driver_pid):
         for pid in descendants(driver_pid) - noted:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(Exception):  # a process that ends while it is read: skip it, never stop
                 if match in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
                     noted.add(pid)
         time.sleep(0.5)
