@@ -7,9 +7,9 @@ cellsearch is not installed. Hence the rules for this file:
 - imports: the standard library, numpy, and (lazily, inside functions) keras only; TensorFlow only for its
   bfloat16 graph pass, when Keras runs on TensorFlow (so the file runs under JAX and PyTorch too, and where
   only TensorFlow and Keras are installed, as on Codabench);
-- the members' one custom layer (`ImageNetPreprocess`, see backbones/preprocessing.py) is re-declared
-  here in minimal form and handed to Keras as a `custom_objects` entry under its registered name, so
-  models load with Keras' safe_mode ON and no global registration is clobbered;
+- the members' one custom layer (`ImageNetPreprocess`) is defined here, once: backbones/preprocessing.py
+  registers this same class, and here it is handed to Keras as a `custom_objects` entry under its
+  registered name, so models load with Keras' safe_mode ON and no global registration is clobbered;
 - the combiner is applied from the plain numbers stored in `manifest.json` (voting weights, or the
   logistic-regression coefficients of the stacking meta-learner, and a temperature), not from the
   joblib pickle: unpickling a scikit-learn model across scikit-learn versions is fragile (and
@@ -37,6 +37,7 @@ should hold many cells of mixed classes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -60,6 +61,12 @@ PRECISIONS = ("float32", "bfloat16")
 _BF16_OPTION = "auto_mixed_precision_onednn_bfloat16"
 #: Default weight of the source (training) BatchNorm statistics, in images, when adapting to a batch.
 BN_PRIOR = 16.0
+#: ImageNet input statistics (keras.applications.imagenet_utils): RGB mean and std on the 0..1 scale, and
+#: the caffe-style mean in BGR order on the 0..255 scale.
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+PREPROCESSING_MODES = ("tf", "torch", "caffe", "unit")
 
 
 if __name__ == "ensemble.standalone":  # inside the package: part of its error hierarchy
@@ -188,15 +195,26 @@ def prepare_images(images: Any, size: Sequence[int], resize: bool = True) -> np.
 
 # ----------------------------------------------------------------------------------------- the models
 
+@functools.lru_cache(maxsize=None)
 def _preprocess_layer_class():
-    """Minimal re-declaration of backbones.preprocessing.ImageNetPreprocess (same config, same maths)."""
+    """The members' input preprocessing layer, defined once for the package and the Codabench copy:
+    `backbones.preprocessing.ImageNetPreprocess` is this class, registered as "cellsearch>ImageNetPreprocess".
+
+    Modes (identical to `keras.applications.imagenet_utils.preprocess_input`, plus "unit"):
+        tf     x / 127.5 - 1
+        torch  (x / 255 - mean) / std, per RGB channel
+        caffe  RGB -> BGR, then subtract the BGR mean (no scaling)
+        unit   x / 255
+    """
     import keras
     from keras import ops
 
     class ImageNetPreprocess(keras.layers.Layer):
+        """Map raw 0..255 RGB images to what a family's ImageNet weights expect (see the modes above)."""
+
         def __init__(self, mode: str, **kwargs):
             super().__init__(**kwargs)
-            if mode not in ("tf", "torch", "caffe", "unit"):
+            if mode not in PREPROCESSING_MODES:
                 raise ValueError(f"unknown preprocessing mode {mode!r}")
             self.mode = mode
 
@@ -207,10 +225,10 @@ def _preprocess_layer_class():
             if self.mode == "unit":
                 return x / 255.0
             if self.mode == "torch":
-                mean = ops.convert_to_tensor((0.485, 0.456, 0.406), dtype=self.compute_dtype)
-                std = ops.convert_to_tensor((0.229, 0.224, 0.225), dtype=self.compute_dtype)
+                mean = ops.convert_to_tensor(IMAGENET_MEAN_RGB, dtype=self.compute_dtype)
+                std = ops.convert_to_tensor(IMAGENET_STD_RGB, dtype=self.compute_dtype)
                 return (x / 255.0 - mean) / std
-            mean = ops.convert_to_tensor((103.939, 116.779, 123.68), dtype=self.compute_dtype)
+            mean = ops.convert_to_tensor(CAFFE_MEAN_BGR, dtype=self.compute_dtype)
             return ops.flip(x, axis=-1) - mean
 
         def compute_output_shape(self, input_shape):
@@ -387,18 +405,27 @@ class TTARunner:
         self.adapt_bn = bool(adapt_bn)
         self.models = [adapt_batch_norm(m, bn_prior) for m in models] if adapt_bn else list(models)
         self.batch_size = batch_size or batch_size_for(height, width, len(self.views))
-        self._model = self._views_model(height, width)
+        self._model = self._views_model()
 
-    def _views_model(self, height: int, width: int):
-        """(n,H,W,3) float32 -> (V,n,M,C) probabilities of every member on every view."""
+    def _views_model(self):
+        """A model mapping (n,H,W,3) float32 to (V,n,M,C) probabilities of every member on every view; a
+        subclassed model, because members of one architecture share layer names a functional graph refuses."""
         import keras
         from keras import ops
 
-        inputs = keras.Input((height, width, 3), dtype="float32")
-        n_views = len(self.views)
-        batch = ops.concatenate([_dihedral(inputs, v) for v in self.views], axis=0) if n_views > 1 else inputs
-        outputs = ops.stack([ops.cast(m(batch, training=False), "float32") for m in self.models], axis=1)
-        return keras.Model(inputs, ops.reshape(outputs, (n_views, -1, len(self.models), outputs.shape[-1])))
+        views = self.views
+
+        class ViewsModel(keras.Model):
+            def __init__(self, members):
+                super().__init__(name="tta_views")
+                self.members = members
+
+            def call(self, x):
+                batch = ops.concatenate([_dihedral(x, v) for v in views], axis=0) if len(views) > 1 else x
+                outputs = ops.stack([ops.cast(m(batch, training=False), "float32") for m in self.members], axis=1)
+                return ops.reshape(outputs, (len(views), -1, len(self.members), outputs.shape[-1]))
+
+        return ViewsModel(self.models)
 
     def batches(self, images: np.ndarray) -> Iterator[tuple[slice | np.ndarray, np.ndarray]]:
         """Yield (rows, (V,n,M,C) probabilities) per batch of uint8 (N,H,W,3) images of the right size;
