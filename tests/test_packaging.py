@@ -29,7 +29,8 @@ PRESETS = ("quick", "medium", "best")
 USED_WITHOUT_IMPORT = {"plotly", "psycopg", "sqlalchemy", "optuna-dashboard", "boto3", "ray"}
 #: Imported only under that Keras backend (data_pipeline.compiled), which a user installs to choose it.
 KERAS_BACKENDS = {"jax", "torch"}
-#: Optional features: extra -> the distributions it adds (the rest of the extras are tooling: dev, gpu, all).
+#: Optional features: extra -> the distributions it adds (the rest of the extras are tooling: dev, gpu, all, and
+#: the Keras backends jax and torch).
 FEATURE_EXTRAS = {"ray": {"ray"}, "postgres": {"psycopg", "sqlalchemy"}, "plots": {"plotly"}, "s3": {"boto3"}}
 
 
@@ -74,7 +75,9 @@ def test_optional_features_are_extras_and_dev_installs_them_all():
         assert _names(extras[extra]) == dists, extra
         assert not dists & _names(project["dependencies"]), f"{extra} is also a hard dependency"
     assert extras["all"] == [f"cellsearch[{','.join(FEATURE_EXTRAS)}]"]
-    assert "cellsearch[all]" in extras["dev"]
+    assert "cellsearch[all,jax]" in extras["dev"]
+    for backend in KERAS_BACKENDS:  # a backend other than TensorFlow is one extra away
+        assert _names(extras[backend]) == {backend}, backend
     assert project["scripts"] == {"cellsearch": "cellsearch.cli:console"}
 
 
