@@ -242,7 +242,7 @@ def descendants(pid: int) -> set[int]:
 
 def reap_after(driver_pid: int, match: str, delay_s: float) -> None:
     """Watchdog loop: while `driver_pid` lives, note its descendants whose command line contains `match`; once
-    it died (even by SIGKILL), give them `delay_s` seconds, then SIGKILL those still there."""
+    it died (even by SIGKILL), give them `delay_s` seconds, then SIGKILL them and what they started."""
     noted: set[int] = set()
     while process_alive(driver_pid):
         for pid in descendants(driver_pid) - noted:
@@ -251,7 +251,9 @@ def reap_after(driver_pid: int, match: str, delay_s: float) -> None:
                     noted.add(pid)
         time.sleep(0.5)
     time.sleep(delay_s)
-    for pid in noted:
+    for pid in set(noted):  # with what they started since the last look (Ray restarting a worker, say)
+        noted |= descendants(pid)
+    for pid in noted - {os.getpid()}:  # its command line names `match` too
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
 

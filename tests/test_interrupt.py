@@ -247,6 +247,28 @@ def test_ray_ctrl_c_stops_every_trial_process_and_queues_the_trials(tmp_path):
     assert_interrupted_and_queued(spec_path, running)
 
 
+def test_the_reaper_kills_what_a_killed_driver_left():
+    """The watchdog a private Ray gets: a process the driver started outlives it by the reaper's delay only
+    (and the reaper, whose own command line matches, does not kill itself first)."""
+    code = ("import subprocess, sys, time\n"
+            "from search.lifecycle import start_reaper\n"
+            "orphan = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)', 'cellsearch-orphan'])\n"
+            "start_reaper('cellsearch-orphan', 0.5)\n"
+            "print(orphan.pid, flush=True)\n"
+            "time.sleep(120)\n")
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        orphan = int(driver.stdout.readline())
+        time.sleep(5)  # the reaper imports the package, then notes the orphan
+        driver.kill()
+        driver.wait(timeout=30)
+        assert seconds_until_gone({orphan}, STOP_WITHIN_S) < 5
+    finally:
+        driver.kill()
+        with contextlib.suppress(Exception):
+            os.kill(orphan, signal.SIGKILL)
+
+
 def test_ray_trials_end_themselves_when_the_driver_is_killed(tmp_path):
     spec_path = ray_spec(tmp_path, "rayorphans")
     with ray_driver(spec_path) as (driver, running):
