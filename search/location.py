@@ -32,7 +32,7 @@ class StudyLocation:
     """A study's name, output root, storage URL and artifact store.
 
     `storage` defaults to SQLite at `<out>/<name>/study.db` and `artifacts` to `<out>/<name>/artifacts`;
-    give a database URL (`postgresql://...`) or `s3://bucket` / `gs://bucket` when workers share no disk.
+    give a database URL (`postgresql://...`) or `s3://bucket/prefix` when workers share no disk.
     """
 
     name: str

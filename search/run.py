@@ -48,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                      "(default: the spec's, local)")
     parser.add_argument("--workers", type=int, help="parallel trials (default: one per GPU, else per core)")
     parser.add_argument("--gpus", help="auto, none, a count, or ids like 0,1 (default: the spec's, auto)")
-    parser.add_argument("--cpus", type=int, help="local executor: cores to use, split between the workers "
-                                                 "(default: all)")
+    parser.add_argument("--cpus", type=int, help="cores (local) or cluster CPUs (ray) this driver's workers "
+                                                 "take, split between them (default: all)")
     parser.add_argument("--address", help="ray: address of an existing Ray cluster (default: start one)")
     parser.add_argument("--reseed-top", type=int, metavar="K",
                         help="instead of searching, train the K best configurations once more with new seeds "

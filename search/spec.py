@@ -112,7 +112,7 @@ class ExecutorSpec:
     kind: str = "local"  # local | ray
     workers: int | None = None  # None: one per GPU, else one per core (see search.executors.devices_plan)
     gpus: str | None = None  # None: detect; "0,1" or "2" to fake or choose devices
-    cpus: int | None = None  # local executor: use only this many cores (None: all this process may use)
+    cpus: int | None = None  # cores (local) or cluster CPUs (ray) this driver takes (None: all)
     gpus_per_trial: float = 1.0
     address: str | None = None  # ray: join an existing cluster
 
@@ -120,7 +120,7 @@ class ExecutorSpec:
 @dataclass
 class StorageSpec:
     url: str | None = None  # None: sqlite:///<out>/<study>/study.db ; or any SQLAlchemy URL, or journal:PATH
-    artifacts: str | None = None  # None: <out>/<study>/artifacts ; or s3://bucket/prefix, gs://bucket/prefix
+    artifacts: str | None = None  # None: <out>/<study>/artifacts ; or s3://bucket/prefix
     heartbeat_interval: int = 10
     grace_period: int = 30
     max_retry: int = 1
