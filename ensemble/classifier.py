@@ -197,11 +197,11 @@ class EnsembleClassifier(ClassifierMixin, BaseEstimator):
     def _one(self, item) -> np.ndarray:
         """One list element: a path (whatever it holds), a PIL image, or one (H,W,3) array."""
         from data_pipeline.loaders import pil_to_array
+        from ensemble.predict import center_crop
 
         if _is_image(item):
             manifest = self._manifest()
-            crop = (manifest.get("data") or {}).get("center_crop")
-            return pil_to_array(item, tuple(manifest["input_size"]), crop)[None]
+            return pil_to_array(item, tuple(manifest["input_size"]), center_crop(manifest))[None]
         if isinstance(item, (str, os.PathLike)):
             return self._read(item)[0]
         return np.asarray(item)[None]

@@ -117,7 +117,12 @@ def _decode(files: list[Path], size: tuple[int, int], center_crop: int | None) -
         raise EnsembleError(str(exc)) from None
 
 
-def read_folder(path: Path, manifest: dict) -> Inputs:
+def center_crop(manifest: dict, override: int | None = None) -> int | None:
+    """The centre crop image files get before resizing: `override`, else the one the training data had."""
+    return override if override is not None else (manifest.get("data") or {}).get("center_crop")
+
+
+def read_folder(path: Path, manifest: dict, crop: int | None = None) -> Inputs:
     """Class-per-folder when every image sits in a first-level sub-folder, else a flat (recursive) folder."""
     from data_pipeline.classes import FOLDER_ALIASES
 
@@ -125,7 +130,7 @@ def read_folder(path: Path, manifest: dict) -> Inputs:
     if not files:
         raise EnsembleError(f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     size = tuple(manifest["input_size"])
-    images = _decode(files, size, (manifest.get("data") or {}).get("center_crop"))
+    images = _decode(files, size, center_crop(manifest, crop))
     ids = np.array([f.relative_to(path).as_posix() for f in files])
     names = {name: i for i, name in enumerate(manifest["class_names"])}
     folders = [f.relative_to(path).parts[0] if len(f.relative_to(path).parts) > 1 else None for f in files]
@@ -137,16 +142,17 @@ def read_folder(path: Path, manifest: dict) -> Inputs:
     return Inputs(images, ids, labels)
 
 
-def read_inputs(path: str | Path, manifest: dict) -> Inputs:
+def read_inputs(path: str | Path, manifest: dict, crop: int | None = None) -> Inputs:
+    """An .npz, an image folder or one image file; `crop` overrides the centre crop of image files."""
     path = Path(path)
     if not path.exists():
         raise EnsembleError(f"input not found: {path}")
     if path.is_dir():
-        return read_folder(path, manifest)
+        return read_folder(path, manifest, crop)
     if path.suffix.lower() == ".npz":
         return read_npz(path, len(manifest["class_names"]))
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        images = _decode([path], tuple(manifest["input_size"]), (manifest.get("data") or {}).get("center_crop"))
+        images = _decode([path], tuple(manifest["input_size"]), center_crop(manifest, crop))
         return Inputs(images, np.array([path.name]), None)
     raise EnsembleError(f"{path}: unsupported input (an .npz, an image folder or an image file "
                         f"{', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -184,6 +190,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_ensemble_arguments(parser)
     parser.add_argument("--input", required=True, help=".npz, image folder, or image file")
     parser.add_argument("--out", "--output", dest="out", help="CSV path (default: stdout)")
+    parser.add_argument("--center-crop", type=int, metavar="N",
+                        help="crop the centre NxN pixels of image files before resizing them to the ensemble's input, "
+                             "as the training images were (default: the crop of the ensemble's training data, if any)")
     parser.add_argument("--batch-size", type=int, help="images per forward call (default: automatic)")
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="override the precision the ensemble was built in (bfloat16 only on CPUs with "
@@ -205,9 +214,11 @@ def run(args: argparse.Namespace) -> int:
     set_verbosity(args.verbosity)
     if args.batch_size is not None and args.batch_size < 1:
         raise EnsembleError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.center_crop is not None and args.center_crop < 1:
+        raise EnsembleError(f"--center-crop must be >= 1, got {args.center_crop}")
     folder = ensemble_folder(args)
     manifest = read_manifest(folder)  # checksums verified; no TensorFlow yet
-    inputs = read_inputs(args.input, manifest)
+    inputs = read_inputs(args.input, manifest, args.center_crop)
     from ensemble.standalone import prepare_images
 
     if inputs.images.dtype != np.uint8:  # cheap dtype/range checks before TensorFlow

@@ -118,6 +118,7 @@ ERRORS = [
     (["predict", "--ensemble", "{tmp}", "--input", "{tmp}/x.npz"], "manifest"),
     (["predict", "--input", "{tmp}/x.npz"], "no study given"),
     (["export", "--ensemble", "{tmp}", "--out", "{tmp}/s.zip"], "manifest"),
+    (["predict", "--ensemble", "{tmp}", "--input", "{tmp}", "--center-crop", "0"], "--center-crop must be >= 1"),
 ]
 
 

@@ -303,3 +303,19 @@ def test_five_classes_by_the_commands(tmp_path, embedded):
     frame = pd.read_csv(tmp_path / "p.csv")
     assert len(frame) == 20 and set(frame["class_name"]) <= set(NAMES)
     assert [c for c in frame.columns if c.startswith("prob_")] == [f"prob_{n}" for n in SORTED]
+
+
+def test_predict_crops_raw_jpegs_like_the_training_data(raw_sample_dir):
+    """Raw PBC JPEGs need the centre crop the embedded set was made with (200 px, then resized): `--center-crop`
+    overrides the ensemble's own crop, and the images read are those `load_folder` makes with that crop."""
+    from data_pipeline.loaders import load_folder
+    from ensemble.predict import read_inputs
+
+    manifest = {"input_size": [28, 28], "class_names": list(load_folder(raw_sample_dir, 28).class_names),
+                "data": {"center_crop": None}}
+    plain, cropped = read_inputs(raw_sample_dir, manifest), read_inputs(raw_sample_dir, manifest, 200)
+    expected = load_folder(raw_sample_dir, image_size=28, center_crop=200)
+    assert np.array_equal(np.sort(cropped.labels), np.sort(expected.labels))
+    assert np.abs(cropped.images.astype(int) - plain.images.astype(int)).mean() > 5  # the cell fills the frame
+    manifest["data"]["center_crop"] = 200
+    assert np.array_equal(read_inputs(raw_sample_dir, manifest).images, cropped.images)
