@@ -45,41 +45,24 @@ the corruptions to the host batch right after it (`data_pipeline.corrupt`, numpy
 coding, PIL resampling and the slide artefacts have no `keras.ops` equivalent, and the tf.data version ran
 them on the host as well (`tf.numpy_function`).
 
-Keras quirks found and worked around (Keras 3.15):
-- `RandomFlip("horizontal_and_vertical")` uses ONE coin for both axes, i.e. it only ever applies a
-  180-degree rotation. D4 here is one gather through the 8 exact flip/rot90 pixel index maps.
-- `Solarization` inside RandAugment/AugMix inverts pixels above a threshold drawn from [0, factor*255],
-  so a *small* factor inverts almost every pixel of these bright-background images (mean |change| ~150
-  of 255 at any factor) and the threshold's lower bound is not scaled by 255. It is left out.
-- `RandomPosterization` inside RandAugment/AugMix keeps `randint(1, int(8*factor))` bits, i.e. a small
-  factor keeps ONE bit (strongest posterization at the weakest setting). It is replaced by one that
-  drops 0..4 bits as strength grows.
-- `AugMix` picks its op chains with Python's `random` at trace time, so in a compiled function every batch
-  gets the same chains forever. `_AugMix` draws the chain ops as tensors per batch and picks them with
-  `ops.switch`.
-- `RandAugment` computes all 11 ops for each of its `num_ops` slots and keeps one with `where`;
-  `_RandAugment` runs only the chosen op (`ops.switch`).
-- `RandAugment` / `AugMix` hand `factor=(0, f)` to their sub-layers, so translations and rotations only
-  go one way (shear randomly flips its sign), brightness only brightens ([0, f] of the range) and contrast
-  only increases (x[1, 1+f]). Left as is (the D4 orientation before them makes the geometry roughly
-  symmetric; the colour ops are not).
-- `RandomContrast(f)` with a single float draws its factor from [1, 1+f], not [1-f, 1+f] (the lower bound
-  is clamped to the factor bounds (0, 1) before being negated), and `RandomColorJitter` inherits that:
-  'light' passes (f, f), giving the [1-f, 1+f] that JITTER documents.
-- `RandomSaturation` clips saturation to `value_range` instead of [0, 1] and, with `RandomHue`, costs two
-  RGB -> HSV -> RGB round trips. 'light' keeps keras RandomBrightness and RandomContrast and does
-  saturation + hue as one per-image 3x3 colour matrix in YIQ space (`_colour_matrices`; see JITTER for
-  the magnitudes). keras RandomColorDegeneration cannot do it: it only blends toward grey (desaturates).
-- `Equalization` pools its histogram over the whole batch (each image is equalized with the batch's
-  histogram: on a 16-image PBC batch, mean |difference| ~23 of 255 vs per image). `_equalize` builds all
-  per-image, per-channel histograms with one `segment_sum` and looks up with one `take`; it equals Keras
-  run on one image at a time.
-- keras-cv `GridMask` draws statefully and runs per image in a `tf.map_fn`; `_grid_keep_masks` computes
-  the same grid geometry for the whole batch analytically. keras-cv's bilinear rotation of the mask
-  followed by a cast to bool erased every partly covered pixel too (25% of 64x64, 30% of 28x28 pixels at
-  strength 1); here the share is ratio^2 on average (21%).
-- AugMix: chain depth uniform in 1..3 per chain, as the paper's default, instead of Keras' fixed 3 with a
-  "skip" choice per slot (2 ops per chain on average instead of 2.7).
+Where Keras 3.15's own layers are replaced, one reason each:
+- D4 is one gather through the 8 flip/rot90 index maps: `RandomFlip("horizontal_and_vertical")` flips both
+  axes on one coin, i.e. only ever rotates by 180 degrees.
+- Solarization is left out of RandAugment/AugMix: its threshold makes a small factor invert almost every pixel
+  of these bright-background images.
+- Posterization drops 0..4 bits as strength grows: Keras' keeps randint(1, 8*factor) bits, the strongest at
+  the weakest setting.
+- `_AugMix` draws its chain ops per batch as tensors: Keras' picks them with Python's `random` at trace time,
+  so every batch of a compiled function would get the same chains; depth is uniform in 1..3 per chain, as in
+  the paper.
+- `_RandAugment` runs only the chosen op per slot (`ops.switch`) instead of all 11.
+- RandAugment/AugMix still hand `factor=(0, f)` to their sub-layers (one-way shifts, brightening only); the D4
+  step before them makes the geometry roughly symmetric.
+- 'light' passes contrast as (f, f): `RandomContrast(f)` draws from [1, 1+f] only; saturation and hue are one
+  per-image 3x3 colour matrix in YIQ space (`_colour_matrices`) instead of two clipped HSV round trips.
+- `_equalize` equalizes each image on its own histogram, as PIL does in the papers: Keras pools the batch's.
+- `_grid_keep_masks` draws GridMask's geometry for the whole batch, keyed, without keras-cv's stateful
+  per-image map and its bool cast that also erased partly covered pixels.
 Measured stream rates: benchmarks/bench_stream.py.
 """
 
