@@ -92,9 +92,6 @@ def configure_backend(cpu_threads: int | None = None) -> list:
     return gpus
 
 
-configure_tensorflow = configure_backend  # the name workers imported before the backend became a choice
-
-
 def _jax_gpus() -> list:
     import jax
 

@@ -40,10 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     check_before_tensorflow(config)
     out = Path(args.trial_dir) if args.trial_dir else Path(args.out) / "train_one" / Path(args.config).stem
 
-    from search.devices import configure_tensorflow
+    from search.devices import configure_backend
     from search.trainer import train_trial
 
-    configure_tensorflow()
+    configure_backend()
     say = (lambda line: None) if args.verbosity == QUIET else print
     result = train_trial(config, out, report=lambda epoch, scores: say(
         f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items())))

@@ -51,9 +51,9 @@ def work(spec: StudySpec, storage_url: str, artifacts: str, signals: WorkerSigna
     The one worker loop of every executor, so sampling, pruning, heartbeats and retries are Optuna's alone.
     `trial_attrs` are recorded on each trial (a Ray worker's node). Raises `Interrupted` after a stop signal,
     a CellsearchError on an error the whole study shares."""
-    from search.devices import configure_tensorflow
+    from search.devices import configure_backend
 
-    configure_tensorflow(cpu_threads)
+    configure_backend(cpu_threads)
     import optuna
 
     from search.lifecycle import FailureGuard, storage_failures

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from data_pipeline.errors import require_extra
+from search.devices import backend_name
 from search.spec import StudySpec
 
 ray = require_extra("ray", "ray", "--executor ray")
 
 OBJECT_STORE_BYTES = 200 * 1024 * 1024
 # Environment of every worker actor: TensorFlow's C++ logs off, Keras on TensorFlow.
-ACTOR_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": "tensorflow"}
+ACTOR_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
 # --------------------------------------------------------------------------------------------- paths
@@ -115,7 +116,7 @@ def start_ray(spec: StudySpec, gpus: list[str]) -> bool:
     if ray.is_initialized():
         return False
     common: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.WARNING,
-                                  runtime_env={"env_vars": ACTOR_ENV})
+                                  runtime_env={"env_vars": {**ACTOR_ENV, "KERAS_BACKEND": backend_name()}})
     with scoped_environ(RAY_USAGE_STATS_ENABLED="0"):
         if spec.executor.address:
             ray.init(address=spec.executor.address, **common)
