@@ -90,6 +90,7 @@ def summary(spec: StudySpec, study) -> str:
         f"ensemble:  cellsearch build --study {spec.name}{where}{storage}   (writes {location.ensemble_dir})",
         f"predict:   cellsearch predict --study {spec.name}{where} --input IMAGES --out predictions.csv",
         f"dashboard: cellsearch dashboard --study {spec.name}{where}{storage}",
+        f"           (or: {location.dashboard_command()})",
     ])
 
 
