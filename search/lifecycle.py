@@ -166,7 +166,7 @@ class WorkerSignals:
                     return objective(trial)
             except KeyboardInterrupt:
                 with self.interruptible(False):
-                    requeue_interrupted(trial.study, trial.study._storage.get_trial(trial._trial_id))
+                    requeue_interrupted(trial)
                 raise
 
         return run
@@ -269,27 +269,38 @@ def start_reaper(match: str, delay_s: float):
 
 
 # ----------------------------------------------------------------------------------------- trials
-def requeue_interrupted(study: optuna.Study, trial: FrozenTrial) -> None:
+def requeue_interrupted(trial: optuna.Trial) -> None:
     """Record that the RUNNING `trial` was interrupted and queue its configuration again; its own process
     then fails it. Interrupted trials are not at fault, so `storage.max_retry` does not limit this."""
-    study._storage.set_trial_user_attr(trial._trial_id, FAIL_REASON, INTERRUPTED)
-    _queue_again(study, trial)
+    trial.set_user_attr(FAIL_REASON, INTERRUPTED)
+    _queue_again(trial.study, _frozen(trial.study, trial.number))
 
 
-def fail_interrupted(study: optuna.Study, trials: Iterable[FrozenTrial]) -> int:
+def _frozen(study: optuna.Study, number: int) -> FrozenTrial:
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+
+
+def fail_interrupted(study: optuna.Study, storage_url: str, trials: Iterable[FrozenTrial]) -> int:
     """Fail those of `trials` still RUNNING as interrupted, each queued again; returns how many.
 
     The state change comes first: of two processes failing the same trial only one wins, so only one
-    queues it again."""
-    storage, failed = study._storage, 0
+    queues it again. Trials are addressed through the public storage API (`storage_url`), by number."""
+    trials = list(trials)
+    if not trials:
+        return 0
+    from search.storage import open_storage
+
+    storage, failed = open_storage(storage_url, heartbeat_interval=None, grace_period=None), 0
+    study_id = storage.get_study_id_from_name(study.study_name)
     for trial in trials:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         try:
-            storage.set_trial_user_attr(trial._trial_id, FAIL_REASON, INTERRUPTED)
-            if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+            storage.set_trial_user_attr(trial_id, FAIL_REASON, INTERRUPTED)
+            if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
                 continue
         except UpdateFinishedTrialError:  # its own process finished it meanwhile
             continue
-        _queue_again(study, storage.get_trial(trial._trial_id))
+        _queue_again(study, storage.get_trial(trial_id))
         failed += 1
     return failed
 

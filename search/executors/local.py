@@ -78,7 +78,7 @@ def run_local(spec: StudySpec, study: optuna.Study, storage_url: str, artifacts:
         except BaseException as stop:
             stop_processes(processes)
             with storage_failures(storage_url):
-                fail_interrupted(study, trials_of_workers(study, [p.pid for p in processes]))
+                fail_interrupted(study, storage_url, trials_of_workers(study, [p.pid for p in processes]))
                 if isinstance(stop, Interrupted):
                     print_interrupted(study, spec.budget.trials, started)
             raise

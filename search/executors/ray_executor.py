@@ -158,6 +158,6 @@ def run_ray(spec: StudySpec, storage_url: str, artifacts: str, gpus: list[str], 
             reaper.terminate()
         if pool is not None:
             with storage_failures(storage_url):
-                fail_interrupted(study, running_trials(study, WORKER_ATTR, pool.labels))
+                fail_interrupted(study, storage_url, running_trials(study, WORKER_ATTR, pool.labels))
                 if received:
                     print_interrupted(study, spec.budget.trials, started_at)
