@@ -9,11 +9,11 @@
 """
 
 from backbones.registry import UnknownBackboneError
-from data_pipeline.errors import BackboneError, CellsearchError, DataError
+from data_pipeline.errors import BackboneError, CellsearchError, DataError, MissingExtraError
 from ensemble.standalone import EnsembleError
 from search.config import ConfigError
 from search.location import StudyNotFoundError
 from search.storage import StorageError
 
-__all__ = ["BackboneError", "CellsearchError", "ConfigError", "DataError", "EnsembleError", "StorageError",
-           "StudyNotFoundError", "UnknownBackboneError"]
+__all__ = ["BackboneError", "CellsearchError", "ConfigError", "DataError", "EnsembleError", "MissingExtraError",
+           "StorageError", "StudyNotFoundError", "UnknownBackboneError"]
