@@ -124,7 +124,7 @@ def center_crop(manifest: dict, override: int | None = None) -> int | None:
 
 def read_folder(path: Path, manifest: dict, crop: int | None = None) -> Inputs:
     """Class-per-folder when every image sits in a first-level sub-folder, else a flat (recursive) folder."""
-    from data_pipeline.classes import FOLDER_ALIASES
+    from data_pipeline.classes import canonical_name
 
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -136,7 +136,7 @@ def read_folder(path: Path, manifest: dict, crop: int | None = None) -> Inputs:
     folders = [f.relative_to(path).parts[0] if len(f.relative_to(path).parts) > 1 else None for f in files]
     labels = None
     if all(folders):
-        canonical = [FOLDER_ALIASES.get(f, f) for f in folders]
+        canonical = [canonical_name(f) for f in folders]
         if all(c in names for c in canonical):
             labels = np.array([names[c] for c in canonical])
     return Inputs(images, ids, labels)

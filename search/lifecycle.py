@@ -36,7 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from data_pipeline.errors import CellsearchError
 from search.reseed import RESEED_ATTR
-from search.storage import StorageError, first_line, redact
+from search.storage import StorageError, first_line, open_storage, redact
 
 FAIL_REASON = "fail_reason"
 INTERRUPTED = "interrupted"
@@ -288,8 +288,6 @@ def fail_interrupted(study: optuna.Study, storage_url: str, trials: Iterable[Fro
     trials = list(trials)
     if not trials:
         return 0
-    from search.storage import open_storage
-
     storage, failed = open_storage(storage_url, heartbeat_interval=None, grace_period=None), 0
     study_id = storage.get_study_id_from_name(study.study_name)
     for trial in trials:
