@@ -21,7 +21,8 @@ from typing import Any
 from backbones import keras_apps as _keras_apps  # noqa: F401  (registers entries)
 from backbones import scratch as _scratch  # noqa: F401  (registers entries)
 from backbones.blocks import Block
-from backbones.registry import BackboneSpec, UnknownBackboneError, get_backbone, list_backbones, register
+from backbones.registry import BackboneSpec, get_backbone, list_backbones, register
+from common.errors import UnknownBackboneError, WeightsError, WeightsUnavailableError
 
 _LAZY = {
     "build_head": "backbones.head",
@@ -40,14 +41,12 @@ _LAZY = {
     "fraction_per_epoch": "backbones.unfreeze",
     "gradual_unfreeze_stages": "backbones.unfreeze",
     "set_unfreeze": "backbones.unfreeze",
-    "WeightsError": "backbones.weights",
-    "WeightsUnavailableError": "backbones.weights",
     "load_backbone_weights": "backbones.weights",
     "save_backbone_weights": "backbones.weights",
 }
 
-__all__ = sorted(["BackboneSpec", "Block", "UnknownBackboneError", "get_backbone", "list_backbones",
-                  "register", *_LAZY])
+__all__ = sorted(["BackboneSpec", "Block", "UnknownBackboneError", "WeightsError", "WeightsUnavailableError",
+                  "get_backbone", "list_backbones", "register", *_LAZY])
 
 
 def __getattr__(name: str) -> Any:

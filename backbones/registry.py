@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from data_pipeline.errors import BackboneError
+from common.errors import UnknownBackboneError
 
 if TYPE_CHECKING:  # keras is heavy; only type checkers need it here
     import keras
@@ -29,25 +29,6 @@ if TYPE_CHECKING:  # keras is heavy; only type checkers need it here
 #:   caffe   RGB -> BGR, then x - ImageNet BGR mean (0..255 scale, no std division)
 #:   unit    x / 255                              (range 0..1)
 PREPROCESSING_MODES = ("tf", "torch", "caffe", "unit")
-
-
-class UnknownBackboneError(BackboneError, KeyError):
-    """A backbone name that is not in the registry.
-
-    Subclasses both KeyError (a failed lookup) and ValueError (a bad argument), so callers may catch
-    either; `str()` gives the plain message rather than KeyError's quoted repr.
-    """
-
-    def __init__(self, name: str, available: list[str]):
-        self.name = name
-        self.available = available
-        super().__init__(f"unknown backbone {name!r}; available: {', '.join(available)}")
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-    def __reduce__(self):  # picklable, e.g. when raised in a Ray or multiprocessing worker
-        return type(self), (self.name, self.available)
 
 
 @dataclass(frozen=True)

@@ -28,18 +28,9 @@ import keras
 import numpy as np
 
 from backbones.registry import BackboneSpec
-
-from data_pipeline.errors import BackboneError
+from common.errors import WeightsError, WeightsUnavailableError
 
 WEIGHT_SUFFIXES = (".weights.h5", ".h5", ".hdf5")
-
-
-class WeightsError(BackboneError):
-    """A `weights=` argument that cannot be honoured (bad value, missing or mismatched file)."""
-
-
-class WeightsUnavailableError(WeightsError, RuntimeError):
-    """ImageNet weights could not be fetched (typically: no internet and nothing in the Keras cache)."""
 
 
 def normalize_weights_arg(spec: BackboneSpec, weights: str | os.PathLike | None) -> str | Path | None:

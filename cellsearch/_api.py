@@ -30,7 +30,7 @@ def _arrays_path(data: Any, spec: StudySpec) -> str:
     import numpy as np
 
     from data_pipeline.dataset import ImageDataset
-    from data_pipeline.errors import DataError
+    from common.errors import DataError
     from data_pipeline.loaders import from_arrays, load_npz, save_npz
 
     if isinstance(data, ImageDataset):

@@ -32,7 +32,8 @@ class Study:
         """The Optuna study itself (read it like any other: `trials_dataframe()`, `best_trials`...)."""
         import optuna
 
-        from search.storage import StorageError, open_storage
+        from common.errors import StorageError
+        from search.storage import open_storage
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = open_storage(self.location.storage, heartbeat_interval=None, must_exist=True)
@@ -48,7 +49,7 @@ class Study:
 
         ranked = ranked_trials(self.optuna_study)
         if not ranked:
-            from search.storage import StorageError
+            from common.errors import StorageError
 
             raise StorageError(f"study {self.name!r} has no complete trial yet")
         return ranked[0]

@@ -8,12 +8,10 @@
     fix the spec: study spec not found...
 """
 
-from backbones.registry import UnknownBackboneError
-from data_pipeline.errors import BackboneError, CellsearchError, DataError, MissingExtraError
-from ensemble.standalone import EnsembleError
-from search.config import ConfigError
-from search.location import StudyNotFoundError
-from search.storage import StorageError
+from common.errors import (BackboneError, CellsearchError, ConfigError, DataError, DataWarning, EnsembleError,
+                           MissingExtraError, StorageError, StudyNotFoundError, TrainingDiverged, TrialsFailing,
+                           UnknownBackboneError, WeightsError, WeightsUnavailableError, WorkerFailed, require_extra)
 
-__all__ = ["BackboneError", "CellsearchError", "ConfigError", "DataError", "EnsembleError", "MissingExtraError",
-           "StorageError", "StudyNotFoundError", "UnknownBackboneError"]
+__all__ = ["BackboneError", "CellsearchError", "ConfigError", "DataError", "DataWarning", "EnsembleError",
+           "MissingExtraError", "StorageError", "StudyNotFoundError", "TrainingDiverged", "TrialsFailing",
+           "UnknownBackboneError", "WeightsError", "WeightsUnavailableError", "WorkerFailed", "require_extra"]

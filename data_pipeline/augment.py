@@ -81,7 +81,7 @@ from keras import ops
 
 from data_pipeline import corrupt as corruptions
 from data_pipeline.compiled import compile_function
-from data_pipeline.errors import DataError
+from common.errors import DataError
 from data_pipeline.policies import (CONSISTENCY_POLICIES, MIXING_POLICIES, OP_FAMILIES, POLICIES,  # noqa: F401
                                      check_policy, check_policy_families, policy_families)
 from data_pipeline.stain import hed_jitter

@@ -30,7 +30,7 @@ from sklearn.neighbors import LocalOutlierFactor
 from sklearn.preprocessing import RobustScaler
 
 from data_pipeline.dataset import ImageDataset, validate_images
-from data_pipeline.errors import DataError
+from common.errors import DataError
 
 OUTLIER_METHODS = ("isolation_forest", "lof")
 REASONS = ("exact_duplicate", "near_duplicate", "label_conflict", "outlier")

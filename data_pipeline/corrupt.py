@@ -29,7 +29,7 @@ from PIL import Image
 from scipy import fft, ndimage
 
 from data_pipeline.dataset import validate_images
-from data_pipeline.errors import DataError
+from common.errors import DataError
 
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 REFERENCE_SIDE = 28  # image side the spatial parameters below are given for

@@ -9,13 +9,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from data_pipeline.classes import class_order
-from data_pipeline.errors import DataError
+from common.errors import DataError, DataWarning
 
 SPLIT_NAMES = ("train", "val", "test")
-
-
-class DataWarning(UserWarning):
-    """Input was usable after a conversion the user should know about (e.g. greyscale made RGB)."""
 
 
 def to_rgb(images: np.ndarray, source: str = "images") -> np.ndarray:

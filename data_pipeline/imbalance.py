@@ -6,7 +6,7 @@ import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
 
 from data_pipeline.dataset import validate_labels
-from data_pipeline.errors import DataError
+from common.errors import DataError
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:

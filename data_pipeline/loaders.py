@@ -23,9 +23,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from data_pipeline.atomic import atomic_path
+from common.errors import DataError, DataWarning
 from data_pipeline.classes import canonical_name, class_order, default_class_names
-from data_pipeline.dataset import SPLIT_NAMES, DataWarning, ImageDataset, encode_labels, to_rgb, validate_labels
-from data_pipeline.errors import DataError
+from data_pipeline.dataset import SPLIT_NAMES, ImageDataset, encode_labels, to_rgb, validate_labels
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 DEFAULT_DATA = Path(__file__).parent / "data" / "bloodcells_28.npz"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from data_pipeline import corrupt as corruptions
-from data_pipeline.errors import DataError
+from common.errors import DataError
 
 POLICIES: tuple[str, ...] = (
     "none", "light", "randaugment", "augmix", "cutmix", "mixup", "cutmix_mixup", "gridmask", "cutout",

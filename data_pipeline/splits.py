@@ -20,7 +20,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from data_pipeline.dataset import SPLIT_NAMES, ImageDataset
-from data_pipeline.errors import DataError
+from common.errors import DataError
 
 SPLIT_FILE_FORMAT = "cellsearch-splits/1"
 

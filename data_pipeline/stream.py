@@ -26,7 +26,7 @@ import numpy as np
 
 from data_pipeline.augment import Augmenter
 from data_pipeline.dataset import validate_images, validate_labels
-from data_pipeline.errors import DataError
+from common.errors import DataError
 
 
 def _check_int(value: Any, name: str, minimum: int) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_pipeline.errors import DataError
+from common.errors import DataError
 
 VIEW_SETS: dict[int, tuple[int, ...]] = {1: (0,), 2: (0, 4), 4: (0, 1, 2, 3), 8: tuple(range(8))}
 

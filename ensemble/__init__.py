@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ensemble.standalone import EnsembleError
+from common.errors import EnsembleError
 
 _LAZY = {
     "EnsembleClassifier": "ensemble.classifier",

@@ -26,7 +26,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from ensemble.standalone import MANIFEST, EnsembleError, manifest_precision, read_manifest, sha256_file
+from ensemble.standalone import MANIFEST, manifest_precision, read_manifest, sha256_file
+from common.errors import EnsembleError
 
 COMBINER_FILE = "combiner.joblib"
 MEMBERS_DIR = "members"

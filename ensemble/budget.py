@@ -20,7 +20,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ensemble.standalone import VIEW_SETS, EnsembleError
+from ensemble.standalone import VIEW_SETS
+from common.errors import EnsembleError
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ import pandas as pd
 from search.cli_errors import QUIET, command_parser, run_cli, set_verbosity
 from ensemble.evaluate import CLEAN_TOLERANCE
 from ensemble.robust import OBJECTIVES, ValidationRows
-from ensemble.standalone import BN_PRIOR, PRECISIONS, VIEW_SETS, EnsembleError
+from ensemble.standalone import BN_PRIOR, PRECISIONS, VIEW_SETS
+from common.errors import EnsembleError
 from search.location import POINTER_FILE, StudyLocation
 
 METHODS = ("topk", "greedy")

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.standalone import VIEW_SETS, EnsembleError
+from ensemble.standalone import VIEW_SETS
+from common.errors import EnsembleError
 from search.config import TrialConfig
 from search.location import StudyLocation
 from search.robust_report import ShiftedRows

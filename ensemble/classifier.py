@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 
-from ensemble.standalone import BN_PRIOR, VIEW_SETS, EnsembleError, TTARunner, prepare_images
+from ensemble.standalone import BN_PRIOR, VIEW_SETS, TTARunner, prepare_images
+from common.errors import EnsembleError
 
 if TYPE_CHECKING:
     import pandas as pd

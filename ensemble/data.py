@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.standalone import EnsembleError
+from common.errors import EnsembleError
 from search.config import TrialConfig
 
 
 def load_split_images(config: TrialConfig, ids: np.ndarray, labels: np.ndarray, split: str = "test") -> np.ndarray:
     """uint8 (N,H,W,3) images of `ids` in that order, checked against `labels`."""
-    from data_pipeline.errors import DataError
+    from common.errors import DataError
     from data_pipeline.loaders import load
     from data_pipeline.splits import ensure_splits
 

@@ -23,7 +23,8 @@ import zipfile
 from pathlib import Path
 
 from ensemble.predict import add_ensemble_arguments, ensemble_folder
-from ensemble.standalone import MANIFEST, EnsembleError, read_manifest
+from ensemble.standalone import MANIFEST, read_manifest
+from common.errors import EnsembleError
 from search.cli_errors import QUIET, command_parser, run_cli, set_verbosity
 
 STANDALONE = Path(__file__).with_name("standalone.py")

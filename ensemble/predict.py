@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.standalone import PRECISIONS, EnsembleError, read_manifest
+from ensemble.standalone import PRECISIONS, read_manifest
+from common.errors import EnsembleError
 from search.cli_errors import QUIET, command_parser, run_cli, set_verbosity
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
@@ -99,7 +100,7 @@ def read_npz(path: Path, n_classes: int) -> Inputs:
 def _decode(files: list[Path], size: tuple[int, int], center_crop: int | None) -> np.ndarray:
     from concurrent.futures import ThreadPoolExecutor
 
-    from data_pipeline.errors import DataError
+    from common.errors import DataError
     from data_pipeline.loaders import load_image_file
 
     def one(path: Path) -> np.ndarray:

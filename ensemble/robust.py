@@ -31,7 +31,7 @@ import numpy as np
 
 from ensemble.combiners import log_loss
 from search.scores import accuracy
-from ensemble.standalone import EnsembleError
+from common.errors import EnsembleError
 
 OBJECTIVES = ("robust", "clean")
 

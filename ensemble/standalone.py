@@ -70,7 +70,7 @@ PREPROCESSING_MODES = ("tf", "torch", "caffe", "unit")
 
 
 if __name__ == "ensemble.standalone":  # inside the package: part of its error hierarchy
-    from data_pipeline.errors import CellsearchError
+    from common.errors import CellsearchError
 else:  # copied as model.py (Codabench), where importing cellsearch must not happen even if it is installed
     class CellsearchError(Exception):
         """Stand-in base of EnsembleError outside the package."""

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Callable
 
-from data_pipeline.errors import CellsearchError
+from common.errors import CellsearchError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (CellsearchError, FileNotFoundError)
 QUIET, NORMAL, VERBOSE = -1, 0, 1

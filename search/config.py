@@ -8,13 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.errors import CellsearchError
+from common.errors import ConfigError
 
 OPTIMIZERS = ("adam", "adamw", "lion", "sgd")
-
-
-class ConfigError(CellsearchError, ValueError):
-    """A configuration value is invalid; the message names the key."""
 
 
 @dataclass

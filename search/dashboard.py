@@ -10,7 +10,8 @@ def serve_dashboard(location: StudyLocation, host: str = "127.0.0.1", port: int 
     import optuna
     import optuna_dashboard
 
-    from search.storage import StorageError, open_artifact_store, open_storage
+    from common.errors import StorageError
+    from search.storage import open_artifact_store, open_storage
 
     storage = open_storage(location.storage, heartbeat_interval=None, must_exist=True)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]

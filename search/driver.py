@@ -13,7 +13,7 @@ from typing import Any
 
 import optuna
 
-from search.config import ConfigError
+from common.errors import ConfigError
 from search.spec import StudySpec, validate_spec
 
 #: Keyword overrides of `run_study`/`cellsearch.search` and the spec key each one sets.

@@ -34,9 +34,9 @@ import optuna
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from data_pipeline.errors import CellsearchError
+from common.errors import CellsearchError, StorageError, TrialsFailing
 from search.reseed import RESEED_ATTR
-from search.storage import StorageError, first_line, open_storage, redact
+from search.storage import first_line, open_storage, redact
 
 FAIL_REASON = "fail_reason"
 INTERRUPTED = "interrupted"
@@ -57,14 +57,6 @@ class Interrupted(KeyboardInterrupt):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
-
-
-class WorkerFailed(CellsearchError):
-    """A worker stopped on an error the whole study shares (storage, artifact store, every trial failing)."""
-
-
-class TrialsFailing(CellsearchError):
-    """Trial after trial fails the same way: the study stops instead of burning through its budget."""
 
 
 # ------------------------------------------------------------------------------------------- driver

@@ -18,13 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_pipeline.atomic import atomic_write_text
-from data_pipeline.errors import CellsearchError
+from common.errors import StudyNotFoundError
 
 POINTER_FILE = "last_study.json"
-
-
-class StudyNotFoundError(CellsearchError):
-    """No study was named and no last-study pointer says which one to use."""
 
 
 @dataclass(frozen=True)

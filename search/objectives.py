@@ -59,7 +59,7 @@ assert tuple(_OBJECTIVES) == OBJECTIVE_NAMES
 
 def canonical_objective(name: str) -> str:
     """`name` under its current spelling (`val_accuracy_tta` -> `clean`); unknown names fail in one line."""
-    from search.config import ConfigError
+    from common.errors import ConfigError
 
     name = ALIASES.get(name, name)
     if name not in _OBJECTIVES:

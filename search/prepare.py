@@ -17,7 +17,7 @@ import pandas as pd
 
 from data_pipeline.atomic import atomic_write_text
 from data_pipeline.cleaning import CleaningConfig, clean, write_report
-from data_pipeline.errors import DataError
+from common.errors import DataError
 from search.config import TrialConfig
 from search.space import fixed_fields
 from search.spec import StudySpec

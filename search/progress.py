@@ -34,7 +34,7 @@ def study_counts(study: optuna.Study) -> dict[str, object]:
 def total_epochs(params: dict, head_epochs: int) -> int | None:
     """Epochs a trial trains for: its `epochs`, plus the head stage of a pretrained backbone; None if unknown."""
     from backbones import get_backbone
-    from data_pipeline.errors import BackboneError
+    from common.errors import BackboneError
 
     if "epochs" not in params:
         return None

@@ -25,7 +25,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from data_pipeline.atomic import atomic_write_text, atomic_write_with
-from data_pipeline.errors import MissingExtraError, require_extra
+from common.errors import MissingExtraError, require_extra
 from search.plots import pareto_front_png
 from search.report_page import PAGE_NAME
 from search.robust_report import REPORT_FILES, ShiftedRows, write_robustness_report

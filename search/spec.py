@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from search.config import ConfigError
+from common.errors import ConfigError
 from search.objectives import OBJECTIVES
 
 if TYPE_CHECKING:

@@ -20,11 +20,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-from data_pipeline.errors import CellsearchError, require_extra
-
-
-class StorageError(CellsearchError, RuntimeError):
-    """The study storage or artifact store can't be used; the message names the URL (password hidden)."""
+from common.errors import StorageError, require_extra
 
 
 def redact(url: str) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from data_pipeline.errors import CellsearchError
+from common.errors import CellsearchError
 from search.image_grids import class_sample_rows, cleaning_rows, corruption_rows, image_grid_png
 from search.plots import reliability_png
 from search.report_page import ReportPage, Section

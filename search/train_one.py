@@ -18,7 +18,7 @@ from search.config import TrialConfig
 def check_before_tensorflow(config: TrialConfig) -> None:
     """Fail on a bad backbone name or data path in one line, before TensorFlow's start-up logging."""
     from backbones import get_backbone
-    from data_pipeline.errors import DataError
+    from common.errors import DataError
 
     get_backbone(config.backbone)
     if config.data and not Path(config.data).exists():

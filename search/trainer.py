@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from common.errors import TrainingDiverged
 from data_pipeline.atomic import atomic_write_text, atomic_write_with
 from data_pipeline.augment import build_augmenter
 from data_pipeline.imbalance import class_weights, oversample_indices
@@ -31,10 +32,6 @@ from search.trial_data import TrialData, prepare_trial_data
 
 ReportFn = Callable[[int, dict], None]  # (epoch, validation scores of that epoch)
 ARTIFACT_FILES = ("config.json", "history.csv", "predictions.npz", "model.keras", "metrics.json")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the trial is failed, not silently kept."""
 
 
 @dataclass(frozen=True)

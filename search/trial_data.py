@@ -18,7 +18,7 @@ from sklearn.model_selection import train_test_split
 
 from data_pipeline.corrupt import ShiftedCopy, check_families, shifted_copy
 from data_pipeline.dataset import ImageDataset
-from data_pipeline.errors import DataError
+from common.errors import DataError
 from data_pipeline.loaders import load
 from data_pipeline.splits import ensure_splits
 from search.config import TrialConfig

@@ -8,7 +8,7 @@ import keras
 from keras import ops
 
 from data_pipeline.augment import MIXING_POLICIES, POLICIES, build_augmenter
-from data_pipeline.errors import DataError
+from common.errors import DataError
 
 N_CLASSES = 8
 

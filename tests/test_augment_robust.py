@@ -10,7 +10,7 @@ from keras import ops
 
 from data_pipeline.augment import POLICIES, build_augmenter, policy_families
 from data_pipeline.corrupt import DEFAULT_HELDOUT_FAMILIES, DEFAULT_TRAIN_FAMILIES, FAMILIES
-from data_pipeline.errors import DataError
+from common.errors import DataError
 from data_pipeline.stream import make_stream
 
 N_CLASSES = 8

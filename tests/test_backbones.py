@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import backbones as B
-from backbones.registry import UnknownBackboneError
+from common.errors import UnknownBackboneError
 
 keras = pytest.importorskip("keras")
 

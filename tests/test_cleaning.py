@@ -19,7 +19,7 @@ from data_pipeline.cleaning import (
     outlier_scores,
 )
 from data_pipeline.dataset import ImageDataset
-from data_pipeline.errors import DataError
+from common.errors import DataError
 
 SIZE = 28
 

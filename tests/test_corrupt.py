@@ -6,7 +6,7 @@ from PIL import Image
 
 from data_pipeline.corrupt import (CORRUPTIONS, SEVERITIES, SEVERITY_LEVELS, corrupt, corrupt_dataset,
                                    corruption_suite)
-from data_pipeline.errors import DataError
+from common.errors import DataError
 
 RANDOM_KINDS = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "motion_blur", "haze",
                 "hue_shift", "stain_shift", "gamma", "bubbles", "dust", "stain_deposit", "smudge")

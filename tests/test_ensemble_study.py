@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ensemble.standalone import EnsembleError
+from common.errors import EnsembleError
 from search_helpers import run_search, write_tiny_spec
 
 SIZES = {"train": 600, "val": 240, "test": 320}

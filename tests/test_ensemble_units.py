@@ -11,7 +11,8 @@ import pytest
 from ensemble.combiners import SoftVoting, Stacking, WeightedVoting, fit_temperature, log_loss, out_of_fold_proba
 from ensemble.metrics import expected_calibration_error, summary
 from ensemble.selection import greedy_selection, near_identical, select_top_k
-from ensemble.standalone import EnsembleError, combine, prepare_images
+from common.errors import EnsembleError
+from ensemble.standalone import combine, prepare_images
 
 
 def noisy_members(n: int = 400, classes: int = 4, members: int = 3, seed: int = 0):

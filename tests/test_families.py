@@ -12,7 +12,7 @@ import pytest
 
 from data_pipeline.corrupt import (CORRUPTIONS, DEFAULT_HELDOUT_FAMILIES, DEFAULT_TRAIN_FAMILIES, FAMILIES,
                                    SEVERITIES, ShiftedCopy, check_families, corrupt, family_of, shifted_copy)
-from data_pipeline.errors import DataError
+from common.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 

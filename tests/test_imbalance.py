@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from data_pipeline.errors import DataError
+from common.errors import DataError
 from data_pipeline.imbalance import class_weights, oversample_indices
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from data_pipeline.classes import BLOOD_CELL_CLASSES
 from data_pipeline.dataset import ImageDataset
-from data_pipeline.errors import DataError
+from common.errors import DataError
 from data_pipeline.loaders import load, load_folder, load_image_file, load_npz
 
 

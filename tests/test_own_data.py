@@ -17,8 +17,7 @@ import pytest
 from PIL import Image
 
 import cellsearch as cs
-from data_pipeline.dataset import DataWarning
-from data_pipeline.errors import DataError
+from common.errors import DataError, DataWarning
 from data_pipeline.loaders import from_arrays, load
 from search_helpers import run_search, write_tiny_spec
 

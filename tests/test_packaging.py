@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from search.config import ConfigError
+from common.errors import ConfigError
 from search.spec import STUDIES_DIR, load_spec
 
 if sys.version_info >= (3, 11):
@@ -25,7 +25,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PACKAGES = ("search", "ensemble", "backbones", "data_pipeline", "cellsearch", "studies")
 PRESETS = ("quick", "medium", "best")
 # Needed at run time without an import statement in the packages (see the comment in pyproject.toml): imported
-# through data_pipeline.errors.require_extra, or used by another package (SQLAlchemy's driver), or a command.
+# through common.errors.require_extra, or used by another package (SQLAlchemy's driver), or a command.
 USED_WITHOUT_IMPORT = {"plotly", "psycopg", "sqlalchemy", "optuna-dashboard", "boto3", "ray"}
 #: Imported only under that Keras backend (data_pipeline.compiled), which a user installs to choose it.
 KERAS_BACKENDS = {"jax", "torch"}

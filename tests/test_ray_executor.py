@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from search.executors.ray_cluster import RayPlan, plan_resources
 from search.executors.ray_executor import WORKER_ATTR, run_ray
-from search.lifecycle import WorkerFailed
+from common.errors import WorkerFailed
 from search.objective import ARTIFACT_ATTR_PREFIX
 from search.spec import load_spec, spec_from_dict
 from search.storage import open_artifact_store

@@ -7,7 +7,7 @@ import sys
 import optuna
 import pytest
 
-from search.config import ConfigError
+from common.errors import ConfigError
 from search.devices import pin_environment
 from search.executors.devices_plan import parse_gpus, plan_workers, usable_cores
 from search.run import parse_args, spec_from_args

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.dataset import ImageDataset
-from data_pipeline.errors import DataError
+from common.errors import DataError
 from data_pipeline.splits import (dataset_fingerprint, ensure_splits, kfold_splits, load_splits, save_splits,
                                   stratified_split)
 

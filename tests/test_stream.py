@@ -8,7 +8,7 @@ import pytest
 from keras import ops
 
 from data_pipeline.augment import build_augmenter
-from data_pipeline.errors import DataError
+from common.errors import DataError
 from data_pipeline.stream import make_eval_stream, make_stream, steps_per_epoch
 
 N_CLASSES = 8

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from search.config import ConfigError, TrialConfig
+from common.errors import ConfigError
+from search.config import TrialConfig
 from search.trainer import ARTIFACT_FILES, is_complete, train_trial
 
 QUICK = dict(backbone="compact_cnn", epochs=4, batch_size=128, learning_rate=3e-3, max_train_images=4000,

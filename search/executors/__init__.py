@@ -7,7 +7,7 @@ def require_extras(spec) -> None:
     """Fail in one line, before any work starts, when the spec needs an optional extra that is missing:
     `ray` for `--executor ray`, `postgres` for a postgresql:// storage, `s3` for an s3:// artifact store.
     Only the Ray executor's modules import Ray, and only when that executor runs."""
-    from data_pipeline.errors import require_extra
+    from common.errors import require_extra
     from search.storage import require_storage_extras
 
     if spec.executor.kind == "ray":

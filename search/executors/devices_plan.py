@@ -6,7 +6,7 @@ import os
 import shutil
 import subprocess
 
-from search.config import ConfigError
+from common.errors import ConfigError
 from search.devices import WorkerDevices
 
 

@@ -13,8 +13,9 @@ import optuna
 
 from data_pipeline.atomic import atomic_write_text
 from search.devices import WorkerDevices, pin_environment
-from search.lifecycle import (Interrupted, WorkerFailed, driver_signals, fail_interrupted, probe_artifact_store,
-                              stop_processes, storage_failures, trials_of_workers)
+from search.lifecycle import (Interrupted, driver_signals, fail_interrupted, probe_artifact_store, stop_processes,
+                              storage_failures, trials_of_workers)
+from common.errors import WorkerFailed
 from search.progress import print_interrupted, watch
 from search.spec import StudySpec
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from data_pipeline.errors import require_extra
+from common.errors import require_extra
 from search.devices import backend_name
 from search.spec import StudySpec
 

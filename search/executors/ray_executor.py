@@ -93,7 +93,7 @@ class WorkerPool:
     def alive(self) -> bool:
         """Whether a loop still runs. An actor whose loop ended is killed; raises WorkerFailed with the one
         line of a loop that stopped on an error the study shares."""
-        from search.lifecycle import WorkerFailed
+        from common.errors import WorkerFailed
         from search.storage import first_line
 
         ready, _ = ray.wait(list(self.loops), num_returns=len(self.loops), timeout=0) if self.loops else ([], [])
