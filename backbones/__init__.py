@@ -26,12 +26,12 @@ from common.errors import UnknownBackboneError, WeightsError, WeightsUnavailable
 
 _LAZY = {
     "build_head": "backbones.head",
-    "BACKBONE_LAYER": "backbones.model",
+    "BACKBONE_LAYER": "backbones.layout",
     "backbone_input_size": "backbones.model",
-    "backbone_spec_of": "backbones.model",
+    "backbone_spec_of": "backbones.layout",
     "build_backbone": "backbones.model",
     "build_classifier": "backbones.model",
-    "get_backbone_model": "backbones.model",
+    "get_backbone_model": "backbones.layout",
     "load_model": "backbones.model",
     "ImageNetPreprocess": "backbones.preprocessing",
     "UnfreezeResult": "backbones.unfreeze",

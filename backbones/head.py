@@ -13,6 +13,8 @@ from typing import Sequence
 
 from keras import layers
 
+from common.errors import BackboneError
+
 
 def head_units_tuple(head_units: int | Sequence[int] | None) -> tuple[int, ...]:
     """Normalise `head_units`: 0/None -> no hidden layer, an int -> one, a sequence -> one per entry."""
@@ -20,7 +22,7 @@ def head_units_tuple(head_units: int | Sequence[int] | None) -> tuple[int, ...]:
         return ()
     units = (head_units,) if isinstance(head_units, int) else tuple(int(u) for u in head_units)
     if any(u < 0 for u in units):
-        raise ValueError(f"head_units must be >= 0, got {head_units!r}")
+        raise BackboneError(f"head_units must be >= 0, got {head_units!r}")
     return tuple(u for u in units if u > 0)
 
 
@@ -28,9 +30,9 @@ def build_head(features, num_classes: int, *, dropout: float = 0.2,
                head_units: int | Sequence[int] | None = 0, batchnorm: bool = True):
     """Apply the head to a 4-D feature map (KerasTensor) and return the (N, num_classes) probabilities."""
     if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        raise BackboneError(f"num_classes must be >= 2, got {num_classes}")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        raise BackboneError(f"dropout must be in [0, 1), got {dropout}")
     x = layers.GlobalAveragePooling2D(name="head_pool")(features)
     if batchnorm:
         x = layers.BatchNormalization(name="head_bn")(x)

@@ -15,21 +15,18 @@ import keras
 from keras import layers
 
 from backbones.head import build_head
+from backbones.layout import BACKBONE_LAYER, PRETRAINED_ATTR, SPEC_ATTR
 from backbones.preprocessing import ImageNetPreprocess
 from backbones.registry import BackboneSpec, get_backbone
+from backbones.unfreeze import set_unfreeze
 from backbones.weights import build_with_weights, normalize_weights_arg
-
-BACKBONE_LAYER = "backbone"
-#: Python attributes set on a built classifier (not saved): the registry name and whether the backbone
-#: started from loaded weights, which decides whether set_unfreeze freezes BatchNorm by default.
-SPEC_ATTR = "_cellsearch_backbone"
-PRETRAINED_ATTR = "_cellsearch_weights_loaded"
+from common.errors import BackboneError
 
 
 def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
     pair = (size, size) if isinstance(size, int) else tuple(size)
     if len(pair) != 2 or any(int(s) < 1 for s in pair):
-        raise ValueError(f"resize_to must be an int or (height, width), got {size!r}")
+        raise BackboneError(f"resize_to must be an int or (height, width), got {size!r}")
     return int(pair[0]), int(pair[1])
 
 
@@ -40,8 +37,8 @@ def backbone_input_size(spec: BackboneSpec, input_shape: Sequence[int],
     if resize_to is not None:
         target = _size_pair(resize_to)
         if min(target) < spec.min_input_size:
-            raise ValueError(f"resize_to={resize_to} is below {spec.name}'s minimum input size "
-                             f"{spec.min_input_size}")
+            raise BackboneError(f"resize_to={resize_to} is below {spec.name}'s minimum input size "
+                               f"{spec.min_input_size}")
         return target
     return max(height, spec.min_input_size), max(width, spec.min_input_size)
 
@@ -84,7 +81,7 @@ def build_classifier(name: str, input_shape: Sequence[int] = (28, 28, 3), num_cl
     """
     spec = get_backbone(name)
     if len(input_shape) != 3 or input_shape[-1] != 3:
-        raise ValueError(f"input_shape must be (height, width, 3), got {tuple(input_shape)}")
+        raise BackboneError(f"input_shape must be (height, width, 3), got {tuple(input_shape)}")
     loaded = normalize_weights_arg(spec, weights) is not None
     height, width = backbone_input_size(spec, input_shape, resize_to)
 
@@ -104,30 +101,11 @@ def build_classifier(name: str, input_shape: Sequence[int] = (28, 28, 3), num_cl
     object.__setattr__(model, SPEC_ATTR, spec.name)
     object.__setattr__(model, PRETRAINED_ATTR, loaded)
 
-    from backbones.unfreeze import set_unfreeze
-
     if unfreeze is not None:
         set_unfreeze(model, unfreeze)
     elif loaded:
         set_unfreeze(model, 0.0)
     return model
-
-
-def get_backbone_model(model: keras.Model) -> keras.Model:
-    """The backbone sub-model of a classifier built here (or `model` itself if it is a bare backbone)."""
-    if model.name == BACKBONE_LAYER:
-        return model
-    try:
-        return model.get_layer(BACKBONE_LAYER)
-    except ValueError:
-        raise ValueError(f"model {model.name!r} has no layer named {BACKBONE_LAYER!r}; "
-                         "was it built with backbones.build_classifier?") from None
-
-
-def backbone_spec_of(model: keras.Model, backbone: str | None = None) -> BackboneSpec:
-    """The registry spec of a classifier: explicit `backbone`, else recorded at build, else its name."""
-    name = backbone or getattr(model, SPEC_ATTR, None) or model.name
-    return get_backbone(name)
 
 
 def load_model(path: str | os.PathLike, **kwargs: Any) -> keras.Model:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from common.errors import UnknownBackboneError
+from common.errors import BackboneError, UnknownBackboneError
 
 if TYPE_CHECKING:  # keras is heavy; only type checkers need it here
     import keras
@@ -75,9 +75,9 @@ class BackboneSpec:
     def __post_init__(self) -> None:
         mode = self.preprocessing.removeprefix("builtin:")
         if mode not in PREPROCESSING_MODES:
-            raise ValueError(f"{self.name}: preprocessing {self.preprocessing!r} not in {PREPROCESSING_MODES}")
+            raise BackboneError(f"{self.name}: preprocessing {self.preprocessing!r} not in {PREPROCESSING_MODES}")
         if self.min_input_size < 1:
-            raise ValueError(f"{self.name}: min_input_size must be positive")
+            raise BackboneError(f"{self.name}: min_input_size must be positive")
         # A read-only view keeps the frozen dataclass actually immutable (and safely shareable).
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
 
@@ -98,7 +98,7 @@ _REGISTRY: dict[str, BackboneSpec] = {}
 def register(spec: BackboneSpec, *, overwrite: bool = False) -> BackboneSpec:
     """Add `spec` to the registry and return it; re-registering a name needs `overwrite=True`."""
     if spec.name in _REGISTRY and not overwrite:
-        raise ValueError(f"backbone {spec.name!r} is already registered")
+        raise BackboneError(f"backbone {spec.name!r} is already registered")
     _REGISTRY[spec.name] = spec
     return spec
 

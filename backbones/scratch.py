@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from backbones import blocks
 from backbones.registry import BackboneSpec, register
+from common.errors import BackboneError, WeightsError
 
 if TYPE_CHECKING:
     import keras
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 def _per_stage(value: int | Sequence[int], stages: int, what: str) -> tuple[int, ...]:
     values = (value,) * stages if isinstance(value, int) else tuple(value)
     if len(values) != stages or any(v < 1 for v in values):
-        raise ValueError(f"{what} must be a positive int or {stages} positive ints, got {value!r}")
+        raise BackboneError(f"{what} must be a positive int or {stages} positive ints, got {value!r}")
     return values
 
 
@@ -74,7 +75,7 @@ def small_resnet(input_shape: Sequence[int], weights: str | None = None, *,
     ~45M multiply-adds per 28x28 image). `stem_stride` None picks 1 below 48 px and 2 above.
     """
     if weights is not None:
-        raise ValueError("small_resnet has no pretrained weights to download; load a file via backbones.weights")
+        raise WeightsError("small_resnet has no pretrained weights to download; load a file via backbones.weights")
     import keras
 
     depths = _per_stage(depth, len(widths), "depth")
@@ -95,7 +96,7 @@ def compact_cnn(input_shape: Sequence[int], weights: str | None = None, *,
     The cheapest sensible model: a quick baseline and a smoke-test backbone for the search.
     """
     if weights is not None:
-        raise ValueError("compact_cnn has no pretrained weights to download; load a file via backbones.weights")
+        raise WeightsError("compact_cnn has no pretrained weights to download; load a file via backbones.weights")
     import keras
     from keras import layers
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import keras
 
 from backbones.blocks import Block
-from backbones.model import PRETRAINED_ATTR, backbone_spec_of, get_backbone_model
+from backbones.layout import PRETRAINED_ATTR, backbone_spec_of, get_backbone_model
+from common.errors import BackboneError
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def backbone_blocks(model: keras.Model, backbone: str | None = None) -> list[Blo
 def blocks_to_unfreeze(fraction: float, n_blocks: int) -> int:
     """ceil(fraction * n_blocks): 0 -> none, any positive fraction -> at least one block, 1 -> all."""
     if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"unfreeze fraction must be in [0, 1], got {fraction}")
+        raise BackboneError(f"unfreeze fraction must be in [0, 1], got {fraction}")
     return min(n_blocks, math.ceil(fraction * n_blocks - 1e-9))
 
 
@@ -128,9 +129,9 @@ def gradual_unfreeze_stages(epochs: int, final_fraction: float = 1.0, steps: int
     trainer; see the module docstring.
     """
     if epochs < 0 or head_epochs < 0 or steps < 1:
-        raise ValueError("epochs and head_epochs must be >= 0 and steps >= 1")
+        raise BackboneError("epochs and head_epochs must be >= 0 and steps >= 1")
     if not 0.0 <= final_fraction <= 1.0:
-        raise ValueError(f"final_fraction must be in [0, 1], got {final_fraction}")
+        raise BackboneError(f"final_fraction must be in [0, 1], got {final_fraction}")
     stages = [UnfreezeStage(0, head_epochs, 0.0)] if head_epochs else []
     start = head_epochs
     steps = min(steps, epochs) or 1

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import keras
 import numpy as np
 
+from backbones.layout import get_backbone_model
 from backbones.registry import BackboneSpec
 from common.errors import WeightsError, WeightsUnavailableError
 
@@ -125,8 +126,6 @@ def save_backbone_weights(model: keras.Model, path: str | os.PathLike) -> Path:
     The file can be passed back as `build_classifier(name, weights=path)`, e.g. to start several trials
     from one fine-tuned backbone.
     """
-    from backbones.model import get_backbone_model
-
     path = Path(path)
     if not path.name.endswith(".weights.h5"):
         raise WeightsError(f"{path}: backbone weights are saved as '.weights.h5'")

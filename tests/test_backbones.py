@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import backbones as B
-from common.errors import UnknownBackboneError
+from common.errors import BackboneError, UnknownBackboneError
 
 keras = pytest.importorskip("keras")
 
@@ -171,10 +171,14 @@ def test_deeper_compact_cnns_stack_convs_per_stage_at_full_resolution(name, dept
 def test_resize_to_and_input_validation():
     model = B.build_classifier("small_resnet", input_shape=(28, 28, 3), resize_to=40)
     assert model.get_layer("resize").output.shape[1:3] == (40, 40)
-    with pytest.raises(ValueError, match="minimum input size"):
+    with pytest.raises(BackboneError, match="minimum input size"):
         B.build_classifier("mobilenet_v3_small", input_shape=(64, 64, 3), resize_to=24)
-    with pytest.raises(ValueError, match="height, width, 3"):
+    with pytest.raises(BackboneError, match="height, width, 3"):
         B.build_classifier("small_resnet", input_shape=(28, 28, 1))
+    with pytest.raises(BackboneError, match="dropout"):
+        B.build_classifier("compact_cnn", dropout=1.0)
+    with pytest.raises(BackboneError, match="no layer named 'backbone'"):
+        B.get_backbone_model(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)], name="plain"))
 
 
 def test_head_options():
@@ -337,7 +341,7 @@ def test_unfreeze_takes_effect_after_recompile():
 
 def test_unfreeze_helpers():
     assert [B.blocks_to_unfreeze(f, 17) for f in (0, 0.01, 0.5, 1)] == [0, 1, 9, 17]
-    with pytest.raises(ValueError):
+    with pytest.raises(BackboneError, match="fraction"):
         B.blocks_to_unfreeze(1.5, 10)
     stages = B.gradual_unfreeze_stages(epochs=7, final_fraction=0.6, steps=3, head_epochs=2)
     assert [(s.start_epoch, s.end_epoch) for s in stages] == [(0, 2), (2, 5), (5, 7), (7, 9)]
