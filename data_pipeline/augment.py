@@ -85,7 +85,7 @@ from common.errors import DataError
 from data_pipeline.policies import (CONSISTENCY_POLICIES, MIXING_POLICIES, OP_FAMILIES, POLICIES,  # noqa: F401
                                      check_policy, check_policy_families, policy_families)
 from data_pipeline.stain import hed_jitter
-from data_pipeline.tta import dihedral_index_maps
+from common.inference import dihedral_index_maps
 
 JSD_VIEWS = 2                  # augmented views next to the clean one (AugMix paper)
 
@@ -166,11 +166,12 @@ class _SeedStream(keras.random.SeedGenerator):
             self._frames.pop()
 
     def next(self, ordered: bool = True) -> Any:
+        # Broken invariants of this module's own ops, never bad input: AssertionError says "a bug here".
         if not self._frames:
-            raise RuntimeError("augmentation layer drew a random number outside Augmenter.__call__")
+            raise AssertionError("augmentation layer drew a random number outside Augmenter.__call__")
         frame = self._frames[-1]
         if frame[1] >= _SEEDS_PER_KEY:
-            raise RuntimeError(f"more than {_SEEDS_PER_KEY} random draws from one key")
+            raise AssertionError(f"more than {_SEEDS_PER_KEY} random draws from one key")
         frame[1] += 1
         return frame[0][frame[1] - 1]
 

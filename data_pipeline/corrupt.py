@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from scipy import fft, ndimage
 
-from data_pipeline.dataset import validate_images
+from data_pipeline.dataset import check_seed, validate_images
 from common.errors import DataError
 
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
@@ -441,12 +441,6 @@ def _check_severities(severities: Sequence[int] | int) -> tuple[int, ...]:
     return severities
 
 
-def _check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise DataError(f"seed must be a non-negative integer, got {seed!r}")
-    return int(seed)
-
-
 def _stream(seed: int, name: str) -> np.random.Generator:
     """Independent streams per kind (or family), identical across severities and processes."""
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
@@ -462,7 +456,7 @@ def _corrupt_checked(images: np.ndarray, kind: str, severity: int, seed: int) ->
 def corrupt(images: np.ndarray, kind: str, severity: int, seed: int = 0) -> np.ndarray:
     """Corrupt a batch of uint8 (N,H,W,3) images with one kind at one severity (1..5); same shape and dtype."""
     images = validate_images(images, "corrupt")
-    return _corrupt_checked(images, _check_kind(kind), _check_severity(severity), _check_seed(seed))
+    return _corrupt_checked(images, _check_kind(kind), _check_severity(severity), check_seed(seed))
 
 
 def corrupt_dataset(images: np.ndarray, severities: Sequence[int] = SEVERITIES, kinds: Sequence[str] | None = None,
@@ -472,7 +466,7 @@ def corrupt_dataset(images: np.ndarray, severities: Sequence[int] = SEVERITIES, 
     Returns (images, kind name per image, severity per image) so results can be broken down afterwards.
     """
     images = validate_images(images, "corrupt_dataset")
-    kinds, severities, seed = _check_kinds(kinds), _check_severities(severities), _check_seed(seed)
+    kinds, severities, seed = _check_kinds(kinds), _check_severities(severities), check_seed(seed)
     rng = np.random.default_rng(seed)
     kind = np.asarray(kinds)[rng.integers(len(kinds), size=len(images))]
     severity = rng.choice(np.asarray(severities, dtype=np.int64), size=len(images))
@@ -496,7 +490,7 @@ def corruption_suite(images: np.ndarray, kinds: Sequence[str] | None = None,
     Arguments are checked at call time, not at the first `next()`, so a typo fails where it is made.
     """
     images = validate_images(images, "corruption_suite")
-    kinds, severities, seed = _check_kinds(kinds), _check_severities(severities), _check_seed(seed)
+    kinds, severities, seed = _check_kinds(kinds), _check_severities(severities), check_seed(seed)
 
     def generate() -> Iterator[tuple[str, int, np.ndarray]]:
         for kind in kinds:
@@ -563,7 +557,7 @@ def shifted_copy(images: np.ndarray, families: Sequence[str] | str, seed: int = 
     families = _check_family_names(families, "shifted_copy")
     if not families:
         raise DataError(f"shifted_copy: no corruption families given; known: {', '.join(FAMILIES)}")
-    severities, seed = _check_severities(severities), _check_seed(seed)
+    severities, seed = _check_severities(severities), check_seed(seed)
     parts = [_family_copy(images, family, severities, seed) for family in families]
     return ShiftedCopy(*(np.concatenate(column) for column in zip(*parts)))
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from data_pipeline.classes import class_order
 from common.errors import DataError, DataWarning
+from common.inference import check_images
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -54,30 +55,9 @@ def encode_labels(labels: Sequence, class_names: Sequence[str] | None = None, so
 
 
 def validate_images(images: np.ndarray, source: str = "images") -> np.ndarray:
-    """Return `images` as a C-contiguous uint8 (N,H,W,3) array, or raise DataError naming the problem.
-
-    Non-uint8 input is accepted only when every value already lies in 0..255, so that a float array
-    scaled to [0,1] (a common mistake) is refused instead of silently turned black.
-    """
-    images = np.asarray(images)
-    if images.ndim == 3:
-        raise DataError(f"{source}: expected (N,H,W,3) images, got rank 3 {images.shape} (missing channel axis?)")
-    if images.ndim != 4:
-        raise DataError(f"{source}: expected (N,H,W,3) images, got rank {images.ndim} shape {images.shape}")
-    if images.shape[-1] != 3:
-        raise DataError(f"{source}: expected 3 colour channels, got {images.shape[-1]} (shape {images.shape})")
-    if images.shape[0] == 0:
-        raise DataError(f"{source}: no images")
-    if images.dtype != np.uint8:
-        if not np.issubdtype(images.dtype, np.number):
-            raise DataError(f"{source}: images must be numeric, got dtype {images.dtype}")
-        lo, hi = float(images.min()), float(images.max())
-        if lo < 0 or hi > 255 or not np.isfinite([lo, hi]).all():
-            raise DataError(f"{source}: {images.dtype} images must lie in 0..255 to become uint8, got {lo:g}..{hi:g}")
-        if np.issubdtype(images.dtype, np.floating) and hi <= 1.0:
-            raise DataError(f"{source}: float images lie in 0..1; scale them to 0..255 (uint8 expected)")
-        images = np.rint(images).astype(np.uint8)
-    return np.ascontiguousarray(images)
+    """Return `images` as a C-contiguous uint8 (N,H,W,3) array, or raise DataError naming the problem
+    (the one input rule, `common.inference.check_images`)."""
+    return check_images(images, source, DataError)
 
 
 def validate_labels(labels: np.ndarray, n_images: int, num_classes: int, source: str = "labels") -> np.ndarray:
@@ -105,6 +85,20 @@ def validate_labels(labels: np.ndarray, n_images: int, num_classes: int, source:
             f"{source}: label {labels[first]} at index {first} is out of range 0..{num_classes - 1}"
         )
     return labels
+
+
+def check_seed(seed: int) -> int:
+    """`seed` as an int in 0..2**32-1, the range both NumPy generators and scikit-learn's random_state accept.
+
+    >>> check_seed(7)
+    7
+    >>> check_seed(-1)
+    Traceback (most recent call last):
+    common.errors.DataError: seed must be an integer in 0..2**32-1, got -1
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise DataError(f"seed must be an integer in 0..2**32-1, got {seed!r}")
+    return int(seed)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from data_pipeline.dataset import SPLIT_NAMES, ImageDataset
+from data_pipeline.dataset import SPLIT_NAMES, ImageDataset, check_seed
 from common.errors import DataError
 
 SPLIT_FILE_FORMAT = "cellsearch-splits/1"
@@ -32,12 +32,6 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"labels: expected integer class indices, got dtype {labels.dtype}")
     return labels.astype(np.int64)
-
-
-def _check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise DataError(f"seed must be an integer in 0..2**32-1, got {seed!r}")
-    return int(seed)
 
 
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:
@@ -81,7 +75,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float = 0.1, test_fractio
     """
     labels = _check_labels(labels)
     _check_fractions(val_fraction, test_fraction)
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     fractions = {"train": 1 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}
     needed = _rows_needed_per_class([f for f in fractions.values() if f > 0])
     shares = "/".join(f"{f:.0%}" for f in fractions.values())
@@ -113,7 +107,7 @@ def kfold_splits(labels: np.ndarray, k: int = 5, seed: int = 0) -> list[dict[str
     To cross-validate inside a held-out split, pass `labels[rows]` and map the result back with `rows[idx]`.
     """
     labels = _check_labels(labels)
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
         raise DataError(f"k must be an integer >= 2, got {k!r}")
     _check_class_sizes(labels, int(k), f"stratified {k}-fold")
@@ -228,7 +222,7 @@ def ensure_splits(dataset: ImageDataset, split_file: str | os.PathLike | None = 
         return dataset
     _check_fractions(val_fraction, test_fraction)
     fingerprint = dataset_fingerprint(dataset)
-    params = {"val_fraction": float(val_fraction), "test_fraction": float(test_fraction), "seed": _check_seed(seed)}
+    params = {"val_fraction": float(val_fraction), "test_fraction": float(test_fraction), "seed": check_seed(seed)}
     if split_file is not None and Path(split_file).exists():
         path = Path(split_file)
         record = _read_checked(path, fingerprint)

@@ -25,7 +25,7 @@ import keras
 import numpy as np
 
 from data_pipeline.augment import Augmenter
-from data_pipeline.dataset import validate_images, validate_labels
+from data_pipeline.dataset import check_seed, validate_images, validate_labels
 from common.errors import DataError
 
 
@@ -132,7 +132,7 @@ def make_stream(images: np.ndarray, labels: np.ndarray, num_classes: int, batch_
     num_classes = _check_int(num_classes, "num_classes", 2)
     labels = validate_labels(labels, len(images), num_classes, "stream labels")
     batch_size = _check_int(batch_size, "batch_size", 1)
-    seed = _check_int(seed, "seed", 0)
+    seed = check_seed(seed)
     workers = _check_int(workers, "workers", 1)
     _check_augmenter(augmenter, num_classes)
     weights = None if sample_weights is None else _check_sample_weights(sample_weights, len(images))

@@ -106,6 +106,19 @@ def test_kfold_val_covers_every_row_exactly_once(labels):
         assert np.abs(_proportions(labels[fold["val"]]) - whole).max() < 0.01
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32, 1.5, True])
+def test_splits_and_corruptions_refuse_the_same_seeds(labels, seed):
+    """One seed check serves both: a seed one accepts, the other accepts too."""
+    from data_pipeline.corrupt import corrupt
+
+    images = np.zeros((1, 8, 8, 3), np.uint8)
+    for call in (lambda: stratified_split(labels, seed=seed), lambda: kfold_splits(labels, 3, seed=seed),
+                 lambda: corrupt(images, "gaussian_noise", 1, seed=seed)):
+        with pytest.raises(DataError, match=r"seed must be an integer in 0\.\.2\*\*32-1"):
+            call()
+    assert corrupt(images, "gaussian_noise", 1, seed=2**32 - 1).shape == images.shape
+
+
 def test_kfold_is_deterministic_by_seed(labels):
     a, b, c = kfold_splits(labels, 3, seed=4), kfold_splits(labels, 3, seed=4), kfold_splits(labels, 3, seed=5)
     assert all(np.array_equal(x["val"], y["val"]) for x, y in zip(a, b))
