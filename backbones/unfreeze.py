@@ -15,8 +15,11 @@ would silently do nothing until the next compile):
 
     for stage in gradual_unfreeze_stages(epochs=9, final_fraction=0.6, steps=3, head_epochs=2):
         set_unfreeze(model, stage.fraction)
-        model.compile(optimizer=make_optimizer(lr if stage.fraction == 0 else finetune_lr), ...)
+        model.compile(optimizer=make_optimizer(lr if stage.name == "head" else finetune_lr), ...)
         model.fit(train, validation_data=val, initial_epoch=stage.start_epoch, epochs=stage.end_epoch)
+
+This is the one schedule: the search's trainer runs it with steps=1 (head, then one fine-tuning stage) or, for
+a trial with `gradual_unfreeze`, steps=3.
 """
 
 from __future__ import annotations
@@ -109,11 +112,15 @@ def set_unfreeze(model: keras.Model, fraction: float, *, freeze_batchnorm: bool 
 
 @dataclass(frozen=True)
 class UnfreezeStage:
-    """Train epochs [start_epoch, end_epoch) with the top `fraction` of blocks trainable."""
+    """Train epochs [start_epoch, end_epoch) with the top `fraction` of blocks trainable.
+
+    `name`: "head" (backbone frozen), "finetune" (the only fine-tuning stage) or "finetune_<i>" (i-th of several).
+    """
 
     start_epoch: int
     end_epoch: int
     fraction: float
+    name: str = "finetune"
 
     @property
     def epochs(self) -> int:
@@ -127,18 +134,22 @@ def gradual_unfreeze_stages(epochs: int, final_fraction: float = 1.0, steps: int
     The fine-tuning stages unfreeze `final_fraction * i / steps` for i = 1..steps and share `epochs` as
     evenly as possible (earlier stages get the remainder). Each stage is one compile()+fit() for the
     trainer; see the module docstring.
+
+    >>> [(s.name, s.start_epoch, s.end_epoch, s.fraction) for s in gradual_unfreeze_stages(4, 0.5, 2, 1)]
+    [('head', 0, 1, 0.0), ('finetune_1', 1, 3, 0.25), ('finetune_2', 3, 5, 0.5)]
     """
     if epochs < 0 or head_epochs < 0 or steps < 1:
         raise BackboneError("epochs and head_epochs must be >= 0 and steps >= 1")
     if not 0.0 <= final_fraction <= 1.0:
         raise BackboneError(f"final_fraction must be in [0, 1], got {final_fraction}")
-    stages = [UnfreezeStage(0, head_epochs, 0.0)] if head_epochs else []
+    stages = [UnfreezeStage(0, head_epochs, 0.0, "head")] if head_epochs else []
     start = head_epochs
     steps = min(steps, epochs) or 1
     for i in range(steps):
         n = epochs // steps + (i < epochs % steps)
         if n:
-            stages.append(UnfreezeStage(start, start + n, final_fraction * (i + 1) / steps))
+            name = f"finetune_{i + 1}" if steps > 1 else "finetune"
+            stages.append(UnfreezeStage(start, start + n, final_fraction * (i + 1) / steps, name))
         start += n
     return stages
 

@@ -346,6 +346,9 @@ def test_unfreeze_helpers():
     stages = B.gradual_unfreeze_stages(epochs=7, final_fraction=0.6, steps=3, head_epochs=2)
     assert [(s.start_epoch, s.end_epoch) for s in stages] == [(0, 2), (2, 5), (5, 7), (7, 9)]
     assert [round(s.fraction, 3) for s in stages] == [0.0, 0.2, 0.4, 0.6]
+    assert [s.name for s in stages] == ["head", "finetune_1", "finetune_2", "finetune_3"]
+    single = B.gradual_unfreeze_stages(epochs=2, final_fraction=0.5, steps=1, head_epochs=1)
+    assert [(s.name, s.epochs, s.fraction) for s in single] == [("head", 1, 0.0), ("finetune", 2, 0.5)]
     per_epoch = B.fraction_per_epoch(stages)
     assert len(per_epoch) == 9 and per_epoch == sorted(per_epoch)
 
