@@ -65,8 +65,9 @@ class BuildOptions:
     temperature scaling. out: artifact folder (None: <out>/<study>/ensemble, the study's `ensemble_dir`).
     heldout_eval: evaluate on the held-out-family test copy.
     min_images_per_s: inference budget on this machine. precision: "float32" or "bfloat16". adapt_bn,
-    bn_prior: the artifact's test-time BatchNorm adaptation default (ensemble.standalone). seed:
-    cross-validation fold seed. pointer: runs/last_study.json, to find the study when none is given.
+    bn_prior: the artifact's test-time BatchNorm adaptation default (ensemble.standalone). seed: shuffles
+    the cross-validation folds combiners are scored and calibrated on (and seeds the distilled student).
+    pointer: runs/last_study.json, to find the study when none is given.
     """
 
     top: int = 5
@@ -287,8 +288,9 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
         for member, name in zip(members, names):
             download(store, member, "model.keras", staging / "members" / f"{name}.keras")
         choice = score_combiners(X_val, rows, calibrate=options.calibrate, vote_weights=vote_weights,
-                                 preferred=options.combiner, clean_tolerance=options.clean_tolerance)
-        combiner = make_combiner(choice.chosen, calibrate=options.calibrate, vote_weights=vote_weights)
+                                 preferred=options.combiner, clean_tolerance=options.clean_tolerance, seed=options.seed)
+        combiner = make_combiner(choice.chosen, calibrate=options.calibrate, vote_weights=vote_weights,
+                                 random_state=options.seed)
         ens = EnsembleClassifier(_load_members(staging, names), combiner, reference.class_names, options.tta,
                                  calibrate=options.calibrate,
                                  precision=options.precision, adapt_bn=options.adapt_bn, bn_prior=options.bn_prior,
@@ -392,7 +394,7 @@ def _evaluate(options, staging: Path, ens, reference, members, best_position, im
     """Ensemble vs best single member vs plain average on the clean and the held-out-family test split;
     report/ files; the optional distilled student."""
     from ensemble.evaluate import comparison_rows, heldout_comparison, per_class_rows
-    from ensemble.metrics import save_confusion_png
+    from search.plots import confusion_matrix_png
     from search.robust_report import write_robustness_report
 
     report_dir = staging / "report"
@@ -413,8 +415,8 @@ def _evaluate(options, staging: Path, ens, reference, members, best_position, im
     per_class = pd.concat([per_class_rows(split, y, probs, reference.class_names) for split, y, probs in splits],
                           ignore_index=True)
     clean = splits[0][2]
-    save_confusion_png(clean[labels[ENSEMBLE]], y_test, reference.class_names, report_dir / "confusion_test.png",
-                       f"{labels[ENSEMBLE]}: test")
+    confusion_matrix_png(y_test, clean[labels[ENSEMBLE]], reference.class_names, report_dir / "confusion_test.png",
+                         f"{labels[ENSEMBLE]}: test")
     breakdown = robustness = None
     if heldout is not None:  # robustness.csv/.png/.json and confusion_shifted.png for the ensemble
         shifted = splits[1][2]
@@ -518,7 +520,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="save the artifact with test-time BatchNorm adaptation on")
     parser.add_argument("--bn-prior", type=float, default=BN_PRIOR,
                         help="weight of the members' own BatchNorm statistics, in images")
-    parser.add_argument("--seed", type=int, default=0, help="cross-validation fold seed")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="cross-validation fold seed (combiner scoring and temperature; the distilled student)")
     parser.add_argument("--distill", action="store_true", help="also train one student on the ensemble's soft labels")
     parser.add_argument("--distill-epochs", type=int, default=8, help="the student's epochs")
     parser.add_argument("--distill-backbone", default="compact_cnn", help="the student's backbone")

@@ -238,7 +238,7 @@ class EnsembleClassifier(ClassifierMixin, BaseEstimator):
 
     def evaluate(self, images, labels=None, *, adapt_bn: bool | None = None) -> "pd.DataFrame":
         """The metrics table of the ensemble and of each member on labelled images: accuracy, balanced
-        accuracy, macro F1, ROC AUC, ECE, log-loss (`ensemble.metrics.summary`, scikit-learn's metrics).
+        accuracy, macro F1, ROC AUC, ECE, log-loss (`common.metrics.summary`, scikit-learn's metrics).
 
         `labels`: integers or class names; None takes them from the input (a class-per-folder tree, an .npz
         with labels).
@@ -246,7 +246,7 @@ class EnsembleClassifier(ClassifierMixin, BaseEstimator):
         import pandas as pd
 
         from data_pipeline.dataset import encode_labels, validate_labels
-        from ensemble.metrics import summary
+        from common.metrics import summary
 
         self._check_fitted()
         images, found = self._read(images)

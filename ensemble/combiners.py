@@ -18,7 +18,8 @@ does not bias T). `params()` returns the plain numbers the standalone runtime ne
 `fit` takes optional `sample_weight` and `groups`: under the robust objective the build fits on the
 validation images plus their held-out-family shifted copies (ensemble.robust), each half weighing the
 same, and an image and its copies always fall in the same cross-validation fold (otherwise out-of-fold
-scores would leak).
+scores would leak). The folds are scikit-learn's `StratifiedGroupKFold`, shuffled with each combiner's
+`random_state` (`ensemble.build --seed`).
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ import numpy as np
 from scipy.optimize import minimize, minimize_scalar
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
+from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
+from common.errors import ConfigError, DataError
+from common.metrics import log_loss
 from ensemble.standalone import _LOG_EPS, apply_temperature, combine
 
 COMBINERS = ("vote", "weighted", "stacking")
@@ -43,37 +46,31 @@ COMBINERS = ("vote", "weighted", "stacking")
 def check_member_probs(X: Any, n_members: int | None = None) -> np.ndarray:
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 3:
-        raise ValueError(f"expected member probabilities of shape (N, M, C), got {X.shape}")
+        raise DataError(f"expected member probabilities of shape (N, M, C), got {X.shape}")
     if n_members is not None and X.shape[1] != n_members:
-        raise ValueError(f"expected {n_members} members, got {X.shape[1]}")
+        raise DataError(f"expected {n_members} members, got {X.shape[1]}")
     return X
 
 
-def log_loss(probs: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
-    """(Weighted) mean negative log-likelihood of the true labels (probabilities clipped away from 0)."""
-    losses = -np.log(np.clip(probs[np.arange(len(y)), y], _LOG_EPS, 1.0))
-    return float(np.average(losses, weights=sample_weight))
+def folds(y: np.ndarray, groups: np.ndarray | None = None, random_state: int = 0, n_splits: int = 5
+          ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) index pairs of shuffled `StratifiedGroupKFold` folds: the rows of a group (an image and
+    its shifted copies) share a fold; without groups every row is its own group.
 
-
-def fold_splitter(y: np.ndarray, n_splits: int = 5, seed: int = 0):
-    """Stratified folds when every class has >= 2 validation images, else plain shuffled folds."""
-    counts = np.bincount(y)
-    smallest = counts[counts > 0].min() if len(counts) else 0
-    if smallest >= 2:
-        return StratifiedKFold(n_splits=int(min(n_splits, smallest)), shuffle=True, random_state=seed)
-    return KFold(n_splits=int(min(n_splits, len(y))), shuffle=True, random_state=seed)
-
-
-def folds(y: np.ndarray, groups: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(train, test) index pairs: `fold_splitter`'s folds over the groups (one label per group, e.g. an
-    image and its shifted copies), expanded to the rows of each group; without groups, over the rows."""
-    if groups is None:
-        return list(fold_splitter(y).split(np.zeros(len(y)), y))
-    groups = np.asarray(groups)
+    At most as many folds as the rarest class has groups, so every class is in every fold; when a class has
+    a single group that cannot be, and the folds are plain shuffled group folds (as many as groups allow)."""
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
     unique, first = np.unique(groups, return_index=True)
-    splits = fold_splitter(y[first]).split(np.zeros(len(unique)), y[first])
-    return [(np.flatnonzero(np.isin(groups, unique[train])), np.flatnonzero(np.isin(groups, unique[test])))
-            for train, test in splits]
+    counts = np.bincount(y[first])
+    smallest = int(counts[counts > 0].min())
+    if smallest >= 2:
+        n_splits, strata = min(n_splits, smallest), y
+    else:
+        n_splits, strata = min(n_splits, len(unique)), np.zeros_like(y)
+    if n_splits < 2:
+        raise DataError(f"cross-validation needs at least 2 images (groups), got {len(unique)}")
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=random_state)
+    return list(splitter.split(np.zeros(len(y)), strata, groups))
 
 
 def fit_temperature(probs: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
@@ -101,18 +98,18 @@ class _Combiner(ClassifierMixin, BaseEstimator):
         X = check_member_probs(X)
         y = np.asarray(y, dtype=np.int64)
         if len(X) != len(y):
-            raise ValueError(f"{len(X)} samples but {len(y)} labels")
+            raise DataError(f"{len(X)} samples but {len(y)} labels")
         weight = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
         if weight.shape != (len(y),) or np.any(weight < 0) or weight.sum() <= 0:
-            raise ValueError(f"sample_weight must be {len(y)} non-negative numbers, not all 0")
+            raise DataError(f"sample_weight must be {len(y)} non-negative numbers, not all 0")
         self.n_members_, self.n_classes_ = X.shape[1], X.shape[2]
         self.classes_ = np.arange(self.n_classes_)
         self.n_fit_samples_ = len(y)
         self.temperature_ = 1.0
         if getattr(self, "calibrate", False) and len(y) >= 4:
             uncalibrated = clone(self).set_params(calibrate=False)
-            oof = cross_val_predict(uncalibrated, X, y, cv=folds(y, groups), method="predict_proba",
-                                    params=_fold_params(weight, groups))
+            oof = cross_val_predict(uncalibrated, X, y, cv=folds(y, groups, self.random_state),
+                                    method="predict_proba", params=_fold_params(weight, groups))
             self.temperature_ = fit_temperature(oof, y, weight)
         self._fit_base(X, y, weight)
         return self
@@ -142,14 +139,15 @@ class SoftVoting(_Combiner):
 
     kind = "vote"
 
-    def __init__(self, weights=None, calibrate: bool = False):
+    def __init__(self, weights=None, calibrate: bool = False, random_state: int = 0):
         self.weights = weights
         self.calibrate = calibrate
+        self.random_state = random_state
 
     def _fit_base(self, X, y, weight):
         weights = np.ones(X.shape[1]) if self.weights is None else np.asarray(self.weights, dtype=np.float64)
         if weights.shape != (X.shape[1],) or np.any(weights < 0) or weights.sum() <= 0:
-            raise ValueError(f"weights must be {X.shape[1]} non-negative numbers, not all 0; got {self.weights}")
+            raise DataError(f"weights must be {X.shape[1]} non-negative numbers, not all 0; got {self.weights}")
         self.weights_ = weights / weights.sum()
 
     def _base_params(self):
@@ -165,9 +163,10 @@ class WeightedVoting(_Combiner):
 
     kind = "weighted"
 
-    def __init__(self, l2: float = 1e-3, calibrate: bool = False):
+    def __init__(self, l2: float = 1e-3, calibrate: bool = False, random_state: int = 0):
         self.l2 = l2
         self.calibrate = calibrate
+        self.random_state = random_state
 
     def _fit_base(self, X, y, weight):
         picked = X[np.arange(len(y)), :, y]  # (N, M): each member's probability of the true class
@@ -201,10 +200,11 @@ class Stacking(_Combiner):
 
     kind = "stacking"
 
-    def __init__(self, C: float = 1.0, calibrate: bool = False, max_iter: int = 2000):
+    def __init__(self, C: float = 1.0, calibrate: bool = False, max_iter: int = 2000, random_state: int = 0):
         self.C = C
         self.calibrate = calibrate
         self.max_iter = max_iter
+        self.random_state = random_state
 
     @staticmethod
     def features(X: np.ndarray) -> np.ndarray:
@@ -239,14 +239,15 @@ class Stacking(_Combiner):
         return {"coef": self.coef_.tolist(), "intercept": self.intercept_.tolist(), "features": "log_probs"}
 
 
-def make_combiner(kind: str, *, calibrate: bool = False, vote_weights=None) -> _Combiner:
+def make_combiner(kind: str, *, calibrate: bool = False, vote_weights=None, random_state: int = 0) -> _Combiner:
+    """The combiner named `kind`; `random_state` shuffles its cross-validation folds (temperature, scoring)."""
     if kind == "vote":
-        return SoftVoting(weights=vote_weights, calibrate=calibrate)
+        return SoftVoting(weights=vote_weights, calibrate=calibrate, random_state=random_state)
     if kind == "weighted":
-        return WeightedVoting(calibrate=calibrate)
+        return WeightedVoting(calibrate=calibrate, random_state=random_state)
     if kind == "stacking":
-        return Stacking(calibrate=calibrate)
-    raise ValueError(f"unknown combiner {kind!r} (known: {', '.join(COMBINERS)})")
+        return Stacking(calibrate=calibrate, random_state=random_state)
+    raise ConfigError(f"unknown combiner {kind!r} (known: {', '.join(COMBINERS)})")
 
 
 def _fold_params(sample_weight, groups) -> dict:
@@ -267,4 +268,5 @@ def out_of_fold_proba(combiner: _Combiner, X: np.ndarray, y: np.ndarray, sample_
         return clone(combiner).fit(X, y).predict_proba(X)  # nothing is fit on the labels
     params = _fold_params(sample_weight, groups)
     with threadpool_limits(1):
-        return cross_val_predict(clone(combiner), X, y, cv=folds(y, groups), method="predict_proba", params=params)
+        return cross_val_predict(clone(combiner), X, y, cv=folds(y, groups, combiner.random_state),
+                                 method="predict_proba", params=params)

@@ -19,6 +19,8 @@ import time
 import numpy as np
 import pandas as pd
 
+from common.metrics import accuracy
+
 
 def _random_views(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Each image of a batch in one random dihedral view (square images)."""
@@ -55,10 +57,9 @@ def train_student(images: np.ndarray, soft_labels: np.ndarray, val_images: np.nd
             rows = order[start:start + batch_size]
             batch = _random_views(images[rows], rng) if square else images[rows]
             model.train_on_batch(batch.astype(np.float32), soft_labels[rows])
-        accuracy = float(np.mean(model.predict(val_images.astype(np.float32), batch_size=512, verbose=0)
-                                 .argmax(1) == val_labels))
-        if accuracy > best_accuracy:
-            best_accuracy, best_weights = accuracy, model.get_weights()
+        score = accuracy(model.predict(val_images.astype(np.float32), batch_size=512, verbose=0), val_labels)
+        if score > best_accuracy:
+            best_accuracy, best_weights = score, model.get_weights()
     model.set_weights(best_weights)
     return model, best_accuracy
 
@@ -89,7 +90,7 @@ def distill_student(classifier, reference, test_images: np.ndarray, options, not
         started = time.perf_counter()
         probs = clf.predict_proba(test_images)
         seconds = time.perf_counter() - started
-        rows.append({"model": name, "test_accuracy": float(np.mean(probs.argmax(1) == y_test)),
+        rows.append({"model": name, "test_accuracy": accuracy(probs, y_test),
                      "images_per_s": len(test_images) / seconds})
     rows[0]["val_accuracy"] = None
     rows[1]["val_accuracy"] = rows[2]["val_accuracy"] = val_accuracy

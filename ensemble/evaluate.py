@@ -13,8 +13,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from common.errors import ConfigError
+from common.metrics import expected_calibration_error, per_class, summary
 from ensemble.combiners import COMBINERS, make_combiner, out_of_fold_proba
-from ensemble.metrics import expected_calibration_error, per_class, summary
 from ensemble.robust import ValidationRows
 
 
@@ -29,12 +30,13 @@ CLEAN_TOLERANCE = 0.005  # clean validation accuracy the combiner choice may giv
 
 def score_combiners(X_val: np.ndarray, rows: ValidationRows, kinds: Sequence[str] = COMBINERS,
                     calibrate: bool = True, vote_weights: Sequence[float] | None = None,
-                    preferred: str = "auto", clean_tolerance: float = CLEAN_TOLERANCE) -> CombinerChoice:
+                    preferred: str = "auto", clean_tolerance: float = CLEAN_TOLERANCE, seed: int = 0
+                    ) -> CombinerChoice:
     """Score each combiner out-of-fold on the validation `rows` (member probabilities `X_val` on them, see
-    ensemble.robust) and choose with `choose_row`. No test data is involved."""
+    ensemble.robust) and choose with `choose_row`. No test data is involved; `seed` shuffles the folds."""
     table = []
     for kind in kinds:
-        combiner = make_combiner(kind, calibrate=calibrate, vote_weights=vote_weights)
+        combiner = make_combiner(kind, calibrate=calibrate, vote_weights=vote_weights, random_state=seed)
         oof = out_of_fold_proba(combiner, X_val, rows.y, rows.sample_weight, rows.groups)
         table.append({"combiner": kind, "kind": kind, **rows.scores(oof, "val_oof"),
                       "val_oof_ece": expected_calibration_error(oof[:rows.n_clean], rows.y[:rows.n_clean])})
@@ -54,7 +56,7 @@ def choose_row(rows: list[dict], preferred: str = "auto", clean_tolerance: float
     not want by default."""
     pool = [r for r in rows if preferred in ("auto", r["kind"])]
     if not pool:
-        raise ValueError(f"unknown combiner {preferred!r}")
+        raise ConfigError(f"unknown combiner {preferred!r}")
     if clean_tolerance is not None and "val_oof_accuracy" in pool[0]:
         best_clean = max(r["val_oof_accuracy"] for r in pool)
         pool = [r for r in pool if r["val_oof_accuracy"] >= best_clean - clean_tolerance]

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.metrics import accuracy
 from search.image_grids import class_sample_rows, confidently_wrong_rows, image_grid_png, short
 from search.plots import reliability_png
 from search.report_page import PAGE_NAME, ReportPage
 from search.robust_report import ALL, robustness_png
-from search.scores import accuracy
 
 ENSEMBLE = "ensemble"
 UPLOAD_PREFIX = "ensemble_"

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ensemble.combiners import log_loss
-from search.scores import accuracy
 from common.errors import EnsembleError
+from common.metrics import accuracy, log_loss
 
 OBJECTIVES = ("robust", "clean")
 

@@ -32,9 +32,10 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from ensemble.combiners import fit_temperature, log_loss
+from common.errors import ConfigError, EnsembleError
+from common.metrics import accuracy, log_loss
+from ensemble.combiners import fit_temperature
 from ensemble.standalone import apply_temperature
-from search.scores import accuracy
 
 AGREEMENT_THRESHOLD = 0.995
 CORRELATION_THRESHOLD = 0.99
@@ -81,7 +82,7 @@ def select_top_k(val_probs: list[np.ndarray], y: np.ndarray, k: int, budget: Bud
     """Up to `k` best candidates, uniform weights, skipping near-duplicates that do not lower log-loss and
     candidates the budget cannot afford."""
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise ConfigError(f"k must be >= 1, got {k}")
     chosen: list[int] = []
     log: list[str] = []
     over_budget: list[int] = []
@@ -119,12 +120,12 @@ def greedy_selection(val_probs: list[np.ndarray], y: np.ndarray, max_members: in
     `max_members` caps the DISTINCT members (inference cost grows with them, not with the weights).
     """
     if max_members < 1:
-        raise ValueError(f"max_members must be >= 1, got {max_members}")
+        raise ConfigError(f"max_members must be >= 1, got {max_members}")
     w = sample_weight
     val_probs = calibrated(val_probs, y, w)
     affordable = [i for i in rank_candidates(val_probs, y, w) if budget is None or budget.allows([i])]
     if not affordable:
-        raise ValueError("no candidate fits the inference budget on its own")
+        raise EnsembleError("no candidate fits the inference budget on its own")
     best = affordable[0]
     counts = {best: 1}
     total = val_probs[best].astype(np.float64).copy()

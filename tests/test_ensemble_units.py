@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from ensemble.combiners import SoftVoting, Stacking, WeightedVoting, fit_temperature, log_loss, out_of_fold_proba
-from ensemble.metrics import expected_calibration_error, summary
+from common.metrics import expected_calibration_error, log_loss
+from ensemble.combiners import SoftVoting, Stacking, WeightedVoting, fit_temperature, out_of_fold_proba
 from ensemble.selection import greedy_selection, near_identical, select_top_k
-from common.errors import EnsembleError
+from common.errors import ConfigError, EnsembleError
 from ensemble.standalone import combine, prepare_images
 
 
@@ -80,16 +80,6 @@ def test_greedy_selection_with_replacement_and_duplicate_guard():
     assert capped.indices == [0]
     top = select_top_k(candidates, y, 3)
     assert 1 not in top.indices and len(top.indices) == 3
-
-
-def test_metrics_on_known_cases():
-    y = np.array([0, 1, 2, 2])
-    perfect = np.eye(3)[y]
-    scores = summary(perfect, y)
-    assert scores["accuracy"] == scores["balanced_accuracy"] == scores["macro_f1"] == scores["roc_auc_ovr"] == 1.0
-    assert scores["ece"] == pytest.approx(0.0)
-    uniform = np.full((4, 3), 1 / 3)
-    assert expected_calibration_error(uniform, np.array([0, 0, 0, 0])) == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -229,6 +219,23 @@ def test_robust_scores_are_the_mean_of_clean_and_shifted():
     rows = ValidationRows.robust(y, source)
     scores = rows.scores(rows.stack(clean, shifted))
     assert scores["val_accuracy"] == 1.0 and scores["val_shifted_accuracy"] == 0.375
+def test_the_fold_seed_reaches_the_splitter_and_keeps_classes_in_every_fold():
+    from ensemble.combiners import folds, make_combiner
+
+    X, y = noisy_members(80, seed=5)
+    groups = np.concatenate([np.arange(80), np.arange(80)])  # each image and one shifted copy
+    rows_y = y[groups]
+    same = [test.tolist() for _, test in folds(rows_y, groups, random_state=3)]
+    assert same == [test.tolist() for _, test in folds(rows_y, groups, random_state=3)]
+    assert same != [test.tolist() for _, test in folds(rows_y, groups, random_state=4)]
+    for test in same:
+        assert set(rows_y[test]) == set(y)  # stratified: every class in every fold
+    oof = {seed: out_of_fold_proba(make_combiner("stacking", random_state=seed), X, y) for seed in (1, 1, 2)}
+    assert len(oof) == 2 and not np.allclose(oof[1], oof[2])
+    rare = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2])  # class 2 has one image: unstratifiable, still 5 folds
+    assert len(folds(rare)) == 5
+
+
     assert scores["val_objective_accuracy"] == pytest.approx((1.0 + 0.375) / 2)
     plain = ValidationRows.clean(y)
     assert plain.stack(clean, None) is clean and plain.scores(clean)["val_objective_accuracy"] == 1.0
@@ -263,7 +270,7 @@ def test_the_best_objective_score_is_chosen_then_the_simpler_kind():
     assert choose_row(rows, "stacking")["combiner"] == "stacking"
     rows[2]["val_oof_objective_accuracy"] = 0.81
     assert choose_row(rows)["combiner"] == "stacking"
-    with pytest.raises(ValueError, match="unknown combiner"):
+    with pytest.raises(ConfigError, match="unknown combiner"):
         choose_row(rows, "median")
 
 
