@@ -1,10 +1,5 @@
 """Shared fixtures: the embedded real data set, loaded once per session."""
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
 from pathlib import Path
 
 import pytest
