@@ -5,17 +5,17 @@ saved without them silently mispredicts on raw images. Families whose Keras cons
 preprocessing (ConvNeXt, EfficientNet, MobileNetV3) need nothing here; ResNet ("caffe") and DenseNet
 ("torch") get a `ImageNetPreprocess` layer, checked against Keras' own `preprocess_input` in the tests.
 
-The layer is defined once, in `ensemble.standalone` (the file the Codabench export copies, which cannot
-import the package), and registered here as serializable under the "cellsearch" package, so loading a
-saved model needs `import backbones` first (or `backbones.load_model`).
+The layer is defined once, in `common.inference` (the module the Codabench export copies beside model.py,
+which cannot import the package), and registered here as serializable under the "cellsearch" package, so
+loading a saved model needs `import backbones` first (or `backbones.load_model`).
 """
 
 from __future__ import annotations
 
 import keras
 
-from ensemble.standalone import CAFFE_MEAN_BGR, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, _preprocess_layer_class
+from common.inference import CAFFE_MEAN_BGR, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, preprocess_layer_class
 
 __all__ = ["CAFFE_MEAN_BGR", "IMAGENET_MEAN_RGB", "IMAGENET_STD_RGB", "ImageNetPreprocess"]
 
-ImageNetPreprocess = keras.saving.register_keras_serializable(package="cellsearch")(_preprocess_layer_class())
+ImageNetPreprocess = keras.saving.register_keras_serializable(package="cellsearch")(preprocess_layer_class())

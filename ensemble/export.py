@@ -3,14 +3,17 @@
 The zip holds, at its root:
     model.py          ensemble/standalone.py verbatim: `class Model` with `__init__(self)` loading the
                       ensemble from the files beside it and `predict(self, X)` -> int labels (numpy)
+    common/           common/errors.py and common/inference.py verbatim (the error classes, the TTA views,
+                      the preprocessing layer and the input rule model.py imports) and a one-line __init__.py
     manifest.json     the ensemble's manifest, its checksum list cut down to the files in the zip
     members/*.keras   the member models
     combiner.joblib   the fitted scikit-learn combiner (model.py applies the manifest's numbers instead,
                       see standalone.py for why; the pickle is there for anyone re-using the ensemble)
-model.py imports only the standard library, numpy, keras and tensorflow, and re-declares the members'
-custom preprocessing layer, so it runs where cellsearch is not installed. By default the zip is then
-smoke-tested in a fresh Python process (unzipped to a temporary folder, Model() loaded, 4 images of
-96x96 predicted); --no-check skips that.
+model.py and common/ import only the standard library and numpy at load time, and keras when predicting
+(TensorFlow only for its bfloat16 pass), so they run where only TensorFlow and Keras are installed and
+cellsearch is not. Codabench imports model.py with its folder on sys.path, where the copied `common` is found.
+By default the zip is then smoke-tested in a fresh Python process (unzipped to a temporary folder, Model()
+loaded, 4 images of 96x96 predicted, the copied common/ checked to be the one imported); --no-check skips that.
 """
 
 from __future__ import annotations
@@ -22,12 +25,17 @@ import sys
 import zipfile
 from pathlib import Path
 
+from common import errors, inference
+from common.errors import EnsembleError
 from ensemble.predict import add_ensemble_arguments, ensemble_folder
 from ensemble.standalone import MANIFEST, read_manifest
-from common.errors import EnsembleError
 from search.cli_errors import QUIET, command_parser, run_cli, set_verbosity
 
 STANDALONE = Path(__file__).with_name("standalone.py")
+#: The runtime files of the zip: its name in the zip -> the package file copied verbatim.
+RUNTIME = {"model.py": STANDALONE, "common/errors.py": Path(errors.__file__),
+           "common/inference.py": Path(inference.__file__)}
+RUNTIME_PACKAGE_INIT = ("common/__init__.py", '"""The error classes and inference runtime model.py imports."""\n')
 SMOKE_TEST = """
 import sys, zipfile, tempfile, numpy as np
 folder = tempfile.mkdtemp()
@@ -37,8 +45,10 @@ import model
 X = np.random.default_rng(0).integers(0, 256, size=(4, int(sys.argv[2]), int(sys.argv[2]), 3), dtype=np.uint8)
 labels = model.Model().predict(X)
 assert labels.shape == (4,) and labels.dtype.kind == "i", (labels.shape, labels.dtype)
-leaked = sorted(m for m in ("backbones", "ensemble", "search", "data_pipeline") if m in sys.modules)
+leaked = sorted(m for m in ("backbones", "ensemble", "search", "data_pipeline", "cellsearch") if m in sys.modules)
 assert not leaked, f"model.py imported cellsearch modules: {leaked}"
+import common.inference
+assert common.inference.__file__.startswith(folder), f"model.py used {common.inference.__file__}, not the copy"
 print("labels", labels.tolist())
 """
 
@@ -56,7 +66,9 @@ def export_codabench(ensemble: str | Path, out: str | Path, check: bool = True, 
     trimmed = {**manifest, "files": keep}
     with atomic_path(out) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            archive.write(STANDALONE, "model.py")
+            for name, source in RUNTIME.items():
+                archive.write(source, name)
+            archive.writestr(*RUNTIME_PACKAGE_INIT)
             archive.writestr(MANIFEST, json.dumps(trimmed, indent=2))
             for name in sorted(keep):
                 archive.write(ensemble / name, name)

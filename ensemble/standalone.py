@@ -1,23 +1,26 @@
-"""Ensemble inference with no cellsearch import: the one code path shared by the package and Codabench.
+"""Ensemble inference with no cellsearch import beyond `common`: the one code path shared by the package and
+Codabench.
 
-`python -m ensemble.export` copies this file verbatim into the submission zip as `model.py`, so the code
-that is tested inside the package is byte for byte the code that runs on the Codabench machine, where
-cellsearch is not installed. Hence the rules for this file:
+`python -m ensemble.export` copies this file verbatim into the submission zip as `model.py`, with
+common/errors.py and common/inference.py beside it (as a `common` package), so the code that is tested inside
+the package is byte for byte the code that runs on the Codabench machine, where cellsearch is not installed.
+Hence the rules for this file:
 
-- imports: the standard library, numpy, and (lazily, inside functions) keras only; TensorFlow only for its
-  bfloat16 graph pass, when Keras runs on TensorFlow (so the file runs under JAX and PyTorch too, and where
-  only TensorFlow and Keras are installed, as on Codabench);
-- the members' one custom layer (`ImageNetPreprocess`) is defined here, once: backbones/preprocessing.py
-  registers this same class, and here it is handed to Keras as a `custom_objects` entry under its
-  registered name, so models load with Keras' safe_mode ON and no global registration is clobbered;
+- imports: the standard library, numpy, `common.errors` and `common.inference` (numpy-only modules), and
+  (lazily, inside functions) keras; TensorFlow only for its bfloat16 graph pass, when Keras runs on TensorFlow
+  (so the file runs under JAX and PyTorch too, and where only TensorFlow and Keras are installed, as on
+  Codabench);
+- the TTA views, the members' one custom layer (`ImageNetPreprocess`) and the input rule come from
+  common/inference.py; the layer is handed to Keras as a `custom_objects` entry under its registered name,
+  so models load with Keras' safe_mode ON and no global registration is clobbered;
 - the combiner is applied from the plain numbers stored in `manifest.json` (voting weights, or the
   logistic-regression coefficients of the stacking meta-learner, and a temperature), not from the
   joblib pickle: unpickling a scikit-learn model across scikit-learn versions is fragile (and
   unpickling runs code), while a weighted sum or a softmax of a linear map is not. The package checks
   that both give the same probabilities.
 
-Input rule (`prepare_images`): uint8 (N,H,W,3) RGB (other numeric dtypes only when every value is an
-integer-valued 0..255 number; floats in 0..1 are refused rather than silently turned black). Images whose
+Input rule (`prepare_images`): `common.inference.check_images` (uint8 (N,H,W,3) RGB; other numeric dtypes only
+in 0..255; floats in 0..1 are refused rather than silently turned black). Images whose
 (H,W) differ from the members' input size are resized, when `resize` is on (the default), with
 Keras' antialiased bicubic resize (`keras.ops.image.resize`) and rounded back to uint8; aspect ratio is not
 preserved, so crop non-square images first if that matters. With `resize=False` a size mismatch is an error.
@@ -37,7 +40,6 @@ should hold many cells of mixed classes.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -46,11 +48,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from common.errors import EnsembleError
+from common.inference import PREPROCESS_LAYER_NAME, VIEW_SETS, check_images, preprocess_layer_class, stack_views
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-#: TTA view subsets in dihedral order (identical to data_pipeline.tta.VIEW_SETS): views 0-3 rotate by
-#: k*90 degrees, views 4-7 do the same after a horizontal flip.
-VIEW_SETS: dict[int, tuple[int, ...]] = {1: (0,), 2: (0, 4), 4: (0, 1, 2, 3), 8: tuple(range(8))}
 #: Target forward passes per member call (views x images at 28x28); larger images get fewer images.
 _BATCH_PIXELS = 2048 * 28 * 28
 _LOG_EPS = 1e-7
@@ -61,23 +63,6 @@ PRECISIONS = ("float32", "bfloat16")
 _BF16_OPTION = "auto_mixed_precision_onednn_bfloat16"
 #: Default weight of the source (training) BatchNorm statistics, in images, when adapting to a batch.
 BN_PRIOR = 16.0
-#: ImageNet input statistics (keras.applications.imagenet_utils): RGB mean and std on the 0..1 scale, and
-#: the caffe-style mean in BGR order on the 0..255 scale.
-IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
-IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-PREPROCESSING_MODES = ("tf", "torch", "caffe", "unit")
-
-
-if __name__ == "ensemble.standalone":  # inside the package: part of its error hierarchy
-    from common.errors import CellsearchError
-else:  # copied as model.py (Codabench), where importing cellsearch must not happen even if it is installed
-    class CellsearchError(Exception):
-        """Stand-in base of EnsembleError outside the package."""
-
-
-class EnsembleError(CellsearchError, RuntimeError):
-    """The ensemble artifact or the input to it is unusable; the message says which file or value."""
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -164,26 +149,8 @@ def resize_images(images: np.ndarray, size: Sequence[int]) -> np.ndarray:
 
 
 def prepare_images(images: Any, size: Sequence[int], resize: bool = True) -> np.ndarray:
-    """Validate a batch (rank, channels, dtype, range) and bring it to the members' (H,W); see module doc."""
-    images = np.asarray(images)
-    if images.ndim != 4:
-        hint = " (a single image? add a batch axis: images[None])" if images.ndim == 3 else ""
-        raise EnsembleError(f"expected images of shape (N,H,W,3), got shape {images.shape}{hint}")
-    if images.shape[-1] != 3:
-        raise EnsembleError(f"expected 3 colour channels (RGB), got {images.shape[-1]} (shape {images.shape})")
-    if images.shape[0] == 0:
-        raise EnsembleError("no images to predict (N=0)")
-    if min(images.shape[1:3]) < 1:
-        raise EnsembleError(f"empty image size {images.shape[1:3]}")
-    if images.dtype != np.uint8:
-        if images.dtype == bool or not np.issubdtype(images.dtype, np.number):
-            raise EnsembleError(f"images must be uint8, got dtype {images.dtype}")
-        lo, hi = float(np.min(images)), float(np.max(images))
-        if not np.isfinite([lo, hi]).all() or lo < 0 or hi > 255:
-            raise EnsembleError(f"{images.dtype} images must lie in 0..255, got {lo:g}..{hi:g}")
-        if np.issubdtype(images.dtype, np.floating) and hi <= 1.0:
-            raise EnsembleError("float images lie in 0..1; scale them to 0..255 (uint8 expected)")
-        images = np.rint(images).astype(np.uint8)
+    """Check a batch (`check_images`) and bring it to the members' (H,W); see the module doc."""
+    images = check_images(images, "images", EnsembleError)
     target = (int(size[0]), int(size[1]))
     if images.shape[1:3] != target:
         if not resize:
@@ -194,51 +161,6 @@ def prepare_images(images: Any, size: Sequence[int], resize: bool = True) -> np.
 
 
 # ----------------------------------------------------------------------------------------- the models
-
-@functools.lru_cache(maxsize=None)
-def _preprocess_layer_class():
-    """The members' input preprocessing layer, defined once for the package and the Codabench copy:
-    `backbones.preprocessing.ImageNetPreprocess` is this class, registered as "cellsearch>ImageNetPreprocess".
-
-    Modes (identical to `keras.applications.imagenet_utils.preprocess_input`, plus "unit"):
-        tf     x / 127.5 - 1
-        torch  (x / 255 - mean) / std, per RGB channel
-        caffe  RGB -> BGR, then subtract the BGR mean (no scaling)
-        unit   x / 255
-    """
-    import keras
-    from keras import ops
-
-    class ImageNetPreprocess(keras.layers.Layer):
-        """Map raw 0..255 RGB images to what a family's ImageNet weights expect (see the modes above)."""
-
-        def __init__(self, mode: str, **kwargs):
-            super().__init__(**kwargs)
-            if mode not in PREPROCESSING_MODES:
-                raise ValueError(f"unknown preprocessing mode {mode!r}")
-            self.mode = mode
-
-        def call(self, inputs):
-            x = ops.cast(inputs, self.compute_dtype)
-            if self.mode == "tf":
-                return x / 127.5 - 1.0
-            if self.mode == "unit":
-                return x / 255.0
-            if self.mode == "torch":
-                mean = ops.convert_to_tensor(IMAGENET_MEAN_RGB, dtype=self.compute_dtype)
-                std = ops.convert_to_tensor(IMAGENET_STD_RGB, dtype=self.compute_dtype)
-                return (x / 255.0 - mean) / std
-            mean = ops.convert_to_tensor(CAFFE_MEAN_BGR, dtype=self.compute_dtype)
-            return ops.flip(x, axis=-1) - mean
-
-        def compute_output_shape(self, input_shape):
-            return input_shape
-
-        def get_config(self) -> dict:
-            return {**super().get_config(), "mode": self.mode}
-
-    return ImageNetPreprocess
-
 
 def _batch_stats_layer_class():
     """BatchNormalization that normalises with the current batch's statistics mixed with its own moving
@@ -302,7 +224,7 @@ def load_member_models(folder: str | os.PathLike, manifest: dict[str, Any], cust
     preprocessing layer (off when backbones.preprocessing is imported and registered already)."""
     import keras
 
-    custom = {"cellsearch>ImageNetPreprocess": _preprocess_layer_class()} if custom_layer else None
+    custom = {PREPROCESS_LAYER_NAME: preprocess_layer_class()} if custom_layer else None
     models = []
     for member in manifest["members"]:
         path = Path(folder) / member["file"]
@@ -312,25 +234,6 @@ def load_member_models(folder: str | os.PathLike, manifest: dict[str, Any], cust
             raise EnsembleError(f"cannot load member {member['file']}: {type(exc).__name__}: {exc}") from None
         models.append(model)
     return models
-
-
-def _dihedral(x, index: int):
-    """View `index` of a (N,H,W,C) tensor, identical to data_pipeline.tta.dihedral_view (numpy rot90)."""
-    from keras import ops
-
-    if index >= 4:
-        x = ops.flip(x, axis=2)
-    k = index % 4
-    if k == 1:
-        return ops.transpose(ops.flip(x, axis=2), (0, 2, 1, 3))
-    if k == 2:
-        return ops.flip(ops.flip(x, axis=1), axis=2)
-    if k == 3:
-        return ops.flip(ops.transpose(x, (0, 2, 1, 3)), axis=2)
-    return x
-
-
-_dihedral_tf = _dihedral  # its name before the Keras 3 port (tests/test_ensemble_units.py)
 
 
 def cpu_has_bfloat16() -> bool:
@@ -421,7 +324,7 @@ class TTARunner:
                 self.members = members
 
             def call(self, x):
-                batch = ops.concatenate([_dihedral(x, v) for v in views], axis=0) if len(views) > 1 else x
+                batch = stack_views(x, views) if len(views) > 1 else x
                 outputs = ops.stack([ops.cast(m(batch, training=False), "float32") for m in self.members], axis=1)
                 return ops.reshape(outputs, (len(views), -1, len(self.members), outputs.shape[-1]))
 

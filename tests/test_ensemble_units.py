@@ -108,32 +108,41 @@ def test_image_size_rule():
     assert floats.dtype == np.uint8 and np.array_equal(floats, images)
 
 
-def test_tf_views_match_the_numpy_dihedral_views():
-    import tensorflow as tf
+def test_tensor_views_match_the_numpy_dihedral_views():
+    from keras import ops
 
-    from data_pipeline.tta import dihedral_view
-    from ensemble.standalone import _dihedral_tf
+    from common.inference import dihedral_view, stack_views
 
     images = np.random.default_rng(1).integers(0, 256, (2, 5, 5, 3)).astype(np.float32)
-    for index in range(8):
-        np.testing.assert_array_equal(_dihedral_tf(tf.constant(images), index).numpy(), dihedral_view(images, index))
+    stacked = ops.convert_to_numpy(stack_views(ops.convert_to_tensor(images), range(8)))
+    expected = np.concatenate([dihedral_view(images, index) for index in range(8)])
+    np.testing.assert_array_equal(stacked, expected)
 
 
-def test_standalone_preprocessing_layer_matches_the_package_layer():
+def test_a_saved_preprocessing_layer_loads_through_the_standalone_runtime(tmp_path):
+    import keras
+    from keras import ops
+
     from backbones.preprocessing import ImageNetPreprocess
-    from ensemble.standalone import _preprocess_layer_class
+    from common.inference import PREPROCESS_LAYER_NAME, preprocess_layer_class
+    from ensemble.standalone import load_member_models
 
-    copy = _preprocess_layer_class()
+    assert ImageNetPreprocess is preprocess_layer_class()  # the package registers the runtime's one class
+    assert keras.saving.get_registered_name(ImageNetPreprocess) == PREPROCESS_LAYER_NAME
     x = np.random.default_rng(2).uniform(0, 255, (2, 4, 4, 3)).astype(np.float32)
     for mode in ("tf", "torch", "caffe", "unit"):
-        np.testing.assert_allclose(copy(mode)(x).numpy(), ImageNetPreprocess(mode)(x).numpy(), rtol=1e-6)
-        assert copy(mode).get_config()["mode"] == mode
+        inputs = keras.Input((4, 4, 3))
+        keras.Model(inputs, ImageNetPreprocess(mode)(inputs)).save(tmp_path / f"{mode}.keras")
+        loaded, = load_member_models(tmp_path, {"members": [{"file": f"{mode}.keras"}]})
+        np.testing.assert_allclose(ops.convert_to_numpy(loaded(x)),
+                                   ops.convert_to_numpy(ImageNetPreprocess(mode)(x)), rtol=1e-6)
+        assert loaded.layers[-1].get_config()["mode"] == mode
 
 
 def test_tta_runner_stacks_views_and_members():
     import keras
 
-    from data_pipeline.tta import dihedral_view
+    from common.inference import dihedral_view
     from ensemble.standalone import TTARunner
 
     inputs = keras.Input((6, 6, 3))
@@ -328,8 +337,8 @@ def test_member_cost_splits_the_shared_part_of_a_fused_call():
 
 
 def test_bfloat16_inference_is_close_to_float32_and_stays_scoped():
-    """bfloat16 where the CPU has it (this project's CPU has AVX512_BF16), float32 elsewhere; either way
-    float32 calls before and after give the same numbers: the graph option is switched per call."""
+    """bfloat16 under TensorFlow where the CPU has it (this project's CPU has AVX512_BF16), float32 elsewhere;
+    either way float32 calls before and after give the same numbers: the graph option is switched per call."""
     from backbones import build_classifier
     from ensemble.standalone import TTARunner, cpu_has_bfloat16, usable_precision
 
@@ -340,7 +349,8 @@ def test_bfloat16_inference_is_close_to_float32_and_stays_scoped():
     images = np.random.default_rng(0).integers(0, 256, (300, 28, 28, 3), dtype=np.uint8)
     before = TTARunner([model], range(8)).view_probs(images)
     half = TTARunner([model], range(8), precision="bfloat16")
-    assert half.precision == ("bfloat16" if cpu_has_bfloat16() else "float32")
+    native = cpu_has_bfloat16() and keras.backend.backend() == "tensorflow"  # the pass is TensorFlow's
+    assert half.precision == ("bfloat16" if native else "float32")
     low = half.view_probs(images)
     after = TTARunner([model], range(8)).view_probs(images)
     np.testing.assert_array_equal(before, after)
@@ -415,6 +425,7 @@ def _bn_model():
 
 def test_batch_stats_layer_matches_training_mode_batch_norm():
     import keras
+    from keras import ops
 
     from ensemble.standalone import _batch_stats_layer_class
 
@@ -426,11 +437,13 @@ def test_batch_stats_layer_matches_training_mode_batch_norm():
     adapted = _batch_stats_layer_class()(prior=0.0)
     adapted(x)
     adapted.set_weights(bn.get_weights())
-    np.testing.assert_allclose(adapted(x).numpy(), bn(x, training=True).numpy(), atol=1e-4)
+    np.testing.assert_allclose(ops.convert_to_numpy(adapted(x)), ops.convert_to_numpy(bn(x, training=True)),
+                               atol=1e-4)
     source_only = _batch_stats_layer_class()(prior=1e12)
     source_only(x)
     source_only.set_weights(bn.get_weights())
-    np.testing.assert_allclose(source_only(x).numpy(), bn(x, training=False).numpy(), atol=1e-4)
+    np.testing.assert_allclose(ops.convert_to_numpy(source_only(x)), ops.convert_to_numpy(bn(x, training=False)),
+                               atol=1e-4)
 
 
 def test_bn_adaptation_changes_shifted_predictions_only_when_on():
