@@ -219,15 +219,6 @@ def test_an_image_and_its_shifted_copies_share_a_fold():
     assert oof.shape == (180, X.shape[2])
 
 
-def test_robust_scores_are_the_mean_of_clean_and_shifted():
-    from ensemble.robust import ValidationRows
-
-    y = np.array([0, 1, 2, 3])
-    source = np.array([0, 1, 2, 3, 0, 1, 2, 3])
-    clean, shifted = np.eye(4)[y], np.eye(4)[[0, 0, 0, 0, 0, 0, 0, 3]]  # shifted: 3 of 8 right
-    rows = ValidationRows.robust(y, source)
-    scores = rows.scores(rows.stack(clean, shifted))
-    assert scores["val_accuracy"] == 1.0 and scores["val_shifted_accuracy"] == 0.375
 def test_the_fold_seed_reaches_the_splitter_and_keeps_classes_in_every_fold():
     from ensemble.combiners import folds, make_combiner
 
@@ -245,6 +236,15 @@ def test_the_fold_seed_reaches_the_splitter_and_keeps_classes_in_every_fold():
     assert len(folds(rare)) == 5
 
 
+def test_robust_scores_are_the_mean_of_clean_and_shifted():
+    from ensemble.robust import ValidationRows
+
+    y = np.array([0, 1, 2, 3])
+    source = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    clean, shifted = np.eye(4)[y], np.eye(4)[[0, 0, 0, 0, 0, 0, 0, 3]]  # shifted: 3 of 8 right
+    rows = ValidationRows.robust(y, source)
+    scores = rows.scores(rows.stack(clean, shifted))
+    assert scores["val_accuracy"] == 1.0 and scores["val_shifted_accuracy"] == 0.375
     assert scores["val_objective_accuracy"] == pytest.approx((1.0 + 0.375) / 2)
     plain = ValidationRows.clean(y)
     assert plain.stack(clean, None) is clean and plain.scores(clean)["val_objective_accuracy"] == 1.0
