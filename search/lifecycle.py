@@ -45,6 +45,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 WORKER_GRACE_S = 6  # a stopping worker gets this long to record its trial, then it is killed
 FAILURES_IN_A_ROW = 5
 _PR_SET_PDEATHSIG = 1
+_STORAGE_MODULES = ("sqlalchemy", "optuna.storages", "sqlite3", "psycopg2")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -111,12 +112,14 @@ class WorkerSignals:
     """SIGINT/SIGTERM in a worker: interrupt the trial in progress, or stop before the next one.
 
     Between trials (Optuna asking, telling, sampling) a signal only sets `requested`, so no storage write
-    is cut in half; `interruptible()` marks the stretch where the signal raises `Interrupted` at once. The
-    first signal also arms an alarm: a worker never outlives a stop request by more than WORKER_GRACE_S.
+    is cut in half; `interruptible()` marks the stretch where the signal raises `Interrupted` at once, or as
+    soon as a storage write in progress (a trial's attribute, say) has finished. The first signal also arms an
+    alarm: a worker never outlives a stop request by more than WORKER_GRACE_S.
     """
 
     def __init__(self) -> None:
         self.requested: int | None = None  # the signal, once one came
+        self._raised = False
         self._interruptible = True
 
     def install(self) -> "WorkerSignals":
@@ -125,13 +128,19 @@ class WorkerSignals:
         return self
 
     def _handle(self, signum: int, frame) -> None:
-        if self.requested:
+        if self.requested is None:
+            self.requested = signum
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.alarm(WORKER_GRACE_S)
+        elif self._raised:
             return
-        self.requested = signum
-        signal.signal(signal.SIGALRM, signal.SIG_DFL)
-        signal.alarm(WORKER_GRACE_S)
-        if self._interruptible:
-            raise Interrupted(signum)
+        if not self._interruptible:
+            return
+        if _in_storage_call(frame):  # cut mid-write, the connection could keep the database locked: retry soon
+            threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+            return
+        self._raised = True
+        raise Interrupted(signum)
 
     @contextlib.contextmanager
     def interruptible(self, allowed: bool = True) -> Iterator[None]:
@@ -162,6 +171,15 @@ class WorkerSignals:
                 raise
 
         return run
+
+
+def _in_storage_call(frame) -> bool:
+    """Whether the interrupted code is inside a storage client (SQLAlchemy, an Optuna storage)."""
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(_STORAGE_MODULES):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def exit_with_parent(parent_pid: int | None) -> None:
