@@ -33,8 +33,8 @@ for package in ("search", "ensemble", "backbones", "data_pipeline", "cellsearch"
     for info in pkgutil.walk_packages(importlib.import_module(package).__path__, f"{package}."):
         if "ray" not in info.name and not info.name.endswith("__main__"):
             importlib.import_module(info.name)
-from search.config import TrialConfig
-from search.trainer import train_trial
+from search.study.trial_config import TrialConfig
+from search.trial.trainer import train_trial
 from data_pipeline.augment import POLICIES
 config = TrialConfig(backbone="compact_cnn", epochs=1, max_train_images=256, tta_views=1, augment_policy="corrupt",
                      augment_strength=0.5)

@@ -15,9 +15,9 @@ import math
 import time
 from pathlib import Path
 
-from search.config import TrialConfig
-from search.trainer import train_trial
-from search.trial_data import prepare_trial_data
+from search.study.trial_config import TrialConfig
+from search.trial.trainer import train_trial
+from search.trial.data import load_trial_data
 
 SHARED_28 = Path(__file__).resolve().parents[2] / "shared" / "data" / "bloodcells_28.npz"
 
@@ -30,7 +30,7 @@ def training_images_per_second(config: TrialConfig, steps: int = 30) -> float:
     from data_pipeline.augment import build_augmenter
     from data_pipeline.stream import make_stream
 
-    data = prepare_trial_data(config)
+    data = load_trial_data(config)
     model = build_classifier(config.backbone, input_shape=data.train.image_shape, num_classes=8)
     model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="categorical_crossentropy")
     augmenter = build_augmenter(config.augment_policy, config.augment_strength, 8, seed=0)
@@ -63,7 +63,7 @@ def main() -> None:
                        batch_size=args.batch_size, dropout=0.1, early_stopping_patience=1000, seed=0)
     budget = args.minutes * 60
     rate = training_images_per_second(base)
-    n_train = len(prepare_trial_data(base).train)
+    n_train = len(load_trial_data(base).train)
     # Validation passes and epoch overheads take ~10% on top of pure training steps.
     epochs = args.epochs or max(1, math.floor(0.9 * budget * rate / n_train))
     config = TrialConfig(**{**base.to_dict(), "epochs": epochs, "time_budget_s": budget})

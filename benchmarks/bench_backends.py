@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TRIAL = """
 import json, sys, tempfile, time
-from search.devices import configure_backend
-from search.runner import trial_config
-from search.space import warm_start_trials
-from search.spec import load_spec
+from search.execution.devices import configure_backend
+from search.trial.run_trial import trial_config
+from search.study.space import warm_start_trials
+from search.study.spec import load_spec
 
 configure_backend(1)
 spec = load_spec("default")
@@ -40,7 +40,7 @@ config.max_train_images = {train_images}
 config.exclude_file = None  # the search cleans once before its trials; a lone trial uses every image
 stamps = []
 started = time.perf_counter()
-from search.trainer import train_trial
+from search.trial.trainer import train_trial
 report = lambda epoch, scores: stamps.append(time.perf_counter())
 metrics = train_trial(config, tempfile.mkdtemp(), report=report).metrics
 total = time.perf_counter() - started

@@ -12,7 +12,7 @@
 2. Times inference in images/s on --images random uint8 images of the members' input size:
    - the fused runner (all members x all TTA views in one compiled call per batch), with 8 views and with 1;
    - the best single member alone, with 8 views and with 1;
-   - the naive way for reference: `model.predict` once per member and per view (search.predict.predict_views).
+   - the naive way for reference: `model.predict` once per member and per view (search.trial.views.predict_views).
    `--members N` cycles the built members up to N (e.g. 5 when the study has fewer distinct good trials) so
    the cost of an N-member ensemble can be measured; predictions are irrelevant for the timing.
 Figures on a shared CPU vary with other load: compare rows of one run, not across runs.
@@ -37,7 +37,7 @@ def timing_table(folder: Path, n_images: int, n_members: int | None, repeats: in
     from ensemble import load_ensemble
     from ensemble.budget import images_per_second
     from ensemble.classifier import uniform_vote
-    from search.predict import predict_views
+    from search.trial.views import predict_views
 
     built = load_ensemble(folder, precision=precision)
     precision = built.precision_
@@ -70,8 +70,8 @@ def adapt_bn_table(ens, batch_size: int):
 
     from ensemble.build import heldout_test_copy
     from ensemble.metrics import summary
-    from search.config import TrialConfig
-    from search.trial_data import split_dataset
+    from search.study.trial_config import TrialConfig
+    from search.trial.data import split_dataset
 
     config = TrialConfig.from_dict(ens.manifest_["members"][0]["config"])
     test = split_dataset(config).split("test")
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from ensemble.build import BuildOptions, build_ensemble
-    from search.location import StudyLocation
+    from search.study.location import StudyLocation
     from ensemble.cli import run_cli
 
     with tempfile.TemporaryDirectory(prefix="bench-ensemble-") as scratch:

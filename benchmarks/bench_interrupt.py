@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from search_helpers import RAY_ENV, descendants, ray_cluster, trial_pids, wait_for, write_tiny_spec  # noqa: E402
 
-from search.lifecycle import process_alive  # noqa: E402
+from search.execution.lifecycle import process_alive  # noqa: E402
 
 # name: (signal, to the whole process group, how many times)
 SCENARIOS = {"ctrl-c": (signal.SIGINT, True, 1), "ctrl-c-twice": (signal.SIGINT, True, 2),

@@ -50,10 +50,10 @@ def run_searches(args) -> None:
 def test_data(study):
     """The clean test split every trial of `study` saw (after cleaning), and its held-out-family copy."""
     from ensemble.build import heldout_test_copy
-    from search.config import TrialConfig
-    from search.space import fixed_fields
-    from search.spec import spec_from_dict
-    from search.trial_data import split_dataset
+    from search.study.trial_config import TrialConfig
+    from search.study.space import fixed_fields
+    from search.study.spec import spec_from_dict
+    from search.trial.data import split_dataset
 
     spec = spec_from_dict(study.optuna_study.user_attrs["spec"], origin="study")
     config = TrialConfig(**fixed_fields(spec))
@@ -62,7 +62,7 @@ def test_data(study):
 
 
 def scores(probs_clean, probs_shifted, test, shifted) -> dict:
-    from search.robust_report import robustness_table
+    from common.robust_report import robustness_table
 
     labels = test.labels
     table = robustness_table(labels[shifted.source], probs_clean[shifted.source], probs_shifted,
@@ -108,7 +108,7 @@ def candidates_oracle(study, test, shifted) -> dict:
 
     from backbones import load_model
     from ensemble.candidates import artifact_store, download
-    from search.predict import predict_views
+    from search.trial.views import predict_views
 
     store, probs, each = artifact_store(study.location), {}, {}
     with tempfile.TemporaryDirectory() as scratch:

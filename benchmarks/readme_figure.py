@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from search.plots import new_figure, save_png
+from common.plots import new_figure, save_png
 
 #: label -> {severity: accuracy}; severity 0 is the clean test split.
 MEASURED = {

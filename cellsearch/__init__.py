@@ -22,8 +22,8 @@ TensorFlow.
 from cellsearch import errors
 from cellsearch._api import build_ensemble, export_codabench, load_ensemble, load_study, search
 from cellsearch._study import Study
-from search.location import StudyLocation
-from search.spec import StudySpec, load_spec
+from search.study.location import StudyLocation
+from search.study.spec import StudySpec, load_spec
 
 __all__ = ["Study", "StudyLocation", "StudySpec", "build_ensemble", "errors", "export_codabench", "load_ensemble",
            "load_spec", "load_study", "search"]

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from cellsearch._study import Study
-from search.location import StudyLocation
-from search.spec import StudySpec, load_spec, spec_from_dict
+from search.study.location import StudyLocation
+from search.study.spec import StudySpec, load_spec, spec_from_dict
 
 #: The file, in the study's folder, that in-memory data given to `search` is written to (workers are
 #: separate processes, so they read the data from disk like any other data set).
@@ -76,7 +76,7 @@ def search(study: str | os.PathLike | StudySpec | dict = "default", *, data: Any
     >>> study = cs.search("quick", data=(images, labels))         # doctest: +SKIP
     >>> study.leaderboard().head()                               # doctest: +SKIP
     """
-    from search.driver import apply_overrides, run_study
+    from search.execution.driver import apply_overrides, run_study
 
     in_memory = data is not None and not isinstance(data, (str, os.PathLike))
     spec = apply_overrides(_spec(study), out=out, name=name, data=None if in_memory else data and str(data),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from search.location import StudyLocation
+from search.study.location import StudyLocation
 
 if TYPE_CHECKING:
     import optuna
@@ -33,7 +33,7 @@ class Study:
         import optuna
 
         from common.errors import StorageError
-        from search.storage import open_storage
+        from search.execution.storage import open_storage
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = open_storage(self.location.storage, heartbeat_interval=None, must_exist=True)
@@ -45,7 +45,7 @@ class Study:
     @property
     def best_trial(self) -> "optuna.trial.FrozenTrial":
         """The best complete trial by the study's (first) objective."""
-        from search.report import ranked_trials
+        from search.reports.study_report import ranked_trials
 
         ranked = ranked_trials(self.optuna_study)
         if not ranked:
@@ -60,7 +60,7 @@ class Study:
     def leaderboard(self, top: int | None = None) -> "pd.DataFrame":
         """Complete trials, best first: number, objective value(s), backbone, policy, validation and test
         accuracies, training time (the report's `top_trials.csv` columns), indexed by trial number."""
-        from search.report import ranked_trials, trials_table
+        from search.reports.study_report import ranked_trials, trials_table
 
         study = self.optuna_study
         return trials_table(study, ranked_trials(study)[:top]).set_index("number")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from search.cli_errors import HelpFormatter, add_common_flags, command_parser, run_cli, set_verbosity
+from common.cli_errors import HelpFormatter, add_common_flags, command_parser, run_cli, set_verbosity
 
 
 def _add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,8 +31,8 @@ def _add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    from search.dashboard import serve_dashboard
-    from search.location import StudyLocation
+    from search.reports.dashboard import serve_dashboard
+    from search.study.location import StudyLocation
 
     set_verbosity(args.verbosity)
     location = StudyLocation.find(args.study, out=args.out, storage=args.storage, artifacts=args.artifacts)
@@ -45,7 +45,7 @@ def _add_studies_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _studies(args: argparse.Namespace) -> int:
-    from search.presets import shipped_specs
+    from search.study.presets import shipped_specs
 
     specs = shipped_specs()
     width = max(map(len, specs))

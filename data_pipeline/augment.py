@@ -16,7 +16,7 @@ Policies for robustness to distribution shift (see `data_pipeline.corrupt.FAMILI
   'colour' is allowed. The corruptions are `data_pipeline.corrupt.corrupt` on the host (see below).
 - 'augmix_jsd': AugMix with the Jensen-Shannon consistency loss (Hendrycks et al. 2020). Built with
   `stack_views=True`, the augmenter returns the clean (oriented) batch and JSD_VIEWS independent AugMix
-  views of it stacked on the batch axis, (3B,H,W,3) with the (B,C) labels, for `search.jsd`; without,
+  views of it stacked on the batch axis, (3B,H,W,3) with the (B,C) labels, for `search.trial.jsd`; without,
   it returns one AugMix view, like 'augmix'.
 - 'corrupt_jsd': the same consistency loss over views made by 'corrupt': AugMix's recipe with the
   corruptions of the training families in place of AugMix's chains.

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from data_pipeline.atomic import atomic_path
+from common.atomic import atomic_path
 from common.errors import DataError, DataWarning
 from data_pipeline.classes import canonical_name, class_order, default_class_names
 from data_pipeline.dataset import SPLIT_NAMES, ImageDataset, encode_labels, to_rgb, validate_labels

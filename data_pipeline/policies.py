@@ -1,6 +1,6 @@
 """Augmentation policy names and the corruption families each policy can touch, without TensorFlow.
 
-`search.spec` checks a study's policies against its `[robustness]` families with these before anything
+`search.study.spec` checks a study's policies against its `[robustness]` families with these before anything
 heavy is imported; `data_pipeline.augment` builds the policies themselves.
 """
 
@@ -17,7 +17,7 @@ POLICIES: tuple[str, ...] = (
 )
 #: Policies whose output labels are soft (mixtures of two one-hot rows).
 MIXING_POLICIES: tuple[str, ...] = ("cutmix", "mixup", "cutmix_mixup")
-#: Policies trained with a consistency loss over stacked views (`stack_views=True`, `search.jsd`).
+#: Policies trained with a consistency loss over stacked views (`stack_views=True`, `search.trial.jsd`).
 CONSISTENCY_POLICIES: tuple[str, ...] = ("augmix_jsd", "corrupt_jsd")
 
 # The corruption family of each non-geometric RandAugment / AugMix op.

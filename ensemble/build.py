@@ -14,7 +14,7 @@
 5. evaluation, ensemble vs its best single member vs the plain average: the clean test split (saved
    predictions) and a shifted copy of it by the held-out families (`data_pipeline.corrupt.shifted_copy`,
    another seed than the validation copy's; members run on it with TTA), with accuracy by family and
-   severity, ECE, and `search.robust_report.write_robustness_report`'s CSV and curves in report/;
+   severity, ECE, and `common.robust_report.write_robustness_report`'s CSV and curves in report/;
 6. the artifact folder (ensemble.artifact), written atomically; the fitted `EnsembleClassifier` is
    returned with `report_` (an `EnsembleReport`), ready to predict without reloading.
 
@@ -40,12 +40,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from search.cli_errors import QUIET, command_parser, run_cli, set_verbosity
+from common.cli_errors import QUIET, command_parser, run_cli, set_verbosity
 from ensemble.evaluate import CLEAN_TOLERANCE
 from ensemble.robust import OBJECTIVES, ValidationRows
 from ensemble.standalone import BN_PRIOR, PRECISIONS, VIEW_SETS
 from common.errors import EnsembleError
-from search.location import POINTER_FILE, StudyLocation
+from search.study.location import POINTER_FILE, StudyLocation
 
 METHODS = ("topk", "greedy")
 COMBINER_CHOICES = ("auto", "vote", "weighted", "stacking")
@@ -118,7 +118,7 @@ class BuildOptions:
 
 def study_objective(study) -> str:
     """The build objective matching the one the study searched with (its recorded spec; robust if none)."""
-    from search.objectives import ensemble_objective
+    from search.study.goals import ensemble_objective
 
     return ensemble_objective(study.user_attrs.get("spec", {}).get("algorithm", {}).get("objective", "robust"))
 
@@ -136,7 +136,7 @@ class EnsembleReport:
             accuracy, macro F1, ROC AUC, ECE, log-loss.
         heldout: accuracy on the held-out-family test copy per family, per severity and overall ("all"),
             one column per model.
-        robustness: the ensemble's `search.robust_report.RobustnessSummary` (clean and shifted accuracy,
+        robustness: the ensemble's `common.robust_report.RobustnessSummary` (clean and shifted accuracy,
             per family, per severity, ECE clean and shifted, and the family x severity `table`).
         (heldout and robustness are None with the held-out evaluation off.)
         notes: left-out trials, fallbacks, warnings.
@@ -148,7 +148,7 @@ class EnsembleReport:
     combiners: pd.DataFrame
     metrics: pd.DataFrame
     heldout: pd.DataFrame | None = None
-    robustness: Any = None  # search.robust_report.RobustnessSummary
+    robustness: Any = None  # common.robust_report.RobustnessSummary
     notes: list[str] = field(default_factory=list)
 
     def score(self, split: str = "test", metric: str = "accuracy", model: str = ENSEMBLE) -> float:
@@ -394,8 +394,8 @@ def _evaluate(options, staging: Path, ens, reference, members, best_position, im
     """Ensemble vs best single member vs plain average on the clean and the held-out-family test split;
     report/ files; the optional distilled student."""
     from ensemble.evaluate import comparison_rows, heldout_comparison, per_class_rows
-    from search.plots import confusion_matrix_png
-    from search.robust_report import write_robustness_report
+    from common.plots import confusion_matrix_png
+    from common.robust_report import write_robustness_report
 
     report_dir = staging / "report"
     labels = {ENSEMBLE: f"{ENSEMBLE} ({choice.chosen}, {ens.n_members_} members)",
@@ -452,7 +452,7 @@ def _member_table(members, ens, rows: ValidationRows) -> pd.DataFrame:
 def _manifest_extra(options, location, members, selection, rows, report: EnsembleReport, images, inference,
                     best_trial: int) -> dict:
     """The build's part of the manifest (write_artifact adds the classifier's own entries and checksums)."""
-    from search.storage import redact
+    from search.execution.storage import redact
 
     records = lambda frame: json.loads(frame.to_json(orient="records"))  # noqa: E731
     member_rows = records(report.members)

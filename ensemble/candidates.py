@@ -17,9 +17,9 @@ import numpy as np
 
 from ensemble.standalone import VIEW_SETS
 from common.errors import EnsembleError
-from search.config import TrialConfig
-from search.location import StudyLocation
-from search.robust_report import ShiftedRows
+from search.study.trial_config import TrialConfig
+from search.study.location import StudyLocation
+from common.robust_report import ShiftedRows
 
 @dataclass
 class Candidate:
@@ -56,7 +56,7 @@ def open_study(location: StudyLocation):
     """The Optuna study, read-only in spirit (no heartbeats); one clear error when it is not there."""
     import optuna
 
-    from search.storage import open_storage
+    from search.execution.storage import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(location.storage, heartbeat_interval=None, must_exist=True)
@@ -68,7 +68,7 @@ def open_study(location: StudyLocation):
 
 
 def artifact_store(location: StudyLocation):
-    from search.storage import open_artifact_store
+    from search.execution.storage import open_artifact_store
 
     if "://" not in location.artifacts and not Path(location.artifacts).is_dir():
         raise EnsembleError(f"artifact folder not found: {location.artifacts}")
@@ -79,7 +79,7 @@ def download(store, trial, name: str, target: Path) -> Path:
     """Fetch one of a trial's files (`artifact:<name>` user attribute) to `target`."""
     from optuna.artifacts import download_artifact
 
-    from search.objective import ARTIFACT_ATTR_PREFIX
+    from search.trial.objective import ARTIFACT_ATTR_PREFIX
 
     artifact_id = trial.user_attrs.get(ARTIFACT_ATTR_PREFIX + name)
     if artifact_id is None:
@@ -121,7 +121,7 @@ def load_candidates(study, store, cache: Path, tta_views: int) -> tuple[list[Can
     """
     from optuna.trial import TrialState
 
-    from search.objective import ARTIFACT_ATTR_PREFIX
+    from search.trial.objective import ARTIFACT_ATTR_PREFIX
 
     if tta_views not in VIEW_SETS:
         raise EnsembleError(f"--tta must be one of {sorted(VIEW_SETS)}, got {tta_views}")

@@ -2,7 +2,7 @@
 
 Saved predictions carry image ids, so the images are found by id in the data set the trial's config
 names (with its resize/crop). Ids that are not unique fall back to re-making the trial's split from its
-config (search.trial_data's rule: predefined split, else the study's saved split file, else the same
+config (search.trial.data's rule: predefined split, else the study's saved split file, else the same
 seeded stratified split). Either way the ids AND labels must match the saved ones exactly, or the
 evaluation would silently score other images.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import EnsembleError
-from search.config import TrialConfig
+from search.study.trial_config import TrialConfig
 
 
 def load_split_images(config: TrialConfig, ids: np.ndarray, labels: np.ndarray, split: str = "test") -> np.ndarray:

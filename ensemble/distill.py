@@ -69,9 +69,9 @@ def distill_student(classifier, reference, test_images: np.ndarray, options, not
     """Label the training split with the ensemble, train the student, and compare accuracy and speed."""
     from ensemble.classifier import uniform_vote
     from ensemble.data import load_split_images
-    from search.trial_data import prepare_trial_data
+    from search.trial.data import load_trial_data
 
-    data = prepare_trial_data(reference.config)
+    data = load_trial_data(reference.config)
     val_images = load_split_images(reference.config, reference.val_ids, reference.val_labels, split="val")
     started = time.perf_counter()
     soft = classifier.predict_proba(data.train.images, progress=options.progress)

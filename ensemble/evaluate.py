@@ -83,8 +83,8 @@ def per_class_rows(split: str, y: np.ndarray, probs_by_model: dict[str, np.ndarr
 def heldout_comparison(y: np.ndarray, clean_by_model: dict[str, np.ndarray], shifted_by_model: dict[str, np.ndarray],
                        shifted) -> pd.DataFrame:
     """Accuracy on a shifted copy per family, per severity and overall ("all"), one column per model
-    (`search.robust_report.robustness_table` per model; `shifted` has `source`, `family`, `severity`)."""
-    from search.robust_report import ALL, robustness_table
+    (`common.robust_report.robustness_table` per model; `shifted` has `source`, `family`, `severity`)."""
+    from common.robust_report import ALL, robustness_table
 
     source = np.asarray(shifted.source)
     columns = []

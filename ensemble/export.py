@@ -29,7 +29,7 @@ from common import errors, inference
 from common.errors import EnsembleError
 from ensemble.predict import add_ensemble_arguments, ensemble_folder
 from ensemble.standalone import MANIFEST, read_manifest
-from search.cli_errors import QUIET, command_parser, run_cli, set_verbosity
+from common.cli_errors import QUIET, command_parser, run_cli, set_verbosity
 
 STANDALONE = Path(__file__).with_name("standalone.py")
 #: The runtime files of the zip: its name in the zip -> the package file copied verbatim.
@@ -55,7 +55,7 @@ print("labels", labels.tolist())
 
 def export_codabench(ensemble: str | Path, out: str | Path, check: bool = True, check_size: int = 96) -> Path:
     """Write the Codabench zip for the ensemble folder `ensemble` (verified first) to `out`, atomically."""
-    from data_pipeline.atomic import atomic_path
+    from common.atomic import atomic_path
 
     ensemble, out = Path(ensemble), Path(out)
     manifest = read_manifest(ensemble)

@@ -30,7 +30,7 @@ import numpy as np
 
 from ensemble.standalone import PRECISIONS, read_manifest
 from common.errors import EnsembleError
-from search.cli_errors import QUIET, command_parser, run_cli, set_verbosity
+from common.cli_errors import QUIET, command_parser, run_cli, set_verbosity
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 
@@ -182,7 +182,7 @@ def add_ensemble_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def ensemble_folder(args: argparse.Namespace) -> Path:
-    from search.location import StudyLocation
+    from search.study.location import StudyLocation
 
     return Path(args.ensemble) if args.ensemble else StudyLocation.find(args.study).ensemble_dir
 
@@ -230,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     probs = classifier.predict_proba(inputs.images, progress=not args.no_progress and args.verbosity > QUIET)
     frame = predictions_frame(inputs, probs, classifier.class_names_.tolist())
     if args.out:
-        from data_pipeline.atomic import atomic_write_with
+        from common.atomic import atomic_write_with
 
         atomic_write_with(args.out, lambda p: frame.to_csv(p, index=False, float_format="%.6f"))
         summary = f"{len(frame)} prediction(s) written to {args.out}"

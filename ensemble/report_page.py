@@ -1,4 +1,4 @@
-"""The ensemble's `index.html` (search.report_page) in its report/ folder: the ensemble against its members
+"""The ensemble's `index.html` (search.reports.report_page) in its report/ folder: the ensemble against its members
 as the shift grows, sample test cells, held-out corruptions as the test copy applied them, the most
 confidently wrong test images, a reliability diagram, and the build's tables and files.
 
@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 
 from common.metrics import accuracy
-from search.image_grids import class_sample_rows, confidently_wrong_rows, image_grid_png, short
-from search.plots import reliability_png
-from search.report_page import PAGE_NAME, ReportPage
-from search.robust_report import ALL, robustness_png
+from common.image_grids import class_sample_rows, confidently_wrong_rows, image_grid_png, short
+from common.plots import reliability_png
+from search.reports.report_page import PAGE_NAME, ReportPage
+from common.robust_report import ALL, robustness_png
 
 ENSEMBLE = "ensemble"
 UPLOAD_PREFIX = "ensemble_"
@@ -143,7 +143,7 @@ def upload_ensemble_page(location, store, folder: Path) -> dict[str, str]:
     """Upload the page and the PNGs of report/ to the study's artifacts (ensemble_*), replacing an earlier
     build's; {name: artifact id}."""
     from ensemble.candidates import open_study
-    from search.report import upload_report
+    from search.reports.study_report import upload_report
 
     return upload_report(open_study(location), store, folder, [folder / PAGE_NAME, *sorted(folder.glob("*.png"))],
                          prefix=UPLOAD_PREFIX)

@@ -20,7 +20,7 @@ image is ever seen:
 
 Held-out families are unseen by the members' training augmentation, and the ensemble's choices are made
 on their validation copy; the test copy of the same families (other random draws, another seed) measures
-the result (`ensemble.build`, `search.robust_report`).
+the result (`ensemble.build`, `common.robust_report`).
 """
 
 from __future__ import annotations

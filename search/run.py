@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from search.cli_errors import NORMAL, QUIET, command_parser, run_cli, set_verbosity
-from search.location import StudyLocation
-from search.objectives import ALIASES, OBJECTIVE_NAMES
-from search.spec import StudySpec, load_spec
+from common.cli_errors import NORMAL, QUIET, command_parser, run_cli, set_verbosity
+from search.study.location import StudyLocation
+from search.study.goals import ALIASES, OBJECTIVE_NAMES
+from search.study.spec import StudySpec, load_spec
 
 
 def _objective(name: str) -> str:
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def best_trial_line(study) -> str:
-    from search.report import ranked_trials
+    from search.reports.study_report import ranked_trials
 
     ranked = ranked_trials(study)
     if not ranked:
@@ -96,7 +96,7 @@ def summary(spec: StudySpec, study) -> str:
 
 def spec_from_args(args: argparse.Namespace) -> StudySpec:
     """The spec `--spec` (else `--study`) names, with every given flag overriding it."""
-    from search.driver import OVERRIDES, apply_overrides
+    from search.execution.driver import OVERRIDES, apply_overrides
 
     spec_name = args.spec or args.study
     study_name = args.name or (args.study if args.spec else None)
@@ -106,7 +106,7 @@ def spec_from_args(args: argparse.Namespace) -> StudySpec:
 
 def run(args: argparse.Namespace) -> int:
     """`cellsearch search` and `python -m search.run`: the search, then its summary."""
-    from search.driver import run_study
+    from search.execution.driver import run_study
 
     set_verbosity(args.verbosity)
     spec = spec_from_args(args)

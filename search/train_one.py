@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from search.cli_errors import QUIET, command_parser, run_cli, set_verbosity
-from search.config import TrialConfig
+from common.cli_errors import QUIET, command_parser, run_cli, set_verbosity
+from search.study.trial_config import TrialConfig
 
 
 def check_before_tensorflow(config: TrialConfig) -> None:
@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     check_before_tensorflow(config)
     out = Path(args.trial_dir) if args.trial_dir else Path(args.out) / "train_one" / Path(args.config).stem
 
-    from search.devices import configure_backend
-    from search.trainer import train_trial
+    from search.execution.devices import configure_backend
+    from search.trial.trainer import train_trial
 
     configure_backend()
     say = (lambda line: None) if args.verbosity == QUIET else print

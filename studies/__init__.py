@@ -1,1 +1,1 @@
-"""The shipped study specs (`*.toml`), package data found with importlib.resources (see search.spec)."""
+"""The shipped study specs (`*.toml`), package data found with importlib.resources (see search.study.spec)."""

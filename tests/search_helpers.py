@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from search.lifecycle import descendants
+from search.execution.lifecycle import descendants
 
 __all__ = ["descendants"]  # the tests' name for it
 
@@ -71,7 +71,7 @@ def require_postgres() -> str:
     """The test server's URL; skips without one, except on CI, which must provide it (.ci/postgres.sh)."""
     import pytest
 
-    from search.storage import open_storage
+    from search.execution.storage import open_storage
 
     try:
         open_storage(POSTGRES_URL, heartbeat_interval=None)

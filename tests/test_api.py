@@ -16,12 +16,12 @@ import pytest
 from optuna.trial import TrialState
 
 import cellsearch as cs
-from search.objective import Objective
-from search.prepare import prepare_data
-from search.reseed import RESEED_ATTR
-from search.spec import spec_from_dict
-from search.study import prepare_study
-from search.storage import open_artifact_store, open_storage
+from search.trial.objective import Objective
+from search.execution.data_check import load_and_clean
+from search.study.reseed import RESEED_ATTR
+from search.study.spec import spec_from_dict
+from search.study.optuna_study import create_or_load_study
+from search.execution.storage import open_artifact_store, open_storage
 
 TINY = {
     "name": "tiny",
@@ -143,8 +143,8 @@ def test_local_runner_records_the_seed_and_never_prunes_chosen_trials(tmp_path):
               "class_weighting": False}
     spec = spec_from_dict(tiny_spec(tmp_path, budget={"trials": 4},
                                     warm_start=[params, {**params, "copies": 2, "prune": False}]))
-    prepare_data(spec)
-    study = prepare_study(spec, open_storage(spec.location.storage, heartbeat_interval=None))
+    load_and_clean(spec)
+    study = create_or_load_study(spec, open_storage(spec.location.storage, heartbeat_interval=None))
     study.pruner = optuna.pruners.ThresholdPruner(lower=1.01)  # prunes every trial it may prune
     study.enqueue_trial(params, user_attrs={RESEED_ATTR: 0})
     study.optimize(Objective(spec, open_artifact_store(spec.location.artifacts)), n_trials=4)
@@ -180,7 +180,7 @@ def test_every_command_prints_one_line_per_error(tmp_path, module, args, message
 
 
 def test_progress_shows_each_running_trials_epoch_and_score():
-    from search.progress import study_counts
+    from search.execution.progress import study_counts
 
     study = optuna.create_study(direction="maximize")
     first, second = study.ask(), study.ask()
@@ -195,13 +195,13 @@ def test_progress_shows_each_running_trials_epoch_and_score():
 
 def test_multi_objective_study_reports_its_pareto_front(tmp_path):
     """`multi`: clean and held-out accuracy as two objectives, no per-epoch reports, a Pareto front."""
-    from search.report import write_report
-    from search.study import prepare_study
+    from search.reports.study_report import write_report
+    from search.study.optuna_study import create_or_load_study
 
     spec = spec_from_dict(tiny_spec(tmp_path, algorithm={"objective": "multi", "pruner": "none"},
                                     budget={"trials": 2}))
-    prepare_data(spec)
-    study = prepare_study(spec, open_storage(spec.location.storage, heartbeat_interval=None))
+    load_and_clean(spec)
+    study = create_or_load_study(spec, open_storage(spec.location.storage, heartbeat_interval=None))
     study.optimize(Objective(spec, open_artifact_store(spec.location.artifacts)), n_trials=2)
     assert study.metric_names == ["val_accuracy_tta", "val_corrupted_accuracy_tta"]
     for trial in study.trials:

@@ -9,9 +9,9 @@ import optuna
 import pytest
 from optuna.artifacts import download_artifact, upload_artifact
 
-from search.lifecycle import probe_artifact_store
+from search.execution.lifecycle import probe_artifact_store
 from common.errors import StorageError
-from search.storage import open_artifact_store
+from search.execution.storage import open_artifact_store
 from search_helpers import moto_s3
 
 

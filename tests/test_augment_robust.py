@@ -134,7 +134,7 @@ def test_stacked_views_for_jsd(batch, policy):
 
 
 def test_jensen_shannon_zero_for_equal_positive_otherwise():
-    from search.jsd import jensen_shannon
+    from search.trial.jsd import jensen_shannon
 
     p = np.random.default_rng(0).dirichlet(np.ones(N_CLASSES), size=16).astype(np.float32)
     q = np.roll(p, 1, axis=1)
@@ -147,7 +147,7 @@ def test_jensen_shannon_zero_for_equal_positive_otherwise():
 def test_jsd_trainer_loss_is_clean_cross_entropy_plus_weighted_jsd():
     import keras
 
-    from search.jsd import JSD_WEIGHT, JSDTrainer, jensen_shannon
+    from search.trial.jsd import JSD_WEIGHT, JSDTrainer, jensen_shannon
 
     rng = np.random.default_rng(1)
     clean, first, second = (rng.dirichlet(np.ones(N_CLASSES), size=8).astype(np.float32) for _ in range(3))
@@ -165,7 +165,7 @@ def test_jsd_trainer_under_mixed_precision(batch):
     """Loss scaling, float16 compute and the stacked batch work together; the classifier alone is trained."""
     import keras
 
-    from search.jsd import JSDTrainer
+    from search.trial.jsd import JSDTrainer
 
     images, labels = batch
     previous = keras.config.dtype_policy()
@@ -191,8 +191,8 @@ def test_jsd_trainer_under_mixed_precision(batch):
 def test_augmix_jsd_trains_through_train_trial_and_saves_a_plain_classifier(tmp_path):
     import keras
 
-    from search.config import TrialConfig
-    from search.trainer import train_trial
+    from search.study.trial_config import TrialConfig
+    from search.trial.trainer import train_trial
 
     config = TrialConfig(backbone="compact_cnn", epochs=1, max_train_images=256, tta_views=1, batch_size=64,
                          augment_policy="augmix_jsd")

@@ -58,8 +58,8 @@ print("RESULT " + json.dumps(out))
 
 TRIAL = """
 import json, sys, tempfile
-from search.config import TrialConfig
-from search.trainer import train_trial
+from search.study.trial_config import TrialConfig
+from search.trial.trainer import train_trial
 config = TrialConfig(backbone="compact_cnn", epochs=4, max_train_images=1024, tta_views=1, batch_size=64,
                      augment_policy="light", augment_strength=0.5, learning_rate=3e-3, seed=5)
 metrics = train_trial(config, tempfile.mkdtemp()).metrics
@@ -143,10 +143,10 @@ def test_search_ensemble_and_predict_under_jax_without_tensorflow(tmp_path):
 
 def test_tensorflow_is_imported_only_by_its_adapters():
     """No module of the core imports TensorFlow at module level; the adapters import it lazily, and only
-    when Keras runs on TensorFlow (data_pipeline.compiled, search.devices, ensemble.standalone's bfloat16)."""
+    when Keras runs on TensorFlow (data_pipeline.compiled, search.execution.devices, ensemble.standalone's bfloat16)."""
     core = ["data_pipeline/augment.py", "data_pipeline/stain.py", "data_pipeline/stream.py", "data_pipeline/tta.py",
-            "data_pipeline/compiled.py", "search/trainer.py", "search/jsd.py", "search/predict.py",
-            "search/devices.py", "ensemble/standalone.py", "backbones/preprocessing.py"]
+            "data_pipeline/compiled.py", "search/trial/trainer.py", "search/trial/jsd.py", "search/trial/views.py",
+            "search/execution/devices.py", "ensemble/standalone.py", "backbones/preprocessing.py"]
     for name in core:
         top_level = [line for line in (ROOT / name).read_text().splitlines()
                      if line.startswith(("import tensorflow", "from tensorflow"))]

@@ -68,7 +68,7 @@ def test_version_and_verbosity_before_or_after_the_subcommand(capsys):
 
 
 def test_studies_lists_every_shipped_spec_with_its_header(capsys):
-    from search.spec import STUDIES_DIR
+    from search.study.spec import STUDIES_DIR
 
     assert main(["studies"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -172,7 +172,7 @@ def test_fresh_wheel_runs_the_readme_command_then_predicts_jpegs(tmp_path, raw_s
 def test_tensorflow_cpp_lines_are_filtered_from_stderr_and_the_rest_passes():
     code = r"""
 import os
-from search.native_log import native_log_filtered
+from common.native_log import native_log_filtered
 with native_log_filtered():
     import tensorflow as tf
     tf.constant(1) + 1

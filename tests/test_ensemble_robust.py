@@ -20,7 +20,7 @@ from test_ensemble_study import SIZES, candidates, study, test_split  # noqa: F4
 
 @pytest.fixture(scope="module")
 def location(study):  # noqa: F811
-    from search.location import StudyLocation
+    from search.study.location import StudyLocation
 
     return StudyLocation("enstiny", out=str(study[0] / "runs"))
 
@@ -80,7 +80,7 @@ def test_selection_and_combiner_use_the_saved_shifted_validation_copy(robust, ca
 
 def test_an_older_study_falls_back_to_clean_validation_with_one_note(study, tmp_path, capsys):  # noqa: F811
     from ensemble import build_ensemble
-    from search.location import StudyLocation
+    from search.study.location import StudyLocation
 
     runs = tmp_path / "runs"
     shutil.copytree(study[0] / "runs", runs)

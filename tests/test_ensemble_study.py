@@ -87,7 +87,7 @@ def test_split(study):
 @pytest.fixture(scope="module")
 def candidates(study, tmp_path_factory):
     from ensemble.candidates import artifact_store, load_candidates, open_study
-    from search.location import StudyLocation
+    from search.study.location import StudyLocation
 
     folder, _ = study
     location = StudyLocation.find(pointer=folder / "runs" / "last_study.json")
@@ -154,7 +154,7 @@ def test_a_failed_rebuild_leaves_the_existing_artifact_untouched(built, study, t
 def test_build_under_an_inference_budget_takes_only_what_fits(study, candidates, tmp_path):
     from ensemble.budget import measure_candidates
     from ensemble.candidates import artifact_store
-    from search.location import StudyLocation
+    from search.study.location import StudyLocation
 
     folder, _ = study
     location = StudyLocation.find(pointer=folder / "runs" / "last_study.json")

@@ -43,8 +43,8 @@ def test_a_feature_without_its_extra_fails_in_one_line(tmp_path, option, extra, 
 
 
 def test_the_local_path_imports_no_optional_extra(tmp_path):
-    modules = ("cellsearch", "search.run", "search.driver", "search.worker", "search.executors.local",
-               "search.storage", "search.lifecycle", "ensemble.build")
+    modules = ("cellsearch", "search.run", "search.execution.driver", "search.execution.worker",
+               "search.execution.local", "search.execution.storage", "search.execution.lifecycle", "ensemble.build")
     code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\nprint('ok')"
     done = run_without_extras(tmp_path, "-c", code)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

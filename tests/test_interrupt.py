@@ -20,12 +20,12 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search.lifecycle import FAIL_REASON, INTERRUPTED, RETRY_ATTR, process_alive
-from search.objective import ARTIFACT_ATTR_PREFIX
-from search.spec import load_spec
-from search.storage import open_storage
-from search.study import FINISHED
-from search.trainer import ARTIFACT_FILES
+from search.execution.lifecycle import FAIL_REASON, INTERRUPTED, RETRY_ATTR, process_alive
+from search.trial.objective import ARTIFACT_ATTR_PREFIX
+from search.study.spec import load_spec
+from search.execution.storage import open_storage
+from search.study.optuna_study import FINISHED
+from search.trial.trainer import ARTIFACT_FILES
 from search_helpers import descendants, require_postgres, run_search, trial_pids, write_tiny_spec
 
 STOP_WITHIN_S = 10
@@ -57,14 +57,14 @@ def wait_for_training(spec_path: Path, count: int = 1, storage: str | None = Non
 
 
 def worker_pids(folder: Path) -> set[int]:
-    """Live `search.worker` processes of the study under `folder`, wherever they were reparented."""
+    """Live `search.execution.worker` processes of the study under `folder`, wherever they were reparented."""
     pids = set()
     for entry in Path("/proc").iterdir():
         with contextlib.suppress(OSError):
             if entry.name.isdigit():
                 command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
                 state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                if "search.worker" in command and str(folder) in command and state != "Z":
+                if "search.execution.worker" in command and str(folder) in command and state != "Z":
                     pids.add(int(entry.name))
     return pids
 
@@ -251,7 +251,7 @@ def test_the_reaper_kills_what_a_killed_driver_left():
     """The watchdog a private Ray gets: a process the driver started outlives it by the reaper's delay only
     (and the reaper, whose own command line matches, does not kill itself first)."""
     code = ("import subprocess, sys, time\n"
-            "from search.lifecycle import start_reaper\n"
+            "from search.execution.lifecycle import start_reaper\n"
             "orphan = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)', 'cellsearch-orphan'])\n"
             "start_reaper('cellsearch-orphan', 0.5)\n"
             "print(orphan.pid, flush=True)\n"

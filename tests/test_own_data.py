@@ -160,14 +160,14 @@ def tiny_spec(folder: Path, **data) -> dict:
 
 
 def test_image_size_reaches_every_trial_and_bad_values_are_refused(tmp_path, raw_sample_dir):
-    from search.config import TrialConfig
-    from search.prepare import prepare_data
-    from search.space import fixed_fields
-    from search.spec import spec_from_dict
-    from search.trial_data import split_dataset
+    from search.study.trial_config import TrialConfig
+    from search.execution.data_check import load_and_clean
+    from search.study.space import fixed_fields
+    from search.study.spec import spec_from_dict
+    from search.trial.data import split_dataset
 
     spec = spec_from_dict(tiny_spec(tmp_path, path=str(raw_sample_dir), image_size=24, center_crop=200))
-    assert prepare_data(spec).class_names[3] == "immature_granulocyte"
+    assert load_and_clean(spec).class_names[3] == "immature_granulocyte"
     assert split_dataset(TrialConfig(**fixed_fields(spec))).image_shape == (24, 24, 3)
     tmp_path = tmp_path / "refused"
     with pytest.raises(cs.errors.ConfigError, match="'data.image_size': 0"):
@@ -179,7 +179,7 @@ def test_image_size_reaches_every_trial_and_bad_values_are_refused(tmp_path, raw
 
 def test_arrays_are_written_once_to_the_study_folder(tmp_path, embedded):
     from cellsearch._api import _arrays_path
-    from search.spec import spec_from_dict
+    from search.study.spec import spec_from_dict
 
     images, labels = five_classes(embedded, per_class=4)
     spec = spec_from_dict(tiny_spec(tmp_path))

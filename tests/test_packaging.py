@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import ConfigError
-from search.spec import STUDIES_DIR, load_spec
+from search.study.spec import STUDIES_DIR, load_spec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -98,13 +98,13 @@ import sys
 from pathlib import Path
 root, target = Path(sys.argv[1]), Path(sys.argv[2])
 assert all(Path(p or ".").resolve() != root for p in sys.path), sys.path
-import cellsearch, data_pipeline.loaders, search.spec, studies
-for module in (cellsearch, data_pipeline.loaders, search.spec, studies):
+import cellsearch, data_pipeline.loaders, search.study.spec, studies
+for module in (cellsearch, data_pipeline.loaders, search.study.spec, studies):
     assert Path(module.__file__).resolve().is_relative_to(target), module.__file__
-from search.config import ConfigError
-print(search.spec.load_spec("quick").name)
+from search.study.trial_config import ConfigError
+print(search.study.spec.load_spec("quick").name)
 try:
-    search.spec.load_spec("nope")
+    search.study.spec.load_spec("nope")
 except ConfigError as exc:
     print(exc)
 data = data_pipeline.loaders.load()

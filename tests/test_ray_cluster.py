@@ -20,10 +20,10 @@ import pytest
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from search.executors.ray_executor import WORKER_ATTR
-from search.objective import ARTIFACT_ATTR_PREFIX
-from search.storage import open_artifact_store
-from search.study import FINISHED
+from search.execution.ray_executor import WORKER_ATTR
+from search.trial.objective import ARTIFACT_ATTR_PREFIX
+from search.execution.storage import open_artifact_store
+from search.study.optuna_study import FINISHED
 from search_helpers import RAY_ENV, moto_s3, ray_cluster, require_postgres, trial_pids, wait_for, write_tiny_spec
 
 TRIALS = 10

@@ -15,13 +15,13 @@ import pytest
 from optuna.artifacts import download_artifact
 from optuna.trial import TrialState
 
-from search.executors.ray_cluster import RayPlan, plan_resources
-from search.executors.ray_executor import WORKER_ATTR, run_ray
+from search.execution.ray_cluster import RayPlan, plan_resources
+from search.execution.ray_executor import WORKER_ATTR, run_ray
 from common.errors import WorkerFailed
-from search.objective import ARTIFACT_ATTR_PREFIX
-from search.spec import load_spec, spec_from_dict
-from search.storage import open_artifact_store
-from search.trainer import ARTIFACT_FILES
+from search.trial.objective import ARTIFACT_ATTR_PREFIX
+from search.study.spec import load_spec, spec_from_dict
+from search.execution.storage import open_artifact_store
+from search.trial.trainer import ARTIFACT_FILES
 from search_helpers import run_search, write_tiny_spec
 
 TRIALS = 3

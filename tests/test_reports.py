@@ -19,10 +19,10 @@ from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all
 from PIL import Image
 
 from data_pipeline.corrupt import shifted_copy
-from search.scores import expected_calibration_error
-from search.plots import confusion_matrix_png, training_curves_png
-from search.report import top_trials, write_report
-from search.robust_report import ALL, REPORT_FILES, ShiftedRows, robustness_table, write_robustness_report
+from common.metrics import expected_calibration_error
+from common.plots import confusion_matrix_png, training_curves_png
+from search.reports.study_report import top_trials, write_report
+from common.robust_report import ALL, REPORT_FILES, ShiftedRows, robustness_table, write_robustness_report
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 CLASSES = ["basophil", "eosinophil", "erythroblast", "immature_granulocyte", "lymphocyte", "monocyte",
@@ -317,7 +317,8 @@ def test_multi_objective_report_holds_the_pareto_front(tmp_path):
 
 def test_grid_rows_choose_the_right_images():
     from data_pipeline.corrupt import CORRUPTIONS, FAMILIES
-    from search.image_grids import HELD_OUT, class_sample_rows, confidently_wrong_rows, corruption_rows
+    from common.image_grids import HELD_OUT, class_sample_rows, confidently_wrong_rows
+    from search.reports.study_page import corruption_rows
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
@@ -361,15 +362,15 @@ def planted_data(path: Path) -> Path:
 
 
 def test_study_page_shows_the_data_what_cleaning_removed_and_the_corruptions(tmp_path):
-    from search.prepare import prepare_data
-    from search.spec import load_spec
+    from search.execution.data_check import load_and_clean
+    from search.study.spec import load_spec
     from search_helpers import write_tiny_spec
 
     data = planted_data(tmp_path / "cells.npz")
     path = write_tiny_spec(tmp_path, name="paged")
     path.write_text(path.read_text().replace("[data]\n", f'[data]\npath = "{data.as_posix()}"\n'))
     spec = load_spec(str(path))
-    prepared = prepare_data(spec)  # the real cleaning, as search.run does it before any trial
+    prepared = load_and_clean(spec)  # the real cleaning, as search.run does it before any trial
     report = pd.read_csv(prepared.report_file).query("not kept")
     assert {"exact_duplicate", "label_conflict"} <= set(report.reason)
     location = spec.location

@@ -19,11 +19,11 @@ import pytest
 from optuna.artifacts import download_artifact
 from optuna.trial import TrialState
 
-from search.objective import ARTIFACT_ATTR_PREFIX, Objective
-from search.prepare import prepare_data
-from search.spec import load_spec
-from search.storage import open_artifact_store, open_storage
-from search.study import make_pruner
+from search.trial.objective import ARTIFACT_ATTR_PREFIX, Objective
+from search.execution.data_check import load_and_clean
+from search.study.spec import load_spec
+from search.execution.storage import open_artifact_store, open_storage
+from search.study.optuna_study import make_pruner
 from search_helpers import require_postgres, run_search, write_tiny_spec
 
 
@@ -171,7 +171,7 @@ def _wait_for_running_after_complete(spec, deadline: float) -> optuna.trial.Froz
 
 def _in_process_study(tmp_path, pruner: str = "none", train_images: int = 320):
     spec = load_spec(str(write_tiny_spec(tmp_path, pruner=pruner, train_images=train_images)))
-    prepare_data(spec)  # what the driver does before any trial: clean and split
+    load_and_clean(spec)  # what the driver does before any trial: clean and split
     storage = open_storage(spec.location.storage, heartbeat_interval=None)
     study = optuna.create_study(study_name=spec.name, storage=storage, direction="maximize",
                                 pruner=make_pruner(spec), sampler=optuna.samplers.RandomSampler(seed=0))

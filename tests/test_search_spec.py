@@ -8,11 +8,11 @@ import optuna
 import pytest
 
 from common.errors import ConfigError
-from search.devices import pin_environment
-from search.executors.devices_plan import parse_gpus, plan_workers, usable_cores
+from search.execution.devices import pin_environment
+from search.execution.devices_plan import parse_gpus, plan_workers, usable_cores
 from search.run import parse_args, spec_from_args
-from search.space import config_from_params, suggest_params, warm_start_trials
-from search.spec import WARM_START_KEYS, load_spec, spec_from_dict
+from search.study.space import config_from_params, suggest_params, warm_start_trials
+from search.study.spec import WARM_START_KEYS, load_spec, spec_from_dict
 
 
 @pytest.mark.parametrize("name", ["default", "an2dl_gpu", "fast", "accurate"])
@@ -131,7 +131,7 @@ def test_cpus_limits_the_cores_and_bad_values_are_named():
 def test_a_worker_is_pinned_to_its_cores():
     device = plan_workers([], None, cores=usable_cores(1))[0]
     env = {**os.environ, **pin_environment(device)}
-    code = ("import os; from search.devices import pin_cpu_cores; pin_cpu_cores(); "
+    code = ("import os; from search.execution.devices import pin_cpu_cores; pin_cpu_cores(); "
             "print(sorted(os.sched_getaffinity(0)))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(list(device.cpu_cores))

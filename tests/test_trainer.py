@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from common.errors import ConfigError
-from search.config import TrialConfig
-from search.trainer import ARTIFACT_FILES, is_complete, train_trial
+from search.study.trial_config import TrialConfig
+from search.trial.trainer import ARTIFACT_FILES, is_complete, train_trial
 
 QUICK = dict(backbone="compact_cnn", epochs=4, batch_size=128, learning_rate=3e-3, max_train_images=4000,
              augment_policy="light", augment_strength=0.3, tta_views=8, seed=1, early_stopping_monitor="val_robust")
@@ -46,7 +46,7 @@ def test_early_stopping_neither_stops_on_nor_keeps_a_spike_in_the_first_half():
     spike and end with the best weights of its second half."""
     import keras
 
-    from search.trainer import _callbacks
+    from search.trial.trainer import _callbacks
 
     config = TrialConfig(**{**QUICK, "early_stopping_monitor": "val_accuracy", "early_stopping_patience": 2})
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])

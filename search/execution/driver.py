@@ -1,0 +1,117 @@
+"""The search driver: everything `python -m search.run` and `cellsearch.search` do, in one function.
+
+Order matters: the spec and the data are checked (and the data cleaned and split) before any worker
+starts, so bad input fails in seconds with one line; only then are the storage, the study and the
+workers set up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import optuna
+
+from common.errors import ConfigError
+from search.study.spec import StudySpec, validate_spec
+
+#: Keyword overrides of `run_study`/`cellsearch.search` and the spec key each one sets.
+OVERRIDES: dict[str, tuple[str, str]] = {
+    "trials": ("budget", "trials"), "timeout": ("budget", "timeout_s"),
+    "storage": ("storage", "url"), "artifacts": ("storage", "artifacts"),
+    "executor": ("executor", "kind"), "workers": ("executor", "workers"), "gpus": ("executor", "gpus"),
+    "cpus": ("executor", "cpus"), "address": ("executor", "address"), "data": ("data", "path"),
+    "image_size": ("data", "image_size"), "objective": ("algorithm", "objective"),
+}
+
+
+def apply_overrides(spec: StudySpec, *, out: str | None = None, name: str | None = None,
+                    **overrides: Any) -> StudySpec:
+    """A copy of `spec` with the given values (None: keep the spec's); validated again."""
+    spec = dataclasses.replace(spec, **{section: dataclasses.replace(getattr(spec, section))
+                                        for section in {s for s, _ in OVERRIDES.values()}})
+    for key, value in overrides.items():
+        if key not in OVERRIDES:
+            raise ConfigError(f"unknown search option {key!r} (known: {', '.join(OVERRIDES)})")
+        if value is not None:
+            section, field = OVERRIDES[key]
+            setattr(getattr(spec, section), field, value)
+    spec.out = out or spec.out
+    spec.name = name or spec.name
+    validate_spec(spec, "options")
+    return spec
+
+
+def _plan_reseeds(spec: StudySpec, study: optuna.Study, top: int, say) -> None:
+    """Enqueue the copies and shrink the budget to exactly the waiting trials: a reseed run adds no search."""
+    from search.study.reseed import enqueue_reseeds, waiting_count
+    from search.study.optuna_study import finished_count
+
+    copied = enqueue_reseeds(study, top)
+    waiting = waiting_count(study)
+    spec.budget.trials = finished_count(study) + waiting
+    say(f"reseeding: copies of trial(s) {copied or 'none (all already copied)'} enqueued; "
+          f"{waiting} waiting trial(s) to run")
+
+
+def _describe(device) -> str:
+    if device.gpu is not None:
+        return f"gpu {device.gpu}"
+    cores = f" on core(s) {','.join(map(str, device.cpu_cores))}" if device.cpu_cores else ""
+    return f"cpu x{device.cpu_threads}{cores}"
+
+
+def _execute(spec: StudySpec, study: optuna.Study, show_progress: bool, say) -> None:
+    from search.execution.devices_plan import parse_gpus, plan_workers, usable_cores
+    from search.study.optuna_study import finished_count
+
+    location = spec.location
+    deadline = time.time() + spec.budget.timeout_s if spec.budget.timeout_s else None
+    gpus = parse_gpus(spec.executor.gpus)
+    if spec.executor.kind == "ray":
+        from search.execution.ray_executor import run_ray
+
+        run_ray(spec, location.storage, location.artifacts, gpus, deadline, show_progress=show_progress)
+        return
+    from search.execution.local import run_local
+
+    remaining = max(spec.budget.trials - finished_count(study), 1)
+    devices = plan_workers(gpus, spec.executor.workers, usable_cores(spec.executor.cpus))[:remaining]
+    say(f"{len(devices)} worker(s): " + ", ".join(_describe(d) for d in devices))
+    run_local(spec, study, location.storage, location.artifacts, devices, deadline, show_progress=show_progress)
+
+
+def run_study(spec: StudySpec, *, reseed_top: int | None = None, show_progress: bool = True,
+              quiet: bool = False) -> optuna.Study:
+    """Prepare the data, open (or continue) the study, run its missing trials, and write its report.
+
+    Returns the Optuna study. Running it again continues the study until it holds `budget.trials`
+    finished trials. `quiet`: no notes on the data, the workers and the storage (errors still show).
+    """
+    from search.execution.extras import require_extras
+    from search.execution.data_check import load_and_clean, upload_cleaning_report
+    from search.reports.study_report import write_report
+    from search.execution.storage import open_artifact_store, open_storage
+    from search.study.optuna_study import create_or_load_study
+
+    if reseed_top is not None and reseed_top < 1:
+        raise ConfigError(f"invalid reseed_top value {reseed_top}: need at least 1")
+    require_extras(spec)
+    say = (lambda message: None) if quiet else (lambda message: print(message, flush=True))
+    prepared = load_and_clean(spec)
+    say(prepared.describe())
+    location = spec.location
+    storage = open_storage(location.storage, heartbeat_interval=spec.storage.heartbeat_interval,
+                           grace_period=spec.storage.grace_period, max_retry=spec.storage.max_retry)
+    artifact_store = open_artifact_store(location.artifacts)
+    study = create_or_load_study(spec, storage)
+    upload_cleaning_report(study, artifact_store, prepared)
+    if reseed_top is not None:
+        _plan_reseeds(spec, study, reseed_top, say)
+    location.remember()
+    say(f"study {spec.name!r}: storage {location.storage}, artifacts {location.artifacts}, "
+        f"executor {spec.executor.kind}")
+    _execute(spec, study, show_progress, say)
+    write_report(study, location.report_dir, artifact_store=artifact_store)
+    return study

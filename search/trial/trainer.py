@@ -1,0 +1,247 @@
+"""Train and evaluate one configuration end to end: the unit the search runs hundreds of times.
+
+Pretrained backbones train in two stages (the head on a frozen backbone, then fine-tuning of the top
+`unfreeze_fraction` of blocks at a lower learning rate); models from scratch train in one stage.
+Artifacts land in the trial folder one atomic file at a time, `metrics.json` last: a folder without it
+is an unfinished trial, whatever else it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from common.errors import TrainingDiverged
+from common.atomic import atomic_write_text, atomic_write_with
+from data_pipeline.augment import build_augmenter
+from data_pipeline.imbalance import class_weights, oversample_indices
+from data_pipeline.stream import make_stream
+from search.study.trial_config import TrialConfig
+from search.execution.devices import jit_compile, resolve_switch
+from search.study.goals import robust_score
+from common.metrics import accuracy
+from search.trial.views import predict_views
+from search.trial.data import TrialData, load_trial_data
+
+ReportFn = Callable[[int, dict], None]  # (epoch, validation scores of that epoch)
+ARTIFACT_FILES = ("config.json", "history.csv", "predictions.npz", "model.keras", "metrics.json")
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    directory: Path
+    metrics: dict
+
+
+def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, epoch_offset: int, epochs: int,
+               started: float, timings: dict) -> list:
+    """The epoch monitor, then early stopping, which watches only the second half of the stage's epochs:
+    under the cosine schedule's high learning rate and heavy augmentation, early epochs spike (bench_robust
+    v4: a warm start whose twin ran on to 0.940 val_robust stopped at epoch 11 of 24 on a spike at epoch 4,
+    and kept that epoch's 0.902)."""
+    import keras
+
+    score_shift = config.early_stopping_monitor == "val_robust"
+
+    class Monitor(keras.callbacks.Callback):
+        """Scores each epoch (on the held-out-family copy too, when the objective needs it), reports it,
+        stops on NaN, enforces the time budget. Runs before EarlyStopping, which reads what it adds."""
+
+        def on_train_batch_begin(self, batch, logs=None):
+            timings.setdefault("first_step", time.perf_counter() - started)
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(float(loss)):
+                raise TrainingDiverged(f"loss became {loss} at step {batch}")
+
+        def on_epoch_end(self, epoch, logs=None):
+            if score_shift:
+                shifted = predict_views(self.model, data.val_shifted.images, 1)[0]
+                logs["val_corrupted_accuracy"] = accuracy(shifted, data.val_shifted_labels)
+                logs["val_robust"] = robust_score(logs["val_accuracy"], logs["val_corrupted_accuracy"])
+            if report is not None:
+                report(epoch_offset + epoch, {k: float(v) for k, v in logs.items() if k.startswith("val_")})
+            if config.time_budget_s and time.perf_counter() - started > config.time_budget_s:
+                self.model.stop_training = True
+
+    stopper = keras.callbacks.EarlyStopping(
+        monitor=config.early_stopping_monitor, mode="max", patience=config.early_stopping_patience,
+        restore_best_weights=True, start_from_epoch=epochs // 2,
+    )
+    return [Monitor(), stopper]
+
+
+def _optimizer(config: TrialConfig, learning_rate: float, total_steps: int, warmup_steps: int):
+    import keras
+
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=learning_rate / 100, decay_steps=max(total_steps - warmup_steps, 1),
+        warmup_target=learning_rate, warmup_steps=warmup_steps, alpha=0.01,
+    )
+    decay = config.weight_decay or None
+    if config.optimizer == "adam":
+        return keras.optimizers.Adam(schedule)
+    if config.optimizer == "adamw":
+        return keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+    if config.optimizer == "lion":
+        return keras.optimizers.Lion(schedule, weight_decay=decay)
+    return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, weight_decay=decay)
+
+
+def _compile(model, config: TrialConfig, learning_rate: float, epochs: int, steps_per_epoch: int) -> None:
+    import keras
+
+    warmup = int(config.warmup_epochs * steps_per_epoch) if epochs > 1 else 0
+    model.compile(
+        optimizer=_optimizer(config, learning_rate, epochs * steps_per_epoch, warmup),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=["accuracy"],
+        jit_compile=jit_compile(config.jit_compile),
+    )
+
+
+def _stages(config: TrialConfig, pretrained: bool) -> list[tuple[str, float, int, float]]:
+    """(name, unfreeze fraction, epochs, learning rate) for each fit() call."""
+    if not pretrained:
+        return [("scratch", 1.0, config.epochs, config.learning_rate)]
+    stages = [("head", 0.0, config.head_epochs, config.learning_rate)] if config.head_epochs else []
+    finetune_lr = config.learning_rate * config.finetune_lr_factor
+    if not config.gradual_unfreeze:
+        return stages + [("finetune", config.unfreeze_fraction, config.epochs, finetune_lr)]
+    chunks = min(3, config.epochs)
+    sizes = [config.epochs // chunks + (i < config.epochs % chunks) for i in range(chunks)]
+    return stages + [
+        (f"finetune_{i + 1}", config.unfreeze_fraction * (i + 1) / chunks, n, finetune_lr)
+        for i, n in enumerate(sizes)
+    ]
+
+
+def _training_arrays(config: TrialConfig, data: TrialData) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = data.train.images, data.train.labels
+    if config.oversample:
+        keep = oversample_indices(labels, seed=config.seed)
+        images, labels = images[keep], labels[keep]
+    return images, labels
+
+
+def _fit(model, config: TrialConfig, data: TrialData, report: ReportFn | None, started: float,
+         timings: dict, pretrained: bool) -> tuple[pd.DataFrame, int]:
+    """Every stage's history, and the epoch whose weights the model ends with (early stopping restores the
+    best watched epoch of the last stage)."""
+    from backbones import set_unfreeze
+    from data_pipeline.augment import CONSISTENCY_POLICIES
+    from search.trial.jsd import JSDTrainer
+
+    images, labels = _training_arrays(config, data)
+    n_classes = len(data.class_names)
+    consistency = config.augment_policy in CONSISTENCY_POLICIES
+    augmenter = build_augmenter(config.augment_policy, config.augment_strength, n_classes, seed=config.seed,
+                                families=config.train_families, stack_views=consistency)
+    train = make_stream(images, labels, n_classes, config.batch_size, augmenter=augmenter, seed=config.seed)
+    val = make_stream(data.val.images, data.val.labels, n_classes, config.batch_size, shuffle=False)
+    weights = class_weights(labels, n_classes) if config.class_weighting else None
+    steps = math.ceil(len(labels) / config.batch_size)
+    classifier = model
+    model = JSDTrainer(classifier) if consistency else classifier  # the wrapper trains the classifier's weights
+    histories, epoch = [], 0
+    for name, fraction, epochs, learning_rate in _stages(config, pretrained):
+        set_unfreeze(classifier, fraction)
+        _compile(model, config, learning_rate, epochs, steps)
+        callbacks = _callbacks(config, data, report, epoch, epochs, started, timings)
+        fitted = model.fit(train, validation_data=val, epochs=epochs, class_weight=weights, verbose=0, shuffle=False,
+                           callbacks=callbacks)
+        frame = pd.DataFrame(fitted.history)
+        stopper = callbacks[-1]  # a time budget can end the stage before it watched: the last epoch stays
+        best_epoch = epoch + (stopper.best_epoch if stopper.best_weights is not None else len(frame) - 1)
+        frame.insert(0, "epoch", range(epoch, epoch + len(frame)))
+        frame.insert(1, "stage", name)
+        histories.append(frame)
+        epoch += len(frame)
+        if config.time_budget_s and time.perf_counter() - started > config.time_budget_s:
+            break
+    return pd.concat(histories, ignore_index=True), best_epoch
+
+
+def _evaluate(model, config: TrialConfig, data: TrialData) -> tuple[dict, dict]:
+    """Clean val/test and held-out-family val accuracy, with and without TTA, and the arrays behind them."""
+    arrays, metrics = {"class_names": np.array(data.class_names)}, {}
+    for split in ("val", "test"):
+        part = getattr(data, split)
+        views = predict_views(model, part.images, config.tta_views)
+        arrays.update({f"{split}_ids": part.ids, f"{split}_labels": part.labels, f"{split}_view_probs": views})
+        metrics[f"{split}_accuracy"] = accuracy(views[0], part.labels)
+        metrics[f"{split}_accuracy_tta"] = accuracy(views.mean(axis=0), part.labels)
+    shifted, labels = data.val_shifted, data.val_shifted_labels
+    views = predict_views(model, shifted.images, config.tta_views)
+    arrays.update(shifted_view_probs=views, shifted_source=shifted.source, shifted_family=shifted.family,
+                  shifted_kind=shifted.kind, shifted_severity=shifted.severity)
+    tta = views.mean(axis=0)
+    metrics["val_corrupted_accuracy"] = accuracy(views[0], labels)
+    metrics["val_corrupted_accuracy_tta"] = accuracy(tta, labels)
+    for family in sorted(set(shifted.family.tolist())):
+        rows = shifted.family == family
+        metrics[f"val_accuracy_{family}"] = accuracy(tta[rows], labels[rows])
+    metrics["val_robust"] = robust_score(metrics["val_accuracy"], metrics["val_corrupted_accuracy"])
+    metrics["val_robust_tta"] = robust_score(metrics["val_accuracy_tta"], metrics["val_corrupted_accuracy_tta"])
+    return metrics, arrays
+
+
+def _set_precision(config: TrialConfig) -> None:
+    import keras
+
+    keras.mixed_precision.set_global_policy("mixed_float16" if resolve_switch(config.mixed_precision) else "float32")
+
+
+def build_trial_model(config: TrialConfig, data: TrialData):
+    from backbones import build_classifier
+
+    return build_classifier(config.backbone, input_shape=data.train.image_shape,
+                            num_classes=len(data.class_names), weights=config.weights,
+                            dropout=config.dropout, head_units=config.head_units)
+
+
+def train_trial(config: TrialConfig, out_dir: str | Path, report: ReportFn | None = None) -> TrialResult:
+    """Train `config`, evaluate with and without TTA, and write the trial's artifacts to `out_dir`.
+
+    `report(epoch, scores)` is called after every epoch with that epoch's validation scores
+    (`val_accuracy`, and `val_corrupted_accuracy` / `val_robust` when early stopping monitors robustness);
+    an exception it raises (a pruning signal) stops the trial before anything but the config is written.
+    """
+    import keras
+
+    from backbones import get_backbone
+
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.json", json.dumps(config.to_dict(), indent=2))
+    keras.utils.set_random_seed(config.seed)
+    _set_precision(config)
+    data = load_trial_data(config)
+    model = build_trial_model(config, data)
+    timings: dict = {}
+    history, best_epoch = _fit(model, config, data, report, started, timings, get_backbone(config.backbone).pretrained)
+    train_seconds = time.perf_counter() - started
+    metrics, arrays = _evaluate(model, config, data)
+    metrics.update(
+        epochs_run=len(history), best_epoch=best_epoch, train_seconds=train_seconds,
+        seconds_to_first_step=timings.get("first_step"), total_seconds=time.perf_counter() - started,
+        n_train=len(data.train), n_params=int(model.count_params()), backbone=config.backbone,
+    )
+    atomic_write_with(out_dir / "history.csv", lambda p: history.to_csv(p, index=False))
+    atomic_write_with(out_dir / "predictions.npz", lambda p: np.savez_compressed(p, **arrays))
+    atomic_write_with(out_dir / "model.keras", model.save)
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    return TrialResult(out_dir, metrics)
+
+
+def is_complete(trial_dir: str | Path) -> bool:
+    return (Path(trial_dir) / "metrics.json").is_file()
