@@ -140,9 +140,9 @@ def check_images(images: Any, source: str = "images", error: type[CellsearchErro
     if images.ndim == 3:
         hint = ("a single image? add a batch axis: images[None]" if images.shape[-1] == 3
                 else "greyscale (N,H,W)? expected (N,H,W,3) RGB")
-        raise error(f"{source}: expected images of shape (N,H,W,3), got shape {images.shape} ({hint})")
+        raise error(f"{source}: expected images of shape (N,H,W,3), got rank 3 shape {images.shape} ({hint})")
     if images.ndim != 4:
-        raise error(f"{source}: expected images of shape (N,H,W,3), got shape {images.shape}")
+        raise error(f"{source}: expected images of shape (N,H,W,3), got rank {images.ndim} shape {images.shape}")
     if images.shape[-1] != 3:
         raise error(f"{source}: expected 3 colour channels (RGB), got {images.shape[-1]} (shape {images.shape})")
     if images.shape[0] == 0:
