@@ -15,14 +15,12 @@ Importing this package and the registry does not import Keras/TensorFlow (a ~6 s
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from backbones import keras_apps as _keras_apps  # noqa: F401  (registers entries)
 from backbones import scratch as _scratch  # noqa: F401  (registers entries)
 from backbones.blocks import Block
 from backbones.registry import BackboneSpec, get_backbone, list_backbones, register
 from common.errors import UnknownBackboneError, WeightsError, WeightsUnavailableError
+from common.lazy import lazy_exports
 
 _LAZY = {
     "build_head": "backbones.head",
@@ -48,14 +46,4 @@ _LAZY = {
 __all__ = sorted(["BackboneSpec", "Block", "UnknownBackboneError", "WeightsError", "WeightsUnavailableError",
                   "get_backbone", "list_backbones", "register", *_LAZY])
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'backbones' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -14,10 +14,8 @@ Importing this package does not import TensorFlow: the names below load on first
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from common.errors import EnsembleError
+from common.lazy import lazy_exports
 
 _LAZY = {
     "EnsembleClassifier": "ensemble.classifier",
@@ -35,10 +33,4 @@ _LAZY = {
 
 __all__ = sorted(["EnsembleError", *_LAZY])
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ensemble' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
