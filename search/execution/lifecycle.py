@@ -26,15 +26,15 @@ import sys
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import optuna
-from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from common.errors import CellsearchError, StorageError, TrialsFailing
+from search.study.experimental import experimental_features
 from search.study.reseed import RESEED_ATTR
 from search.execution.storage import first_line, open_storage, redact
 
@@ -89,7 +89,8 @@ def resume_command() -> str:
 
 
 def worker_id(pid: int | None = None) -> str:
-    """How a trial names the process running it (user attribute `worker`)."""
+    """How a trial names the process running it (user attribute `worker`): written by `run_trial`, matched
+    here when a stopped worker's trials are failed, so the format lives in this one function."""
     return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
 
 
@@ -342,8 +343,7 @@ def interrupted_since(study: optuna.Study, started: float) -> int:
 def recover_stale_trials(study: optuna.Study) -> None:
     """Optuna's stale-trial handling: RUNNING trials whose heartbeat is older than the grace period fail, and
     the storage's RetryHeartbeatStaleTrialCallback queues them again (no-op without heartbeats)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
+    with experimental_features():
         optuna.storages.fail_stale_trials(study)
 
 

@@ -21,6 +21,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 from common.errors import StorageError, require_extra
+from search.study.experimental import experimental_features
 
 
 def redact(url: str) -> str:
@@ -54,14 +55,16 @@ def open_storage(url: str, *, heartbeat_interval: int | None = 10, grace_period:
         if must_exist and not local.is_file():
             raise StorageError(f"no study database at {local}")
         local.parent.mkdir(parents=True, exist_ok=True)
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry) if heartbeat_interval else None
+    with experimental_features():
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry) if heartbeat_interval else None
     engine_kwargs = {"connect_args": {"timeout": 60}} if local else {"pool_pre_ping": True,
                                                                      "connect_args": {"connect_timeout": 10}}
     for attempt in range(1, CREATE_ATTEMPTS + 1):
         try:
-            storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                                 grace_period=grace_period if heartbeat_interval else None,
-                                 heartbeat_stale_trial_callback=retry)
+            with experimental_features():  # heartbeats
+                storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                                     grace_period=grace_period if heartbeat_interval else None,
+                                     heartbeat_stale_trial_callback=retry)
             break
         except Exception as exc:  # sqlalchemy raises many types: all mean "unusable storage"
             if attempt == CREATE_ATTEMPTS or not _lost_creation_race(exc):

@@ -7,6 +7,7 @@ import json
 import optuna
 from optuna.trial import TrialState
 
+from search.study.experimental import experimental_features
 from search.study.goals import get_objective
 from search.study.space import warm_start_trials
 from search.study.spec import AlgorithmSpec, StudySpec
@@ -20,10 +21,11 @@ def make_sampler(algorithm: AlgorithmSpec, worker_index: int = 0) -> optuna.samp
     seed = None if algorithm.seed is None else algorithm.seed + 1000 * worker_index
     if algorithm.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(
-        multivariate=algorithm.multivariate, group=algorithm.multivariate, constant_liar=True,
-        n_startup_trials=algorithm.n_startup_trials, seed=seed,
-    )
+    with experimental_features():  # grouped TPE
+        return optuna.samplers.TPESampler(
+            multivariate=algorithm.multivariate, group=algorithm.multivariate, constant_liar=True,
+            n_startup_trials=algorithm.n_startup_trials, seed=seed,
+        )
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
@@ -53,7 +55,8 @@ def create_or_load_study(spec: StudySpec, storage) -> optuna.Study:
     study = open_study(spec, storage)
     recover_stale_trials(study)
     study.set_user_attr("spec", json.loads(json.dumps(spec.to_dict())))
-    study.set_metric_names(get_objective(spec.algorithm.objective).metric_names)
+    with experimental_features():
+        study.set_metric_names(get_objective(spec.algorithm.objective).metric_names)
     if not study.get_trials(deepcopy=False):
         for params, user_attrs in warm_start_trials(spec):
             study.enqueue_trial(params, user_attrs=user_attrs)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Protocol
 import numpy as np
 import optuna
 
+from search.execution.lifecycle import worker_id
 from search.study.trial_config import TrialConfig
 from search.study.goals import get_objective
 from search.study.reseed import is_protected
@@ -102,7 +102,7 @@ def run_trial(channel: TrialChannel, spec: StudySpec) -> TrialOutcome:
     objective = get_objective(spec.algorithm.objective)
     config = trial_config(spec, channel.params, channel.number)
     for key, value in {"seed": config.seed, "device": device_label(),
-                       "worker": f"{socket.gethostname()}:{os.getpid()}", "started_at": time.time()}.items():
+                       "worker": worker_id(), "started_at": time.time()}.items():
         channel.set_user_attr(key, value)
     may_prune = not is_protected(channel)
     work_dir = spec.location.trial_work_dir(channel.number)
