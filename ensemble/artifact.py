@@ -1,4 +1,4 @@
-"""The ensemble artifact: one folder, written atomically, verified on load.
+"""The ensemble artifact's plain files: one folder, written atomically, verified on load.
 
     <out>/
       manifest.json          members, weights, combiner numbers, TTA views, classes, input size,
@@ -10,9 +10,12 @@
 The folder is built as a hidden temporary sibling and renamed into place only once complete, so a failed
 build never leaves a complete-looking artifact and never destroys an existing one (the old folder is moved
 aside, the new one renamed in, and only then is the old one deleted; if the second rename fails the old
-one is put back). `load_ensemble` re-checks every checksum before anything is loaded; note that checksums
+one is put back). `read_artifact` re-checks every checksum before anything is loaded; note that checksums
 catch accidental damage and edits, not a forger who also rewrites the manifest: load only artifacts you
 trust (joblib files, like any pickle, run code when loaded).
+
+This module knows files, not estimators: `EnsembleClassifier.save` and `ensemble.classifier.load_ensemble`
+hand it models, a combiner and manifest entries, and get them back.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ import platform
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
-from ensemble.standalone import MANIFEST, manifest_precision, read_manifest, sha256_file
+from ensemble.standalone import MANIFEST, read_manifest, sha256_file
 from common.errors import EnsembleError
 
 COMBINER_FILE = "combiner.joblib"
@@ -95,79 +98,52 @@ CORE_KEYS = ("format_version", "members", "combiner", "combiner_file", "class_na
              "views", "adapt_bn", "bn_prior", "preprocessing", "versions", "files")
 
 
-def member_files(classifier) -> list[str]:
-    names = classifier.member_names or [f"member_{i:02d}" for i in range(classifier.n_members_)]
-    return [f"{MEMBERS_DIR}/{name}.keras" for name in names]
+def member_files(member_names: Sequence[str]) -> list[str]:
+    """The members' paths inside the folder, one per name."""
+    return [f"{MEMBERS_DIR}/{name}.keras" for name in member_names]
 
 
-def write_artifact(classifier, folder: Path, extra: dict[str, Any] | None = None,
-                   members_written: bool = False) -> dict[str, Any]:
-    """Write a fitted classifier into `folder` (members unless `members_written`, the combiner pickle and
-    the manifest, last) and return the manifest. `extra` adds build information; its "members" entries
-    are merged into the per-member entries, its "inference" entry into the precision entry."""
+def write_artifact(folder: Path, models: Sequence, member_names: Sequence[str], combiner, entries: dict[str, Any],
+                   extra: dict[str, Any] | None = None, members_written: bool = False) -> dict[str, Any]:
+    """Write the member models (unless `members_written`), the combiner pickle and the manifest (last) into
+    `folder`; return the manifest. `entries` are the classifier's own keys (`CORE_KEYS`, "inference"); `extra`
+    adds build information: its "members" entries are merged into the per-member entries, its "inference"
+    entry into the classifier's."""
     import joblib
 
-    from ensemble.standalone import FORMAT_VERSION, VIEW_SETS
+    from ensemble.standalone import FORMAT_VERSION
 
     extra = {k: v for k, v in (extra or {}).items() if k not in CORE_KEYS or k == "members"}
-    files = member_files(classifier)
+    files = member_files(member_names)
     if len(set(files)) != len(files):
-        raise EnsembleError(f"member_names must be distinct, got {classifier.member_names}")
+        raise EnsembleError(f"member_names must be distinct, got {list(member_names)}")
     if not members_written:
         (folder / MEMBERS_DIR).mkdir(parents=True, exist_ok=True)
-        for model, name in zip(classifier.members_, files):
+        for model, name in zip(models, files):
             model.save(folder / name)
-    joblib.dump(classifier.combiner_, folder / COMBINER_FILE)
+    joblib.dump(combiner, folder / COMBINER_FILE)
     given = extra.pop("members", None) or [{} for _ in files]
     manifest = {
         "format_version": FORMAT_VERSION,
         **extra,
+        **entries,
         "members": [{**entry, "file": name} for entry, name in zip(given, files)],
-        "combiner": classifier.combiner_.params(),
         "combiner_file": COMBINER_FILE,
-        "class_names": classifier.class_names_.tolist(),
-        "input_size": list(classifier.input_size_),
-        "tta_views": int(classifier.tta_views),
-        "views": list(VIEW_SETS[classifier.tta_views]),
-        "inference": {**extra.get("inference", {}), "precision": classifier.precision_,
-                      "tta_views": int(classifier.tta_views)},
-        "adapt_bn": bool(classifier.adapt_bn),
-        "bn_prior": float(classifier.bn_prior),
+        "inference": {**extra.get("inference", {}), **entries.get("inference", {})},
         "preprocessing": PREPROCESSING_NOTE,
         "versions": library_versions(),
     }
     return write_manifest(folder, manifest)
 
 
-def save_ensemble(classifier, path: str | os.PathLike) -> Path:
-    """`classifier.save(path)`: the artifact folder, written atomically (the build information of a built
-    or loaded classifier's manifest is kept; its report/ folder stays where the build wrote it)."""
-    with atomic_folder(path) as staging:
-        write_artifact(classifier, staging, {k: v for k, v in (classifier.manifest_ or {}).items()
-                                             if k not in ("files", "student")})
-    return Path(path)
-
-
-def load_ensemble(folder: str | os.PathLike, *, resize: bool = True, batch_size: int | None = None,
-                  precision: str | None = None, adapt_bn: bool | None = None):
-    """Verify and load a built ensemble as a fitted `EnsembleClassifier` (Keras safe_mode on).
-
-    `precision` None runs in the precision the ensemble was built and evaluated in (manifest
-    "inference"), float32 when this CPU has no native bfloat16; `adapt_bn` None follows the manifest's
-    "adapt_bn" (False for artifacts from before it existed).
-
-    Raises `EnsembleError` for a missing, incomplete or modified artifact, before loading anything.
-
-    Example:
-        >>> from ensemble import load_ensemble
-        >>> clf = load_ensemble("runs/default/ensemble")  # doctest: +SKIP
-        >>> clf.predict(images[:4]), clf.manifest_["adapt_bn"]  # doctest: +SKIP
-    """
+def read_artifact(folder: str | os.PathLike) -> tuple[dict[str, Any], list, Any]:
+    """(manifest, member models, fitted combiner) of an artifact folder, checksums verified first and
+    members loaded with Keras safe_mode on; `EnsembleError` for a missing, incomplete, modified or
+    inconsistent artifact."""
     import joblib
 
     import backbones.preprocessing  # noqa: F401  (registers the members' custom layer)
-    from ensemble.classifier import EnsembleClassifier
-    from ensemble.standalone import load_member_models, manifest_adapt_bn, manifest_bn_prior
+    from ensemble.standalone import load_member_models
 
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -184,14 +160,4 @@ def load_ensemble(folder: str | os.PathLike, *, resize: bool = True, batch_size:
     if n_classes != {len(manifest["class_names"])}:
         raise EnsembleError(f"{folder}: members output {sorted(n_classes)} classes, manifest names "
                             f"{len(manifest['class_names'])}")
-    classifier = EnsembleClassifier(
-        models, combiner, tuple(manifest["class_names"]), int(manifest["tta_views"]), batch_size=batch_size,
-        resize=resize, precision=precision or manifest_precision(manifest),
-        adapt_bn=manifest_adapt_bn(manifest) if adapt_bn is None else adapt_bn, bn_prior=manifest_bn_prior(manifest),
-        member_names=[Path(m["file"]).stem for m in manifest["members"]])
-    classifier._set_fitted(combiner)
-    if tuple(classifier.input_size_) != tuple(manifest["input_size"]):
-        raise EnsembleError(f"{folder}: members take {classifier.input_size_}, manifest says "
-                            f"{manifest['input_size']}")
-    classifier.manifest_ = manifest
-    return classifier
+    return manifest, models, combiner

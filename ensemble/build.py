@@ -265,7 +265,7 @@ def _select(options: BuildOptions, val_probs: list[np.ndarray], rows: Validation
 
 
 def _build(options, location, store, out: Path, candidates, notes, rows: ValidationRows, budget):
-    from ensemble.artifact import atomic_folder, write_artifact
+    from ensemble.artifact import atomic_folder, member_files
     from ensemble.candidates import download
     from ensemble.classifier import EnsembleClassifier
     from ensemble.combiners import make_combiner
@@ -285,8 +285,8 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
     names = [f"trial_{m.number:05d}" for m in members]
     with atomic_folder(out) as staging:
         (staging / "report").mkdir()
-        for member, name in zip(members, names):
-            download(store, member, "model.keras", staging / "members" / f"{name}.keras")
+        for member, file in zip(members, member_files(names)):
+            download(store, member, "model.keras", staging / file)
         choice = score_combiners(X_val, rows, calibrate=options.calibrate, vote_weights=vote_weights,
                                  preferred=options.combiner, clean_tolerance=options.clean_tolerance, seed=options.seed)
         combiner = make_combiner(choice.chosen, calibrate=options.calibrate, vote_weights=vote_weights,
@@ -305,7 +305,7 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
         inference = _inference_entry(options, ens, selection, budget)
         extra = _manifest_extra(options, location, members, selection, rows, report, images, inference,
                                 members[best_position].number)
-        ens.manifest_ = write_artifact(ens, staging, extra, members_written=True)
+        ens.write(staging, extra, members_written=True)
     report.folder = out
     upload_ensemble_page(location, store, out / "report")
     ens.report_ = report
@@ -317,15 +317,16 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
 def _load_members(staging: Path, names: list[str]) -> list:
     """The members as the artifact will load them (safe_mode on)."""
     import backbones.preprocessing  # noqa: F401  (registers the custom layer)
+    from ensemble.artifact import member_files
     from ensemble.standalone import load_member_models
 
-    return load_member_models(staging, {"members": [{"file": f"members/{n}.keras"} for n in names]},
+    return load_member_models(staging, {"members": [{"file": file} for file in member_files(names)]},
                               custom_layer=False)
 
 
 def _inference_entry(options, ens, selection, budget) -> dict:
     """Under a budget, the estimated and the measured images/s of the ensemble (precision is added by
-    write_artifact)."""
+    `EnsembleClassifier.write`)."""
     entry: dict[str, Any] = {"min_images_per_s": options.min_images_per_s}
     if budget is not None:
         from ensemble.budget import images_per_second
@@ -441,9 +442,11 @@ def _evaluate(options, staging: Path, ens, reference, members, best_position, im
 
 
 def _member_table(members, ens, rows: ValidationRows) -> pd.DataFrame:
+    from ensemble.artifact import member_files
+
     table = []
-    for member, name in zip(members, ens.member_names):
-        table.append({"trial": member.number, "file": f"members/{name}.keras", "backbone": member.config.backbone,
+    for member, file in zip(members, member_files(ens.member_names)):
+        table.append({"trial": member.number, "file": file, "backbone": member.config.backbone,
                       "trial_value": member.value,
                       **rows.scores(rows.stack(member.val_probs, member.shifted_probs), "val")})
     return pd.DataFrame(table)
@@ -451,7 +454,7 @@ def _member_table(members, ens, rows: ValidationRows) -> pd.DataFrame:
 
 def _manifest_extra(options, location, members, selection, rows, report: EnsembleReport, images, inference,
                     best_trial: int) -> dict:
-    """The build's part of the manifest (write_artifact adds the classifier's own entries and checksums)."""
+    """The build's part of the manifest (`EnsembleClassifier.write` adds the classifier's own entries and checksums)."""
     from search.execution.storage import redact
 
     records = lambda frame: json.loads(frame.to_json(orient="records"))  # noqa: E731

@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 
-from ensemble.standalone import BN_PRIOR, VIEW_SETS, TTARunner, prepare_images
+from ensemble.artifact import atomic_folder, read_artifact, write_artifact
+from ensemble.standalone import (BN_PRIOR, VIEW_SETS, TTARunner, manifest_adapt_bn, manifest_bn_prior,
+                                 manifest_precision, prepare_images)
 from common.errors import EnsembleError
 
 if TYPE_CHECKING:
@@ -285,11 +287,54 @@ class EnsembleClassifier(ClassifierMixin, BaseEstimator):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the artifact folder (manifest with checksums, members, combiner) atomically; see
-        `ensemble.artifact`. Load it with `load_ensemble(path)`."""
-        from ensemble.artifact import save_ensemble
-
+        `ensemble.artifact`. Load it with `load_ensemble(path)`. The build information of a built or loaded
+        classifier's manifest is kept; its report/ folder stays where the build wrote it."""
         self._check_fitted()
-        return save_ensemble(self, path)
+        with atomic_folder(path) as staging:
+            self.write(staging, {k: v for k, v in (self.manifest_ or {}).items() if k not in ("files", "student")})
+        return Path(path)
+
+    def write(self, folder: Path, extra: dict[str, Any] | None = None, members_written: bool = False) -> dict:
+        """Write the fitted classifier's files into `folder` (members unless `members_written`, combiner,
+        manifest with `extra` build information) and return the manifest, also kept as `manifest_`."""
+        self._check_fitted()
+        entries = {"combiner": self.combiner_.params(), "class_names": self.class_names_.tolist(),
+                   "input_size": list(self.input_size_), "tta_views": int(self.tta_views),
+                   "views": list(VIEW_SETS[self.tta_views]), "adapt_bn": bool(self.adapt_bn),
+                   "bn_prior": float(self.bn_prior),
+                   "inference": {"precision": self.precision_, "tta_views": int(self.tta_views)}}
+        self.manifest_ = write_artifact(folder, self.members_, self._member_labels(), self.combiner_, entries, extra,
+                                        members_written)
+        return self.manifest_
+
+
+def load_ensemble(folder: str | os.PathLike, *, resize: bool = True, batch_size: int | None = None,
+                  precision: str | None = None, adapt_bn: bool | None = None) -> EnsembleClassifier:
+    """Verify and load a built ensemble as a fitted `EnsembleClassifier` (Keras safe_mode on).
+
+    `precision` None runs in the precision the ensemble was built and evaluated in (manifest
+    "inference"), float32 when this CPU has no native bfloat16; `adapt_bn` None follows the manifest's
+    "adapt_bn" (False for artifacts from before it existed).
+
+    Raises `EnsembleError` for a missing, incomplete or modified artifact, before loading anything.
+
+    Example:
+        >>> from ensemble import load_ensemble
+        >>> clf = load_ensemble("runs/default/ensemble")  # doctest: +SKIP
+        >>> clf.predict(images[:4]), clf.manifest_["adapt_bn"]  # doctest: +SKIP
+    """
+    manifest, models, combiner = read_artifact(folder)
+    classifier = EnsembleClassifier(
+        models, combiner, tuple(manifest["class_names"]), int(manifest["tta_views"]), batch_size=batch_size,
+        resize=resize, precision=precision or manifest_precision(manifest),
+        adapt_bn=manifest_adapt_bn(manifest) if adapt_bn is None else adapt_bn, bn_prior=manifest_bn_prior(manifest),
+        member_names=[Path(m["file"]).stem for m in manifest["members"]])
+    classifier._set_fitted(combiner)
+    if tuple(classifier.input_size_) != tuple(manifest["input_size"]):
+        raise EnsembleError(f"{folder}: members take {classifier.input_size_}, manifest says "
+                            f"{manifest['input_size']}")
+    classifier.manifest_ = manifest
+    return classifier
 
 
 def _is_image(item) -> bool:
