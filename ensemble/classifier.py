@@ -177,7 +177,7 @@ class EnsembleClassifier(ClassifierMixin, BaseEstimator):
         from data_pipeline.dataset import to_rgb
 
         if isinstance(images, (str, os.PathLike)):
-            from ensemble.predict import read_inputs
+            from ensemble.inputs import read_inputs
 
             found = read_inputs(images, self._manifest())
             return to_rgb(found.images, str(images)), found.labels
@@ -200,7 +200,7 @@ class EnsembleClassifier(ClassifierMixin, BaseEstimator):
     def _one(self, item) -> np.ndarray:
         """One list element: a path (whatever it holds), a PIL image, or one (H,W,3) array."""
         from data_pipeline.loaders import pil_to_array
-        from ensemble.predict import center_crop
+        from ensemble.inputs import center_crop
 
         if _is_image(item):
             manifest = self._manifest()
