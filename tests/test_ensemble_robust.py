@@ -111,6 +111,23 @@ def test_the_clean_objective_ignores_the_shifted_copy(location, tmp_path, capsys
     assert ens.report_.objective == "clean" and ens.combiner_.n_fit_samples_ == SIZES["val"]
 
 
+def test_the_seed_of_build_ensemble_reaches_the_cross_validation_folds(location, tmp_path):
+    """`seed` (`--seed`) shuffles the folds combiners are scored and calibrated on: the same seed repeats
+    every out-of-fold score, another one changes them."""
+    from ensemble import build_ensemble
+
+    def scores(seed: int, name: str) -> pd.DataFrame:
+        ens = build_ensemble(location, top=2, method="topk", tta=1, heldout_eval=False, seed=seed,
+                             out=str(tmp_path / name), quiet=True, progress=False)
+        assert ens.manifest_["build_options"]["seed"] == seed
+        return ens.report_.combiners.set_index("combiner").filter(like="val_oof")
+
+    first = scores(0, "a")
+    pd.testing.assert_frame_equal(scores(0, "b"), first)
+    other = scores(1, "c")
+    assert not np.allclose(other[["val_oof_log_loss"]], first[["val_oof_log_loss"]], rtol=0, atol=1e-12)
+
+
 def _shifted_batch(images: np.ndarray) -> np.ndarray:
     from data_pipeline.corrupt import shifted_copy
 
