@@ -19,7 +19,7 @@ from common.lazy import lazy_exports
 
 _LAZY = {
     "EnsembleClassifier": "ensemble.classifier",
-    "load_ensemble": "ensemble.artifact",
+    "load_ensemble": "ensemble.classifier",
     "BuildOptions": "ensemble.build",
     "EnsembleReport": "ensemble.build",
     "build_ensemble": "ensemble.build",
