@@ -9,9 +9,11 @@
 """
 
 from common.errors import (BackboneError, CellsearchError, ConfigError, DataError, DataWarning, EnsembleError,
-                           MissingExtraError, StorageError, StudyNotFoundError, TrainingDiverged, TrialsFailing,
-                           UnknownBackboneError, WeightsError, WeightsUnavailableError, WorkerFailed, require_extra)
+                           Interrupted, MissingExtraError, StorageError, StudyNotFoundError, TrainingDiverged,
+                           TrialsFailing, UnknownBackboneError, WeightsError, WeightsUnavailableError, WorkerFailed,
+                           require_extra)
 
 __all__ = ["BackboneError", "CellsearchError", "ConfigError", "DataError", "DataWarning", "EnsembleError",
-           "MissingExtraError", "StorageError", "StudyNotFoundError", "TrainingDiverged", "TrialsFailing",
-           "UnknownBackboneError", "WeightsError", "WeightsUnavailableError", "WorkerFailed", "require_extra"]
+           "Interrupted", "MissingExtraError", "StorageError", "StudyNotFoundError", "TrainingDiverged",
+           "TrialsFailing", "UnknownBackboneError", "WeightsError", "WeightsUnavailableError", "WorkerFailed",
+           "require_extra"]

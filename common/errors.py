@@ -5,9 +5,27 @@ hierarchy at the bottom layer lets every package raise and catch any area's erro
 `cellsearch.errors` re-exports it as the public API.
 """
 
+import signal
+
 
 class CellsearchError(Exception):
     """Base of every error cellsearch raises on purpose; the message says what to fix."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: stop, record the unfinished trials as interrupted, queue them to run again.
+
+    A KeyboardInterrupt, not a CellsearchError: a stop request is no error, and code that lets Ctrl-C
+    through lets it through too.
+    """
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 # ------------------------------------------------------------------------------------------------ data

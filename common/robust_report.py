@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from common.atomic import atomic_write_text, atomic_write_with
+from common.errors import DataError
 from common.metrics import accuracy, expected_calibration_error
 from common.plots import confusion_matrix_png, new_figure, save_png
 
@@ -83,7 +84,7 @@ def robustness_table(labels: np.ndarray, clean_probs: np.ndarray, shifted_probs:
     labels, family, severity = np.asarray(labels), np.asarray(family).astype(str), np.asarray(severity).astype(int)
     lengths = {len(labels), len(clean_probs), len(shifted_probs), len(family), len(severity)}
     if len(lengths) != 1 or 0 in lengths or (kind is not None and len(kind) not in lengths):
-        raise ValueError(f"robustness_table needs non-empty arguments of one length, got lengths {sorted(lengths)}")
+        raise DataError(f"robustness_table needs non-empty arguments of one length, got lengths {sorted(lengths)}")
     rows = []
     for f, s in _groups(family, severity):
         mask = _matching(family, f) & _matching(severity, s)

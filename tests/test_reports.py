@@ -18,6 +18,7 @@ import pytest
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta, upload_artifact
 from PIL import Image
 
+from common.errors import DataError
 from data_pipeline.corrupt import shifted_copy
 from common.metrics import expected_calibration_error
 from common.plots import confusion_matrix_png, training_curves_png
@@ -81,9 +82,9 @@ def test_robustness_table_on_a_hand_made_example():
 
 def test_robustness_table_rejects_misaligned_arrays():
     labels, clean, shifted, family, severity = hand_example()
-    with pytest.raises(ValueError, match="one length"):
+    with pytest.raises(DataError, match="one length"):
         robustness_table(labels, clean[:-1], shifted, family, severity)
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(DataError, match="non-empty"):
         robustness_table(labels[:0], clean[:0], shifted[:0], family[:0], severity[:0])
 
 

@@ -33,7 +33,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from common.errors import CellsearchError, StorageError, TrialsFailing
+from common.errors import CellsearchError, Interrupted, StorageError, TrialsFailing
 from search.study.experimental import experimental_features
 from search.study.reseed import RESEED_ATTR
 from search.execution.storage import first_line, open_storage, redact
@@ -46,18 +46,6 @@ WORKER_GRACE_S = 6  # a stopping worker gets this long to record its trial, then
 FAILURES_IN_A_ROW = 5
 _PR_SET_PDEATHSIG = 1
 _STORAGE_MODULES = ("sqlalchemy", "optuna.storages", "sqlite3", "psycopg2")
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM: stop, record the unfinished trials as interrupted, queue them to run again."""
-
-    def __init__(self, signum: int = signal.SIGINT) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
 
 
 # ------------------------------------------------------------------------------------------- driver

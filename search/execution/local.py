@@ -12,10 +12,10 @@ from pathlib import Path
 import optuna
 
 from common.atomic import atomic_write_text
+from common.errors import Interrupted, WorkerFailed
 from search.execution.devices import WorkerDevices, pin_environment
-from search.execution.lifecycle import (Interrupted, driver_signals, fail_interrupted, probe_artifact_store,
-                                        stop_processes, storage_failures, trials_of_workers)
-from common.errors import WorkerFailed
+from search.execution.lifecycle import (driver_signals, fail_interrupted, probe_artifact_store, stop_processes,
+                                        storage_failures, trials_of_workers)
 from search.execution.progress import print_interrupted, watch
 from search.study.spec import StudySpec
 

@@ -64,7 +64,7 @@ class StudyWorker:
     def run(self, spec: StudySpec, storage_url: str, artifacts: str, index: int, deadline: float | None,
             cpu_threads: int) -> str:
         """The worker loop; "done" at the end of the budget or the deadline, "interrupted" after a signal."""
-        from search.execution.lifecycle import Interrupted
+        from common.errors import Interrupted
         from search.execution.worker import work
 
         self.idle.clear()
@@ -121,8 +121,9 @@ def run_ray(spec: StudySpec, storage_url: str, artifacts: str, gpus: list[str], 
     Ctrl-C or SIGTERM stops every actor; their unfinished trials fail as interrupted and are queued again, one
     line says how to resume, and `Interrupted` propagates (see search.execution.lifecycle). An error the study shares
     stops every actor and raises its line (WorkerFailed)."""
-    from search.execution.lifecycle import (Interrupted, driver_signals, fail_interrupted, probe_artifact_store,
-                                            running_trials, start_reaper, storage_failures)
+    from common.errors import Interrupted
+    from search.execution.lifecycle import (driver_signals, fail_interrupted, probe_artifact_store, running_trials,
+                                            start_reaper, storage_failures)
     from search.execution.progress import print_interrupted, watch
     from search.execution.storage import open_artifact_store, open_storage
     from search.study.optuna_study import finished_count, create_or_load_study

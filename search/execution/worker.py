@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable
 
 from common.cli_errors import run_cli
-from search.execution.lifecycle import Interrupted, WorkerSignals, exit_with_parent
+from common.errors import Interrupted
+from search.execution.lifecycle import WorkerSignals, exit_with_parent
 from search.study.spec import StudySpec, spec_from_dict
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from common.errors import CellsearchError
+from common.errors import CellsearchError, ConfigError
 from common.image_grids import HELD_OUT, Row, class_sample_rows, cleaning_rows, image_grid_png
 from common.plots import reliability_png
 from search.reports.report_page import ReportPage, Section
@@ -40,7 +40,7 @@ def study_data(study: optuna.Study):
     from search.trial.data import split_dataset
 
     if "spec" not in study.user_attrs:
-        raise KeyError("the study recorded no spec (not made by search.run)")
+        raise ConfigError("the study recorded no spec (not made by search.run)")
     spec = spec_from_dict(study.user_attrs["spec"], origin=f"study {study.study_name!r}")
     config = TrialConfig(**fixed_fields(spec))
     return spec, config, split_dataset(config)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
+from common.errors import ConfigError
+
 RESEED_ATTR = "reseed_of"
 PROTECTED_ATTR = "never_prune"  # warm starts the spec marks `prune = false`
 
@@ -31,7 +33,7 @@ def enqueue_reseeds(study: optuna.Study, top: int) -> list[int]:
     """Enqueue a copy of each of the `top` best completed original trials that has no live copy yet
     (a failed copy does not count). Returns the numbers of the trials copied now."""
     if top < 1:
-        raise ValueError(f"--reseed-top must be >= 1, got {top}")
+        raise ConfigError(f"--reseed-top must be >= 1, got {top}")
     trials = study.get_trials(deepcopy=False)
     copied = {t.user_attrs[RESEED_ATTR] for t in trials if is_reseed(t) and t.state != TrialState.FAIL}
     originals = [t for t in trials if t.state == TrialState.COMPLETE and not is_reseed(t)]
