@@ -29,7 +29,7 @@ from importlib import metadata
 from pathlib import Path
 import keras, optuna
 print("running with", {m.__name__: m.__version__ for m in (keras, optuna)})
-for package in ("search", "ensemble", "backbones", "data_pipeline", "cellsearch"):
+for package in ("common", "search", "ensemble", "backbones", "data_pipeline", "cellsearch"):
     for info in pkgutil.walk_packages(importlib.import_module(package).__path__, f"{package}."):
         if "ray" not in info.name and not info.name.endswith("__main__"):
             importlib.import_module(info.name)

@@ -22,7 +22,7 @@ else:  # pragma: no cover
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-PACKAGES = ("search", "ensemble", "backbones", "data_pipeline", "cellsearch", "studies")
+PACKAGES = ("common", "search", "ensemble", "backbones", "data_pipeline", "cellsearch", "studies")
 PRESETS = ("quick", "medium", "best")
 # Needed at run time without an import statement in the packages (see the comment in pyproject.toml): imported
 # through common.errors.require_extra, or used by another package (SQLAlchemy's driver), or a command.
