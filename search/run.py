@@ -2,13 +2,16 @@
 
 `--study NAME` names the study; its spec is the shipped spec of that name (`cellsearch studies` lists them)
 unless `--spec` gives another one, a shipped name or a .toml path. Running the same command again continues
-the study until it holds `--trials` finished trials.
+the study until it holds `--trials` finished trials. `--timeout` counts from the command's start.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+from pathlib import Path
 
 from common.cli_errors import NORMAL, QUIET, command_parser, run_cli, set_verbosity
 from search.study.location import StudyLocation
@@ -35,8 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials", type=int, help="finished (complete or pruned) trials the study should hold "
                                                    "(default: the spec's)")
     parser.add_argument("--timeout", type=float,
-                        help="seconds after which no new trial starts; trials running then finish first, so the "
-                             "search ends up to one trial later (default: the spec's)")
+                        help="seconds the whole run may take, report included: no trial starts that could not "
+                             "end in time, and trials still running stop training at an epoch boundary, keep "
+                             "their best epoch and are evaluated and saved as usual (pruned or complete, as "
+                             "ensemble candidates); a trial still running a moment past the deadline is "
+                             "stopped and queued for the next run (default: the spec's, none)")
     parser.add_argument("--objective", type=_objective, choices=OBJECTIVE_NAMES,
                         help="robust: mean of clean and held-out-family validation accuracy; clean; or multi "
                              "(both, as two objectives) (default: the spec's)")
@@ -104,15 +110,27 @@ def spec_from_args(args: argparse.Namespace) -> StudySpec:
     return apply_overrides(load_spec(spec_name), out=args.out, name=study_name, **overrides)
 
 
+def process_started_at() -> float:
+    """Unix time this process started (Linux /proc; elsewhere now), so `--timeout` counts Python's start-up."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
 def run(args: argparse.Namespace) -> int:
     """`cellsearch search` and `python -m search.run`: the search, then its summary."""
-    from search.execution.driver import run_study
+    from search.execution.driver import record_wrap_up, run_study
 
     set_verbosity(args.verbosity)
     spec = spec_from_args(args)
+    started_at = process_started_at()
     study = run_study(spec, reseed_top=args.reseed_top, show_progress=not args.no_progress and args.verbosity > QUIET,
-                      quiet=args.verbosity < NORMAL)
-    print(summary(spec, study))
+                      quiet=args.verbosity < NORMAL, started_at=started_at)
+    print(summary(spec, study), flush=True)
+    record_wrap_up(study, started_at)
     return 0
 
 

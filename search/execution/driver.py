@@ -3,18 +3,28 @@
 Order matters: the spec and the data are checked (and the data cleaned and split) before any worker
 starts, so bad input fails in seconds with one line; only then are the storage, the study and the
 workers set up.
+
+`budget.timeout_s` (`--timeout`) bounds the whole run, counted from its start: workers get a deadline that
+leaves room for the driver's own wrap-up (workers exiting, the report), as this study's last run measured it;
+their trials end by it (see search.execution.worker), and a worker still running a little past it is stopped,
+its trial recorded as interrupted and queued again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
 
 from common.errors import ConfigError
 from search.study.spec import StudySpec, validate_spec
+
+WRAP_UP_ATTR = "wrap_up_seconds"  # study attribute: the last trial's end to the report's, as last measured
+FIRST_WRAP_UP_S = 15.0  # assumed until a run of the study has measured it
+BACKSTOP_FRACTION = 0.02  # of the timeout: how long past their deadline workers may run before being stopped
 
 #: Keyword overrides of `run_study`/`cellsearch.search` and the spec key each one sets.
 OVERRIDES: dict[str, tuple[str, str]] = {
@@ -55,6 +65,30 @@ def _plan_reseeds(spec: StudySpec, study: optuna.Study, top: int, say) -> None:
           f"{waiting} waiting trial(s) to run")
 
 
+@dataclass(frozen=True)
+class Deadlines:
+    """A timed run's unix times: `workers`, by which trials end; `backstop`, after which workers still
+    running are stopped."""
+
+    workers: float
+    backstop: float
+
+    @classmethod
+    def plan(cls, study: optuna.Study, started_at: float, timeout_s: float | None) -> "Deadlines | None":
+        if not timeout_s:
+            return None
+        workers = started_at + timeout_s - study.user_attrs.get(WRAP_UP_ATTR, FIRST_WRAP_UP_S)
+        return cls(workers, workers + BACKSTOP_FRACTION * timeout_s)
+
+
+def record_wrap_up(study: optuna.Study, started_at: float) -> None:
+    """Store how long the run took from its last trial's end to now, for the next run's deadlines (the CLI
+    calls it again once it has printed its summary)."""
+    ends = [t.datetime_complete.timestamp() for t in study.get_trials(deepcopy=False) if t.datetime_complete]
+    if ends and max(ends) >= started_at:
+        study.set_user_attr(WRAP_UP_ATTR, time.time() - max(ends))
+
+
 def _describe(device) -> str:
     if device.gpu is not None:
         return f"gpu {device.gpu}"
@@ -62,33 +96,38 @@ def _describe(device) -> str:
     return f"cpu x{device.cpu_threads}{cores}"
 
 
-def _execute(spec: StudySpec, study: optuna.Study, show_progress: bool, say) -> None:
+def _execute(spec: StudySpec, study: optuna.Study, show_progress: bool, say, started_at: float) -> None:
     from search.execution.devices_plan import parse_gpus, plan_workers, usable_cores
     from search.study.optuna_study import finished_count
 
     location = spec.location
-    deadline = time.time() + spec.budget.timeout_s if spec.budget.timeout_s else None
+    deadlines = Deadlines.plan(study, started_at, spec.budget.timeout_s)
+    deadline, stop_at = (deadlines.workers, deadlines.backstop) if deadlines else (None, None)
     gpus = parse_gpus(spec.executor.gpus)
     if spec.executor.kind == "ray":
         from search.execution.ray_executor import run_ray
 
-        run_ray(spec, location.storage, location.artifacts, gpus, deadline, show_progress=show_progress)
+        run_ray(spec, location.storage, location.artifacts, gpus, deadline, show_progress=show_progress,
+                stop_at=stop_at)
         return
     from search.execution.local import run_local
 
     remaining = max(spec.budget.trials - finished_count(study), 1)
     devices = plan_workers(gpus, spec.executor.workers, usable_cores(spec.executor.cpus))[:remaining]
     say(f"{len(devices)} worker(s): " + ", ".join(_describe(d) for d in devices))
-    run_local(spec, study, location.storage, location.artifacts, devices, deadline, show_progress=show_progress)
+    run_local(spec, study, location.storage, location.artifacts, devices, deadline, show_progress=show_progress,
+              stop_at=stop_at)
 
 
 def run_study(spec: StudySpec, *, reseed_top: int | None = None, show_progress: bool = True,
-              quiet: bool = False) -> optuna.Study:
+              quiet: bool = False, started_at: float | None = None) -> optuna.Study:
     """Prepare the data, open (or continue) the study, run its missing trials, and write its report.
 
     Returns the Optuna study. Running it again continues the study until it holds `budget.trials`
     finished trials. `quiet`: no notes on the data, the workers and the storage (errors still show).
+    `started_at`: the unix time `budget.timeout_s` counts from (default: now; the CLI gives its own start).
     """
+    started_at = time.time() if started_at is None else started_at
     from search.execution.extras import require_extras
     from search.execution.data_check import load_and_clean, upload_cleaning_report
     from search.reports.study_report import write_report
@@ -112,6 +151,7 @@ def run_study(spec: StudySpec, *, reseed_top: int | None = None, show_progress: 
     location.remember()
     say(f"study {spec.name!r}: storage {location.storage}, artifacts {location.artifacts}, "
         f"executor {spec.executor.kind}")
-    _execute(spec, study, show_progress, say)
+    _execute(spec, study, show_progress, say, started_at)
     write_report(study, location.report_dir, artifact_store=artifact_store)
+    record_wrap_up(study, started_at)
     return study

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -60,13 +61,27 @@ def last_error(log: Path) -> str:
     return lines[-1][len("error: "):] if lines else f"see {log}"
 
 
+def until(stop_at: float | None, is_running: Callable[[], bool]) -> Callable[[], bool]:
+    """`is_running`, false from unix time `stop_at` on (the deadline's backstop, when there is one)."""
+    return lambda: is_running() and (stop_at is None or time.time() < stop_at)
+
+
+def stop_workers(study: optuna.Study, storage_url: str, processes: list[subprocess.Popen]) -> None:
+    """Stop the workers the ordinary way; their unfinished trials fail as interrupted, queued again."""
+    stop_processes(processes)
+    with storage_failures(storage_url):
+        fail_interrupted(study, storage_url, trials_of_workers(study, [p.pid for p in processes]))
+
+
 def run_local(spec: StudySpec, study: optuna.Study, storage_url: str, artifacts: str,
-              devices: list[WorkerDevices], deadline: float | None, show_progress: bool = True) -> dict:
-    """Run workers to the end of the budget.
+              devices: list[WorkerDevices], deadline: float | None, show_progress: bool = True,
+              stop_at: float | None = None) -> dict:
+    """Run workers to the end of the budget or the `deadline` (unix time) by which their trials end.
 
     Ctrl-C or SIGTERM stops them within seconds: their unfinished trials fail as interrupted and are queued
-    again, one line says how to resume, and `Interrupted` propagates. A worker stopping on an error the
-    study shares stops the others and raises its line (WorkerFailed)."""
+    again, one line says how to resume, and `Interrupted` propagates. Workers still running at `stop_at` are
+    stopped the same way. A worker stopping on an error the study shares stops the others and raises its
+    line (WorkerFailed)."""
     from search.execution.storage import open_artifact_store
 
     probe_artifact_store(open_artifact_store(artifacts), artifacts)
@@ -75,13 +90,18 @@ def run_local(spec: StudySpec, study: optuna.Study, storage_url: str, artifacts:
         processes = start_workers(spec, storage_url, artifacts, devices, deadline)
         try:
             with storage_failures(storage_url):
-                watch(study, spec.budget.trials, lambda: workers_alive(spec, processes), show=show_progress)
+                watch(study, spec.budget.trials, until(stop_at, lambda: workers_alive(spec, processes)),
+                      show=show_progress)
         except BaseException as stop:
-            stop_processes(processes)
-            with storage_failures(storage_url):
-                fail_interrupted(study, storage_url, trials_of_workers(study, [p.pid for p in processes]))
-                if isinstance(stop, Interrupted):
+            stop_workers(study, storage_url, processes)
+            if isinstance(stop, Interrupted):
+                with storage_failures(storage_url):
                     print_interrupted(study, spec.budget.trials, started)
             raise
+        late = sum(p.poll() is None for p in processes)
+        if late:
+            print(f"deadline: {late} worker(s) still running were stopped (a trial they ran is recorded as "
+                  f"interrupted and queued again)", flush=True)
+            stop_workers(study, storage_url, processes)
     failed = [i for i, p in enumerate(processes) if p.returncode != 0]
     return {"workers": len(processes), "failed_workers": failed}

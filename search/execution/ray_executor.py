@@ -10,7 +10,9 @@ The driver only starts actors and watches them:
 - an actor that dies with its node is restarted by Ray on a node with room (`max_restarts`) and its loop
   retried (`max_task_retries`); the lost trial's heartbeat goes stale, and Optuna fails it and queues it
   again (RetryHeartbeatStaleTrialCallback) for whichever worker asks next;
-- an actor whose loop ended (budget filled, deadline) is killed, which frees its share;
+- an actor whose loop ended (budget filled, deadline) is killed, which frees its share; the loop honours the
+  deadline as a local worker does, and actors still running at the deadline's backstop are stopped like
+  after Ctrl-C;
 - an error the whole study shares (artifact store, storage, trial after trial failing) ends an actor's loop;
   the driver stops the others and raises it as one line, as the local executor does;
 - Ctrl-C or SIGTERM: the driver kills its actors and fails their running trials as interrupted, queued
@@ -115,15 +117,17 @@ class WorkerPool:
 
 
 def run_ray(spec: StudySpec, storage_url: str, artifacts: str, gpus: list[str], deadline: float | None,
-            show_progress: bool = True) -> dict:
+            show_progress: bool = True, stop_at: float | None = None) -> dict:
     """Run the study's missing trials on Ray worker actors; returns a summary (workers, trials this run added).
 
     Ctrl-C or SIGTERM stops every actor; their unfinished trials fail as interrupted and are queued again, one
-    line says how to resume, and `Interrupted` propagates (see search.execution.lifecycle). An error the study shares
-    stops every actor and raises its line (WorkerFailed)."""
+    line says how to resume, and `Interrupted` propagates (see search.execution.lifecycle). Actors still running at
+    `stop_at` are stopped the same way, without that line. An error the study shares stops every actor and raises
+    its line (WorkerFailed)."""
     from common.errors import Interrupted
     from search.execution.lifecycle import (driver_signals, fail_interrupted, probe_artifact_store, running_trials,
                                             start_reaper, storage_failures)
+    from search.execution.local import until
     from search.execution.progress import print_interrupted, watch
     from search.execution.storage import open_artifact_store, open_storage
     from search.study.optuna_study import finished_count, create_or_load_study
@@ -147,7 +151,7 @@ def run_ray(spec: StudySpec, storage_url: str, artifacts: str, gpus: list[str], 
             print(plan.describe(), flush=True)
             pool = WorkerPool(spec, storage_url, artifacts, plan, deadline)
             with storage_failures(storage_url):
-                watch(study, spec.budget.trials, pool.alive, show=show_progress)
+                watch(study, spec.budget.trials, until(stop_at, pool.alive), show=show_progress)
             return {"workers": plan.workers, "trials": len(study.get_trials(deepcopy=False)) - before}
     except KeyboardInterrupt:  # ours, or the plain one Ray re-raises for it
         raise Interrupted(received[0] if received else signal.SIGINT) from None

@@ -5,7 +5,9 @@ the Ray executor runs `work` in Ray actors. Workers coordinate only through the 
 they can as well run on other machines. SIGINT or SIGTERM stops a worker (its trial is recorded as
 interrupted and queued again), and so does the death of the driver given by `--driver-pid` (see
 search.execution.lifecycle). An error the whole study shares (storage or artifact store unusable, trial after trial
-failing) ends the worker with `error: ...` and exit code 2.
+failing) ends the worker with `error: ...` and exit code 2. With a `--deadline`, trials end by it: the one
+running stops training at an epoch boundary in time to be evaluated and published (search.trial.trainer), and
+no trial starts that could not train an epoch by then.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", required=True)
     parser.add_argument("--artifacts", required=True)
     parser.add_argument("--index", type=int, default=0)
-    parser.add_argument("--deadline", type=float, default=None, help="unix time after which no trial starts")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="unix time by which trials end: none starts after it, a running one stops training "
+                             "at an epoch boundary in time to be evaluated and published")
     parser.add_argument("--driver-pid", type=int, default=None, help="exit when this process dies")
     args = parser.parse_args(argv)
     exit_with_parent(args.driver_pid)
@@ -61,15 +65,19 @@ def work(spec: StudySpec, storage_url: str, artifacts: str, signals: WorkerSigna
     from search.trial.objective import Objective
     from search.execution.storage import open_artifact_store, open_storage
     from search.study.optuna_study import budget_callback, finished_count, open_study
+    from search.trial.trainer import Deadline, trials_end_by
 
     storage = open_storage(storage_url, heartbeat_interval=spec.storage.heartbeat_interval,
                            grace_period=spec.storage.grace_period, max_retry=spec.storage.max_retry)
     artifact_store = open_artifact_store(artifacts)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     timeout = None if deadline is None else max(deadline - time.time(), 1.0)
+    trial_deadline = None if deadline is None else Deadline(deadline)
     callbacks = [budget_callback(spec), FailureGuard(artifact_store, artifacts), signals.stop_callback]
+    if trial_deadline is not None:
+        callbacks.append(DeadlineGuard(trial_deadline))
     objective = with_attrs(Objective(spec, artifact_store), trial_attrs or {})
-    with storage_failures(storage_url), signals.interruptible(False):
+    with storage_failures(storage_url), signals.interruptible(False), trials_end_by(trial_deadline):
         study = open_study(spec, storage, worker_index=index)
         if finished_count(study) >= spec.budget.trials:
             return
@@ -77,6 +85,27 @@ def work(spec: StudySpec, storage_url: str, artifacts: str, signals: WorkerSigna
                        gc_after_trial=True)
     if signals.requested:
         raise Interrupted(signals.requested)
+
+
+class DeadlineGuard:
+    """Optuna callback of a worker with a deadline: after each finished trial, measure what finishing it took
+    beyond the trainer's estimate of its evaluation (the deadline's `overhead_s`), and stop the loop when a
+    trial as quick as it was to its first epoch, evaluation and publication included, would end past the
+    deadline."""
+
+    def __init__(self, deadline) -> None:
+        self.deadline = deadline
+        self.epoch_s = self.evaluate_s = 0.0  # the last finished trial: start to first epoch end, evaluation
+
+    def __call__(self, study, trial) -> None:
+        attrs = trial.user_attrs
+        if attrs.get("evaluate_estimate_s") is not None and "started_at" in attrs and trial.datetime_complete:
+            finished_s = trial.datetime_complete.timestamp() - attrs["started_at"] - attrs["train_seconds"]
+            self.evaluate_s = attrs["evaluate_estimate_s"]
+            self.deadline.overhead_s = max(finished_s - self.evaluate_s, 0.0)
+            self.epoch_s = attrs["seconds_to_first_epoch"]
+        if not self.deadline.leaves_room(self.epoch_s, self.evaluate_s):
+            study.stop()
 
 
 def with_attrs(objective: Callable, attrs: dict) -> Callable:

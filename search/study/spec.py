@@ -61,13 +61,14 @@ class SpaceSpec:
     head_epochs: int = 2
     unfreeze_fraction: list[float] = field(default_factory=lambda: [0.0, 1.0])
     finetune_lr_factor: list[float] = field(default_factory=lambda: [0.05, 0.5])
+    gradual_unfreeze: list[bool] = field(default_factory=lambda: [False])  # [false, true]: searched
     class_weighting: list[bool] = field(default_factory=lambda: [False, True])
 
 
 @dataclass
 class BudgetSpec:
     trials: int = 100
-    timeout_s: float | None = None
+    timeout_s: float | None = None  # the whole run's seconds: trials still running stop at an epoch boundary
     trial_time_budget_s: float | None = None  # cap on one trial's training
     early_stopping_patience: int = 5
     tta_views: int = 8
@@ -228,10 +229,13 @@ def validate_spec(spec: StudySpec, origin: str = "spec") -> None:
         "algorithm.sampler": spec.algorithm.sampler in ("tpe", "random"),
         "algorithm.pruner": spec.algorithm.pruner in ("hyperband", "median", "none"),
         "budget.trials": spec.budget.trials >= 1,
+        "budget.timeout_s": spec.budget.timeout_s is None or spec.budget.timeout_s > 0,
         "budget.tta_views": spec.budget.tta_views in (1, 2, 4, 8),
         "space.backbones": bool(spec.space.backbones),
         "space.optimizers": bool(spec.space.optimizers),
         "space.augment_policies": bool(spec.space.augment_policies),
+        "space.gradual_unfreeze": bool(spec.space.gradual_unfreeze)
+        and all(isinstance(v, bool) for v in spec.space.gradual_unfreeze),
     }
     for key in ("learning_rate", "weight_decay", "augment_strength", "dropout", "label_smoothing", "epochs",
                 "unfreeze_fraction", "finetune_lr_factor"):

@@ -1,0 +1,81 @@
+"""`--timeout` bounds the run: trials running at the deadline stop at an epoch boundary, are evaluated and
+published in time, and the study (report included) ends within 5% of the time given."""
+
+import subprocess
+import sys
+import time
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from search.execution.worker import DeadlineGuard
+from search.study.trial_config import TrialConfig
+from search.trial.trainer import Deadline, is_complete, train_trial, trials_end_by
+from search_helpers import run_search, write_tiny_spec
+
+TINY = dict(backbone="compact_cnn", epochs=40, batch_size=64, learning_rate=3e-3, max_train_images=320,
+            augment_policy="none", tta_views=1, seed=0)
+
+
+def test_the_deadline_rule_counts_the_next_epoch_evaluation_and_publication():
+    deadline = Deadline(at=100.0, overhead_s=5.0)
+    assert deadline.leaves_room(epoch_s=10.0, evaluate_s=5.0, now=80.0)
+    assert not deadline.leaves_room(epoch_s=10.0, evaluate_s=5.0, now=80.1)
+    assert not Deadline(at=100.0, overhead_s=25.0).leaves_room(epoch_s=0.0, evaluate_s=0.0, now=80.0)
+
+
+def test_a_trial_stops_at_an_epoch_boundary_in_time_to_be_evaluated(tmp_path):
+    started = time.time()
+    with trials_end_by(Deadline(started + 25.0)):
+        result = train_trial(TrialConfig(**TINY), tmp_path)
+    assert time.time() <= started + 25.0
+    assert result.metrics["stopped_at_deadline"] is True
+    assert 1 <= result.metrics["epochs_run"] < TINY["epochs"]
+    assert is_complete(tmp_path)
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert len(history) == result.metrics["epochs_run"]  # whole epochs only
+    assert 0 <= result.metrics["best_epoch"] < len(history)
+
+
+def test_without_a_deadline_nothing_stops_early(tmp_path):
+    result = train_trial(TrialConfig(**{**TINY, "epochs": 2}), tmp_path)
+    assert result.metrics["stopped_at_deadline"] is False
+    assert result.metrics["epochs_run"] == 2
+
+
+def _timed_objective(trial):
+    """A trial that took 6 s to its first epoch and 20 s in all, 16 s of them training; its trainer estimated
+    the evaluation at 3 s (as the trainer records them)."""
+    for key, value in dict(started_at=time.time() - 20.0, train_seconds=16.0, seconds_to_first_epoch=6.0,
+                           evaluate_estimate_s=3.0).items():
+        trial.set_user_attr(key, value)
+    return 0.5
+
+
+def test_the_worker_measures_publication_and_starts_no_trial_that_cannot_end_in_time():
+    roomy, tight = Deadline(time.time() + 60), Deadline(time.time() + 8)
+    for deadline, trials in ((roomy, 3), (tight, 1)):
+        study = optuna.create_study()
+        study.optimize(_timed_objective, n_trials=3, callbacks=[DeadlineGuard(deadline)])
+        assert len(study.trials) == trials  # 6 s to a first epoch and 4 s finishing fit in 60 s, not in 8 s
+        assert deadline.overhead_s == pytest.approx(1.0, abs=0.5)  # 4 s after training, 3 s of them estimated
+
+
+@pytest.mark.slow
+def test_a_timed_study_ends_within_five_percent_with_its_trials_recorded(tmp_path):
+    spec = write_tiny_spec(tmp_path, name="timed", trials=20, min_epochs=40, max_epochs=40, train_images=320)
+    started = time.monotonic()
+    search = run_search("--spec", str(spec), "--timeout", "60", "--workers", "1")
+    wall = time.monotonic() - started
+    assert search.returncode == 0, search.stdout + search.stderr
+    assert wall <= 63.0, f"{wall:.1f} s for --timeout 60"
+    study = optuna.load_study(study_name="timed", storage=f"sqlite:///{tmp_path / 'runs' / 'timed' / 'study.db'}")
+    states = {t.state for t in study.trials}
+    assert TrialState.RUNNING not in states
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert complete and all(t.user_attrs["stopped_at_deadline"] for t in complete)
+    build = subprocess.run([sys.executable, "-m", "ensemble.build", "--study", "timed", "--out",
+                            str(tmp_path / "runs")], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stdout + build.stderr
