@@ -3,14 +3,18 @@
 Pretrained backbones train in two stages (the head on a frozen backbone, then fine-tuning of the top
 `unfreeze_fraction` of blocks at a lower learning rate); models from scratch train in one stage.
 Artifacts land in the trial folder one atomic file at a time, `metrics.json` last: a folder without it
-is an unfinished trial, whatever else it holds.
+is an unfinished trial, whatever else it holds. A `Deadline` (the study's `--timeout`) ends training at an
+epoch boundary, early enough for the trial to be evaluated and published in time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,6 +36,35 @@ from search.trial.data import TrialData, load_trial_data
 
 ReportFn = Callable[[int, dict], None]  # (epoch, validation scores of that epoch)
 ARTIFACT_FILES = ("config.json", "history.csv", "predictions.npz", "model.keras", "metrics.json")
+FIRST_OVERHEAD_S = 5.0  # finishing overhead assumed until a finished trial has measured it
+
+
+@dataclass
+class Deadline:
+    """The unix time `at` by which a trial must be trained, evaluated and published, and `overhead_s`, what
+    finishing the last trial took beyond predicting its images at the rate its epochs measured (building the
+    predict function, restoring weights, model file, plots, uploads, storage writes); the worker updates it."""
+
+    at: float
+    overhead_s: float = FIRST_OVERHEAD_S
+
+    def leaves_room(self, epoch_s: float, evaluate_s: float, now: float | None = None) -> bool:
+        """Whether one more epoch as long as the last one, then evaluation and publication, end by `at`."""
+        return (time.time() if now is None else now) + epoch_s + evaluate_s + self.overhead_s <= self.at
+
+
+_DEADLINE: ContextVar[Deadline | None] = ContextVar("trial_deadline", default=None)
+
+
+@contextlib.contextmanager
+def trials_end_by(deadline: Deadline | None) -> Iterator[Deadline | None]:
+    """Every `train_trial` in this context honours `deadline`: the worker sets it once around its loop, so
+    the objective and runner between them need not carry it."""
+    token = _DEADLINE.set(deadline)
+    try:
+        yield deadline
+    finally:
+        _DEADLINE.reset(token)
 
 
 @dataclass(frozen=True)
@@ -40,8 +73,13 @@ class TrialResult:
     metrics: dict
 
 
+def _evaluated_images(config: TrialConfig, data: TrialData) -> int:
+    """Images `_evaluate` predicts: every TTA view of the validation, test and held-out-family copies."""
+    return config.tta_views * sum(len(part.images) for part in (data.val, data.test, data.val_shifted))
+
+
 def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, epoch_offset: int, epochs: int,
-               started: float, timings: dict) -> list:
+               started: float, timings: dict, deadline: Deadline | None) -> list:
     """The epoch monitor, then early stopping, which watches only the second half of the stage's epochs:
     under the cosine schedule's high learning rate and heavy augmentation, early epochs spike (bench_robust
     v4: a warm start whose twin ran on to 0.940 val_robust stopped at epoch 11 of 24 on a spike at epoch 4,
@@ -52,7 +90,21 @@ def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, ep
 
     class Monitor(keras.callbacks.Callback):
         """Scores each epoch (on the held-out-family copy too, when the objective needs it), reports it,
-        stops on NaN, enforces the time budget. Runs before EarlyStopping, which reads what it adds."""
+        stops on NaN, enforces the time budget and the deadline. Runs before EarlyStopping, which reads what
+        it adds. The deadline's evaluation cost is the epoch's validation pass, timed, scaled to the images
+        `_evaluate` predicts."""
+
+        epoch_began = test_began = 0.0
+        image_s = 0.0  # seconds per predicted image, measured on the validation pass
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch_began = time.perf_counter()
+
+        def on_test_begin(self, logs=None):
+            self.test_began = time.perf_counter()
+
+        def on_test_end(self, logs=None):
+            self.image_s = (time.perf_counter() - self.test_began) / len(data.val.images)
 
         def on_train_batch_begin(self, batch, logs=None):
             timings.setdefault("first_step", time.perf_counter() - started)
@@ -69,8 +121,13 @@ def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, ep
                 logs["val_robust"] = robust_score(logs["val_accuracy"], logs["val_corrupted_accuracy"])
             if report is not None:
                 report(epoch_offset + epoch, {k: float(v) for k, v in logs.items() if k.startswith("val_")})
-            if config.time_budget_s and time.perf_counter() - started > config.time_budget_s:
+            now = time.perf_counter()
+            timings.setdefault("first_epoch", now - started)
+            if config.time_budget_s and now - started > config.time_budget_s:
                 self.model.stop_training = True
+            evaluate_s = timings["evaluate_estimate"] = self.image_s * _evaluated_images(config, data)
+            if deadline is not None and not deadline.leaves_room(now - self.epoch_began, evaluate_s):
+                self.model.stop_training = timings["deadline"] = True
 
     stopper = keras.callbacks.EarlyStopping(
         monitor=config.early_stopping_monitor, mode="max", patience=config.early_stopping_patience,
@@ -131,7 +188,7 @@ def _training_arrays(config: TrialConfig, data: TrialData) -> tuple[np.ndarray, 
 
 
 def _fit(model, config: TrialConfig, data: TrialData, report: ReportFn | None, started: float,
-         timings: dict, pretrained: bool) -> tuple[pd.DataFrame, int]:
+         timings: dict, pretrained: bool, deadline: Deadline | None) -> tuple[pd.DataFrame, int]:
     """Every stage's history, and the epoch whose weights the model ends with (early stopping restores the
     best watched epoch of the last stage)."""
     from backbones import set_unfreeze
@@ -153,7 +210,7 @@ def _fit(model, config: TrialConfig, data: TrialData, report: ReportFn | None, s
     for name, fraction, epochs, learning_rate in _stages(config, pretrained):
         set_unfreeze(classifier, fraction)
         _compile(model, config, learning_rate, epochs, steps)
-        callbacks = _callbacks(config, data, report, epoch, epochs, started, timings)
+        callbacks = _callbacks(config, data, report, epoch, epochs, started, timings, deadline)
         fitted = model.fit(train, validation_data=val, epochs=epochs, class_weight=weights, verbose=0, shuffle=False,
                            callbacks=callbacks)
         frame = pd.DataFrame(fitted.history)
@@ -163,7 +220,7 @@ def _fit(model, config: TrialConfig, data: TrialData, report: ReportFn | None, s
         frame.insert(1, "stage", name)
         histories.append(frame)
         epoch += len(frame)
-        if config.time_budget_s and time.perf_counter() - started > config.time_budget_s:
+        if timings.get("deadline") or config.time_budget_s and time.perf_counter() - started > config.time_budget_s:
             break
     return pd.concat(histories, ignore_index=True), best_epoch
 
@@ -206,12 +263,15 @@ def build_trial_model(config: TrialConfig, data: TrialData):
                             dropout=config.dropout, head_units=config.head_units)
 
 
-def train_trial(config: TrialConfig, out_dir: str | Path, report: ReportFn | None = None) -> TrialResult:
+def train_trial(config: TrialConfig, out_dir: str | Path, report: ReportFn | None = None,
+                deadline: Deadline | None = None) -> TrialResult:
     """Train `config`, evaluate with and without TTA, and write the trial's artifacts to `out_dir`.
 
     `report(epoch, scores)` is called after every epoch with that epoch's validation scores
     (`val_accuracy`, and `val_corrupted_accuracy` / `val_robust` when early stopping monitors robustness);
     an exception it raises (a pruning signal) stops the trial before anything but the config is written.
+    `deadline` (default: the one `trials_end_by` set) stops training before an epoch that would leave no
+    time to evaluate and publish; the trial then keeps its best epoch, and `stopped_at_deadline` is true.
     """
     import keras
 
@@ -226,12 +286,15 @@ def train_trial(config: TrialConfig, out_dir: str | Path, report: ReportFn | Non
     data = load_trial_data(config)
     model = build_trial_model(config, data)
     timings: dict = {}
-    history, best_epoch = _fit(model, config, data, report, started, timings, get_backbone(config.backbone).pretrained)
+    history, best_epoch = _fit(model, config, data, report, started, timings, get_backbone(config.backbone).pretrained,
+                               deadline or _DEADLINE.get())
     train_seconds = time.perf_counter() - started
     metrics, arrays = _evaluate(model, config, data)
     metrics.update(
         epochs_run=len(history), best_epoch=best_epoch, train_seconds=train_seconds,
-        seconds_to_first_step=timings.get("first_step"), total_seconds=time.perf_counter() - started,
+        seconds_to_first_step=timings.get("first_step"), seconds_to_first_epoch=timings.get("first_epoch"),
+        evaluate_estimate_s=timings.get("evaluate_estimate"), stopped_at_deadline=bool(timings.get("deadline")),
+        total_seconds=time.perf_counter() - started,
         n_train=len(data.train), n_params=int(model.count_params()), backbone=config.backbone,
     )
     atomic_write_with(out_dir / "history.csv", lambda p: history.to_csv(p, index=False))
