@@ -46,10 +46,15 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import sys
+
 import numpy as np
 
-from common.errors import EnsembleError
-from common.inference import PREPROCESS_LAYER_NAME, VIEW_SETS, check_images, preprocess_layer_class, stack_views
+if not __package__:  # loaded as the export's top-level model.py: its copy of common/ lies beside it
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common.errors import EnsembleError  # noqa: E402
+from common.inference import PREPROCESS_LAYER_NAME, VIEW_SETS, check_images, preprocess_layer_class, stack_views  # noqa: E402,E501
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

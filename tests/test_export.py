@@ -33,8 +33,14 @@ class NotInstalled(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, NotInstalled())
-sys.path.insert(0, folder)
-import model
+if sys.argv[4] == "import":
+    sys.path.insert(0, folder)
+    import model
+else:  # loaded by file name, its folder not on sys.path
+    import importlib.util, os
+    spec = importlib.util.spec_from_file_location("model", os.path.join(folder, "model.py"))
+    model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model)
 import common.inference
 import keras
 m = model.Model()
@@ -81,7 +87,8 @@ def test_the_zip_holds_model_py_and_the_runtime_verbatim(saved, tmp_path):
     assert sum(n.startswith("members/") and n.endswith(".keras") for n in names) == 2
 
 
-def test_the_submission_runs_with_tensorflow_and_keras_only_on_the_copied_runtime(saved, tmp_path):
+@pytest.mark.parametrize("loading", ["import", "file"])
+def test_the_submission_runs_with_tensorflow_and_keras_only_on_the_copied_runtime(saved, tmp_path, loading):
     from ensemble.export import export_codabench
 
     folder, images, expected = saved
@@ -89,8 +96,8 @@ def test_the_submission_runs_with_tensorflow_and_keras_only_on_the_copied_runtim
     np.save(tmp_path / "x.npy", images)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"KERAS_BACKEND": "tensorflow"}
     done = subprocess.run([sys.executable, "-c", RUN_SUBMISSION, str(zipped), str(tmp_path / "x.npy"),
-                           ",".join(NOT_ON_CODABENCH)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env=env)
+                           ",".join(NOT_ON_CODABENCH), loading], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["backend"] == "tensorflow"
