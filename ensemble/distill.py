@@ -24,7 +24,7 @@ from common.metrics import accuracy
 
 def _random_views(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Each image of a batch in one random dihedral view (square images)."""
-    from data_pipeline.tta import dihedral_view
+    from common.inference import dihedral_view
 
     out = np.empty_like(images)
     choice = rng.integers(8, size=len(images))

@@ -144,7 +144,7 @@ def test_search_ensemble_and_predict_under_jax_without_tensorflow(tmp_path):
 def test_tensorflow_is_imported_only_by_its_adapters():
     """No module of the core imports TensorFlow at module level; the adapters import it lazily, and only
     when Keras runs on TensorFlow (data_pipeline.compiled, search.execution.devices, ensemble.standalone's bfloat16)."""
-    core = ["data_pipeline/augment.py", "data_pipeline/stain.py", "data_pipeline/stream.py", "data_pipeline/tta.py",
+    core = ["data_pipeline/augment.py", "data_pipeline/stain.py", "data_pipeline/stream.py", "common/inference.py",
             "data_pipeline/compiled.py", "search/trial/trainer.py", "search/trial/jsd.py", "search/trial/views.py",
             "search/execution/devices.py", "ensemble/standalone.py", "backbones/preprocessing.py"]
     for name in core:

@@ -215,7 +215,7 @@ def test_the_combiner_is_fit_on_validation_rows_only(classifier, candidates):
 
 
 def test_rotation_symmetric_image_gets_the_same_prediction_on_every_view(classifier, test_split):
-    from data_pipeline.tta import dihedral_view
+    from common.inference import dihedral_view
 
     images = test_split[0][:4]
     symmetric = np.mean([dihedral_view(images, v).astype(np.float64) for v in range(8)], axis=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_pipeline.tta import dihedral_view, view_indices
+from common.inference import dihedral_view, view_indices
 
 
 def predict_views(model, images: np.ndarray, n_views: int = 8, batch_size: int = 512) -> np.ndarray:
