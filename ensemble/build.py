@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from common.cli_errors import QUIET, command_parser, run_cli, set_verbosity
+from ensemble.artifact import atomic_folder, member_files
 from ensemble.evaluate import CLEAN_TOLERANCE
 from ensemble.robust import OBJECTIVES, ValidationRows
 from ensemble.standalone import BN_PRIOR, PRECISIONS, VIEW_SETS
@@ -265,7 +266,6 @@ def _select(options: BuildOptions, val_probs: list[np.ndarray], rows: Validation
 
 
 def _build(options, location, store, out: Path, candidates, notes, rows: ValidationRows, budget):
-    from ensemble.artifact import atomic_folder, member_files
     from ensemble.candidates import download
     from ensemble.classifier import EnsembleClassifier
     from ensemble.combiners import make_combiner
@@ -317,7 +317,6 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
 def _load_members(staging: Path, names: list[str]) -> list:
     """The members as the artifact will load them (safe_mode on)."""
     import backbones.preprocessing  # noqa: F401  (registers the custom layer)
-    from ensemble.artifact import member_files
     from ensemble.standalone import load_member_models
 
     return load_member_models(staging, {"members": [{"file": file} for file in member_files(names)]},
@@ -442,8 +441,6 @@ def _evaluate(options, staging: Path, ens, reference, members, best_position, im
 
 
 def _member_table(members, ens, rows: ValidationRows) -> pd.DataFrame:
-    from ensemble.artifact import member_files
-
     table = []
     for member, file in zip(members, member_files(ens.member_names)):
         table.append({"trial": member.number, "file": file, "backbone": member.config.backbone,
