@@ -10,6 +10,10 @@ back into a module that imports you is a circle of responsibility even when Pyth
 function-level imports count. An import edge goes to the module named, or to `pkg.name` when `from pkg import
 name` names a submodule; the parent packages Python also runs are not edges, so a package's `__init__`
 re-exporting its modules is no cycle. Imports by string (`importlib.import_module`) are not seen.
+
+Errors: every exception class lives in common/errors.py, and an error raised on purpose with a message is one of
+them (a CellsearchError the CLIs print as one line), not a builtin ValueError, KeyError, TypeError, RuntimeError
+or Exception. Re-raises, NotImplementedError and AssertionError (a broken invariant of our own code) are fine.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("common", "data_pipeline", "backbones", "search", "ensemble", "cellsearch")
 ERROR_MODULE = "common.errors"
-#: Builtin exceptions that carry a message on purpose only in the project's own error classes.
+#: Builtin exceptions whose on-purpose, messaged raises must be the project's own classes instead.
 PLAIN_RAISES = {"ValueError", "KeyError", "TypeError", "RuntimeError", "Exception"}
 
 
