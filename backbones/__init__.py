@@ -36,7 +36,6 @@ _LAZY = {
     "UnfreezeStage": "backbones.unfreeze",
     "backbone_blocks": "backbones.unfreeze",
     "blocks_to_unfreeze": "backbones.unfreeze",
-    "fraction_per_epoch": "backbones.unfreeze",
     "gradual_unfreeze_stages": "backbones.unfreeze",
     "set_unfreeze": "backbones.unfreeze",
     "load_backbone_weights": "backbones.weights",

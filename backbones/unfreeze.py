@@ -152,8 +152,3 @@ def gradual_unfreeze_stages(epochs: int, final_fraction: float = 1.0, steps: int
             stages.append(UnfreezeStage(start, start + n, final_fraction * (i + 1) / steps, name))
         start += n
     return stages
-
-
-def fraction_per_epoch(stages: list[UnfreezeStage]) -> list[float]:
-    """The unfreeze fraction of every epoch, e.g. for plotting or logging a schedule."""
-    return [stage.fraction for stage in stages for _ in range(stage.epochs)]

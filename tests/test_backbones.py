@@ -349,8 +349,6 @@ def test_unfreeze_helpers():
     assert [s.name for s in stages] == ["head", "finetune_1", "finetune_2", "finetune_3"]
     single = B.gradual_unfreeze_stages(epochs=2, final_fraction=0.5, steps=1, head_epochs=1)
     assert [(s.name, s.epochs, s.fraction) for s in single] == [("head", 1, 0.0), ("finetune", 2, 0.5)]
-    per_epoch = B.fraction_per_epoch(stages)
-    assert len(per_epoch) == 9 and per_epoch == sorted(per_epoch)
 
 
 def test_unfreeze_finds_spec_after_save_and_load(tmp_path):
