@@ -57,8 +57,8 @@ def folds(y: np.ndarray, groups: np.ndarray | None = None, random_state: int = 0
     """(train, test) index pairs of shuffled `StratifiedGroupKFold` folds: the rows of a group (an image and
     its shifted copies) share a fold; without groups every row is its own group.
 
-    At most as many folds as the rarest class has groups, so every class is in every fold; when a class has
-    a single group that cannot be, and the folds are plain shuffled group folds (as many as groups allow)."""
+    At most as many folds as the rarest class has groups, so that every class is in every fold; if some class
+    has a single group, no split can do that, and the folds are plain shuffled group folds instead."""
     groups = np.arange(len(y)) if groups is None else np.asarray(groups)
     unique, first = np.unique(groups, return_index=True)
     counts = np.bincount(y[first])
@@ -87,6 +87,7 @@ class _Combiner(ClassifierMixin, BaseEstimator):
     """Shared fit/predict logic: subclasses implement `_fit_base`, `_base_params`."""
 
     kind = ""
+    random_state = 0  # what combiners pickled before the parameter existed report (their folds were seed 0)
 
     def fit(self, X, y, sample_weight=None, groups=None):
         # One BLAS thread: these matrices are tiny, and on a busy 2-core machine OpenBLAS threads
