@@ -5,11 +5,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
+from data_pipeline.loaders import DEFAULT_DATA
 from search.execution.worker import DeadlineGuard
 from search.study.trial_config import TrialConfig
 from search.trial.trainer import Deadline, is_complete, train_trial, trials_end_by
@@ -63,11 +65,21 @@ def test_the_worker_measures_publication_and_starts_no_trial_that_cannot_end_in_
         assert deadline.overhead_s == pytest.approx(1.0, abs=0.5)  # 4 s after training, 3 s of them estimated
 
 
+def _small_copy(folder) -> str:
+    """The embedded cells, a few hundred per split, so that a trial fits in a minute on a busy 2-core CPU."""
+    with np.load(DEFAULT_DATA) as full:
+        step = {"train": 12, "val": 4, "test": 8}  # the file is sorted by class: every n-th image keeps them all
+        arrays = {key: full[key][::step[key.split("_")[0]]] for key in full.files}
+    path = folder / "small.npz"
+    np.savez(path, **arrays)
+    return str(path)
+
+
 @pytest.mark.slow
 def test_a_timed_study_ends_within_five_percent_with_its_trials_recorded(tmp_path):
     spec = write_tiny_spec(tmp_path, name="timed", trials=20, min_epochs=40, max_epochs=40, train_images=320)
     started = time.monotonic()
-    search = run_search("--spec", str(spec), "--timeout", "60", "--workers", "1")
+    search = run_search("--spec", str(spec), "--timeout", "60", "--workers", "1", "--data", _small_copy(tmp_path))
     wall = time.monotonic() - started
     assert search.returncode == 0, search.stdout + search.stderr
     assert wall <= 63.0, f"{wall:.1f} s for --timeout 60"
@@ -76,6 +88,6 @@ def test_a_timed_study_ends_within_five_percent_with_its_trials_recorded(tmp_pat
     assert TrialState.RUNNING not in states
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert complete and all(t.user_attrs["stopped_at_deadline"] for t in complete)
-    build = subprocess.run([sys.executable, "-m", "ensemble.build", "--study", "timed", "--out",
-                            str(tmp_path / "runs")], capture_output=True, text=True, timeout=600)
+    build = subprocess.run([sys.executable, "-m", "ensemble.build", "--study", "timed", "--out", str(tmp_path / "runs"),
+                            "--tta", "1"], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stdout + build.stderr

@@ -98,10 +98,12 @@ def run_local(spec: StudySpec, study: optuna.Study, storage_url: str, artifacts:
                 with storage_failures(storage_url):
                     print_interrupted(study, spec.budget.trials, started)
             raise
-        late = sum(p.poll() is None for p in processes)
+        late = [p.pid for p in processes if p.poll() is None]
         if late:
-            print(f"deadline: {late} worker(s) still running were stopped (a trial they ran is recorded as "
-                  f"interrupted and queued again)", flush=True)
+            with storage_failures(storage_url):
+                running = len(trials_of_workers(study, late))
+            print(f"deadline: {len(late)} worker(s) still running stopped, {running} unfinished trial(s) recorded "
+                  f"as interrupted (queued again)", flush=True)
             stop_workers(study, storage_url, processes)
     failed = [i for i, p in enumerate(processes) if p.returncode != 0]
     return {"workers": len(processes), "failed_workers": failed}

@@ -42,11 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         spec = spec_from_dict(json.load(handle), origin=args.spec_file)
     try:
         work(spec, args.storage, args.artifacts, signals, index=args.index, deadline=args.deadline)
-        return 0
-    except Interrupted as stop:  # the trial is recorded: skip TensorFlow's slow teardown
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(stop.exit_code)
+        code = 0
+    except Interrupted as stop:
+        code = stop.exit_code
+    sys.stdout.flush()  # every trial is recorded: skip TensorFlow's slow teardown, which a deadline cannot wait for
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def work(spec: StudySpec, storage_url: str, artifacts: str, signals: WorkerSignals, *, index: int = 0,
