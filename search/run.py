@@ -40,9 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float,
                         help="seconds the whole run may take, report included: no trial starts that could not "
                              "end in time, and trials still running stop training at an epoch boundary, keep "
-                             "their best epoch and are evaluated and saved as usual (pruned or complete, as "
-                             "ensemble candidates); a trial still running a moment past the deadline is "
-                             "stopped and queued for the next run (default: the spec's, none)")
+                             "their best epoch and are evaluated and saved as usual (complete unless the "
+                             "pruner stopped them, so ensemble candidates); a trial still running a moment "
+                             "past the deadline is stopped and queued for the next run (default: the spec's, none)")
     parser.add_argument("--objective", type=_objective, choices=OBJECTIVE_NAMES,
                         help="robust: mean of clean and held-out-family validation accuracy; clean; or multi "
                              "(both, as two objectives) (default: the spec's)")

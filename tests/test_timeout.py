@@ -11,8 +11,11 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
+from common.errors import ConfigError
 from data_pipeline.loaders import DEFAULT_DATA
+from search.execution.driver import apply_overrides
 from search.execution.worker import DeadlineGuard
+from search.study.spec import load_spec
 from search.study.trial_config import TrialConfig
 from search.trial.trainer import Deadline, is_complete, train_trial, trials_end_by
 from search_helpers import run_search, write_tiny_spec
@@ -63,6 +66,19 @@ def test_the_worker_measures_publication_and_starts_no_trial_that_cannot_end_in_
         study.optimize(_timed_objective, n_trials=3, callbacks=[DeadlineGuard(deadline)])
         assert len(study.trials) == trials  # 6 s to a first epoch and 4 s finishing fit in 60 s, not in 8 s
         assert deadline.overhead_s == pytest.approx(1.0, abs=0.5)  # 4 s after training, 3 s of them estimated
+
+
+def test_a_timeout_must_be_positive():
+    with pytest.raises(ConfigError, match="budget.timeout_s"):
+        apply_overrides(load_spec("quick"), timeout=0)
+
+
+def test_a_timeout_too_short_for_any_trial_starts_none(tmp_path):
+    search = run_search("--spec", str(write_tiny_spec(tmp_path)), "--timeout", "1")
+    assert search.returncode == 0, search.stdout + search.stderr
+    assert "timeout: no time left for a trial" in search.stdout
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs' / 'tiny' / 'study.db'}")
+    assert study.trials == []
 
 
 def _small_copy(folder) -> str:

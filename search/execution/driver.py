@@ -103,6 +103,9 @@ def _execute(spec: StudySpec, study: optuna.Study, show_progress: bool, say, sta
     location = spec.location
     deadlines = Deadlines.plan(study, started_at, spec.budget.timeout_s)
     deadline, stop_at = (deadlines.workers, deadlines.backstop) if deadlines else (None, None)
+    if deadline is not None and time.time() >= deadline:
+        say(f"timeout: no time left for a trial ({spec.budget.timeout_s:g} s given, the report kept its share)")
+        return
     gpus = parse_gpus(spec.executor.gpus)
     if spec.executor.kind == "ray":
         from search.execution.ray_executor import run_ray

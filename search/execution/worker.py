@@ -72,7 +72,9 @@ def work(spec: StudySpec, storage_url: str, artifacts: str, signals: WorkerSigna
                            grace_period=spec.storage.grace_period, max_retry=spec.storage.max_retry)
     artifact_store = open_artifact_store(artifacts)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    timeout = None if deadline is None else max(deadline - time.time(), 1.0)
+    timeout = None if deadline is None else deadline - time.time()
+    if timeout is not None and timeout <= 0:
+        return
     trial_deadline = None if deadline is None else Deadline(deadline)
     callbacks = [budget_callback(spec), FailureGuard(artifact_store, artifacts), signals.stop_callback]
     if trial_deadline is not None:
