@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 
 from common.errors import ConfigError
 from data_pipeline.loaders import DEFAULT_DATA
-from search.execution.driver import apply_overrides
+from search.execution.driver import FIRST_WRAP_UP_S, WRAP_UP_ATTR, Deadlines, apply_overrides
 from search.execution.worker import DeadlineGuard
 from search.study.spec import load_spec
 from search.study.trial_config import TrialConfig
@@ -66,6 +66,15 @@ def test_the_worker_measures_publication_and_starts_no_trial_that_cannot_end_in_
         study.optimize(_timed_objective, n_trials=3, callbacks=[DeadlineGuard(deadline)])
         assert len(study.trials) == trials  # 6 s to a first epoch and 4 s finishing fit in 60 s, not in 8 s
         assert deadline.overhead_s == pytest.approx(1.0, abs=0.5)  # 4 s after training, 3 s of them estimated
+
+
+def test_workers_end_before_the_wrap_up_the_last_run_measured():
+    study = optuna.create_study()
+    assert Deadlines.plan(study, 1000.0, None) is None
+    first = Deadlines.plan(study, 1000.0, 100.0)
+    assert first.workers == 1100.0 - FIRST_WRAP_UP_S and first.backstop == first.workers + 2.0
+    study.set_user_attr(WRAP_UP_ATTR, 7.0)
+    assert Deadlines.plan(study, 1000.0, 100.0).workers == 1093.0
 
 
 def test_a_timeout_must_be_positive():
