@@ -95,6 +95,17 @@ def test_space_is_conditional_on_the_backbone():
     assert config.split_file.endswith("split.json") and config.tta_views == spec.budget.tta_views
 
 
+def test_gradual_unfreeze_is_a_searched_option_for_pretrained_backbones():
+    fixed = spec_from_dict({"space": {"gradual_unfreeze": [True]}})
+    _, params, config = _sample(fixed, lambda name: True)
+    assert params["gradual_unfreeze"] is True and config.gradual_unfreeze is True
+    _, params, config = _sample(fixed, lambda name: False)  # from scratch: one stage, nothing to unfreeze
+    assert "gradual_unfreeze" not in params and config.gradual_unfreeze is False
+    assert not _sample(load_spec("an2dl_gpu"), lambda name: True)[2].gradual_unfreeze  # default: off
+    with pytest.raises(ConfigError, match="space.gradual_unfreeze"):
+        spec_from_dict({"space": {"gradual_unfreeze": ["yes"]}})
+
+
 def test_weight_decay_only_for_optimizers_that_use_it():
     spec = spec_from_dict({"space": {"optimizers": ["adam"]}})
     _, params, config = _sample(spec, lambda name: False)

@@ -1,7 +1,7 @@
 """The define-by-run search space: conditional where it matters.
 
-Unfreeze depth and the fine-tuning learning-rate factor exist only for pretrained backbones (models from
-scratch train everything in one stage); weight decay only for optimizers that decouple it; augmentation
+Unfreeze depth, the fine-tuning learning-rate factor and gradual unfreezing exist only for pretrained backbones
+(models from scratch train everything in one stage); weight decay only for optimizers that decouple it; augmentation
 strength only when there is an augmentation policy.
 """
 
@@ -23,6 +23,7 @@ def suggest_params(trial: optuna.Trial, spec: StudySpec, is_pretrained: Callable
         params["unfreeze_fraction"] = trial.suggest_float("unfreeze_fraction", *space.unfreeze_fraction)
         params["finetune_lr_factor"] = trial.suggest_float("finetune_lr_factor", *space.finetune_lr_factor,
                                                            log=True)
+        params["gradual_unfreeze"] = trial.suggest_categorical("gradual_unfreeze", space.gradual_unfreeze)
     params["augment_policy"] = trial.suggest_categorical("augment_policy", space.augment_policies)
     if params["augment_policy"] != "none":
         params["augment_strength"] = trial.suggest_float("augment_strength", *space.augment_strength)
