@@ -69,7 +69,7 @@ def adapt_bn_table(ens, batch_size: int):
     import pandas as pd
 
     from ensemble.build import heldout_test_copy
-    from ensemble.metrics import summary
+    from common.metrics import summary
     from search.study.trial_config import TrialConfig
     from search.trial.data import split_dataset
 

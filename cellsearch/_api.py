@@ -64,9 +64,10 @@ def search(study: str | os.PathLike | StudySpec | dict = "default", *, data: Any
       `data_pipeline.loaders`), or in-memory `(images, labels)` / `(images, labels, class_names)` arrays
       (labels as integers or class names), written to `<out>/<name>/data.npz` for the workers;
     - `image_size`: the side image files are resized to (spec `data.image_size`; default 64);
-    - `trials` (finished trials the study should hold), `timeout` (seconds after which no trial starts),
-      `out` (output root), `name`, `objective` (`robust`, `val_accuracy_tta`, `multi`), and `storage`,
-      `artifacts`, `executor`, `workers`, `gpus`, `cpus`, `address`.
+    - `trials` (finished trials the study should hold), `timeout` (seconds the whole run may take: trials
+      running at the deadline stop at an epoch boundary and are evaluated as usual), `out` (output root),
+      `name`, `objective` (`robust`, `val_accuracy_tta`, `multi`), and `storage`, `artifacts`, `executor`,
+      `workers`, `gpus`, `cpus`, `address`.
 
     The class count and names come from the data. Bad values and bad data raise a
     `cellsearch.errors.CellsearchError` subclass before any worker starts.
@@ -121,7 +122,7 @@ def build_ensemble(study: Study | StudyLocation | str | None = None, *, top: int
 def load_ensemble(path: str | os.PathLike, **options: Any):
     """Load a saved ensemble (checksums verified); `predict`/`predict_proba` take arrays, image paths, a
     folder or PIL images."""
-    from ensemble.artifact import load_ensemble as load
+    from ensemble.classifier import load_ensemble as load
 
     return load(path, **options)
 
