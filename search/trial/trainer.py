@@ -79,7 +79,7 @@ def _evaluated_images(config: TrialConfig, data: TrialData) -> int:
 
 
 def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, epoch_offset: int, epochs: int,
-               started: float, timings: dict, deadline: Deadline | None) -> list:
+               started: float, timings: dict, deadline: Deadline | None = None) -> list:
     """The epoch monitor, then early stopping, which watches only the second half of the stage's epochs:
     under the cosine schedule's high learning rate and heavy augmentation, early epochs spike (bench_robust
     v4: a warm start whose twin ran on to 0.940 val_robust stopped at epoch 11 of 24 on a spike at epoch 4,
@@ -125,9 +125,10 @@ def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, ep
             timings.setdefault("first_epoch", now - started)
             if config.time_budget_s and now - started > config.time_budget_s:
                 self.model.stop_training = True
-            evaluate_s = timings["evaluate_estimate"] = self.image_s * _evaluated_images(config, data)
-            if deadline is not None and not deadline.leaves_room(now - self.epoch_began, evaluate_s):
-                self.model.stop_training = timings["deadline"] = True
+            if deadline is not None:
+                evaluate_s = timings["evaluate_estimate"] = self.image_s * _evaluated_images(config, data)
+                if not deadline.leaves_room(now - self.epoch_began, evaluate_s):
+                    self.model.stop_training = timings["deadline"] = True
 
     stopper = keras.callbacks.EarlyStopping(
         monitor=config.early_stopping_monitor, mode="max", patience=config.early_stopping_patience,
