@@ -85,7 +85,7 @@ def test_a_timeout_must_be_positive():
 def test_a_timeout_too_short_for_any_trial_starts_none(tmp_path):
     search = run_search("--spec", str(write_tiny_spec(tmp_path)), "--timeout", "1")
     assert search.returncode == 0, search.stdout + search.stderr
-    assert "timeout: no time left for a trial" in search.stdout
+    assert "timeout: no time left for a trial: 1 s given" in search.stdout
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs' / 'tiny' / 'study.db'}")
     assert study.trials == []
 

@@ -104,7 +104,9 @@ def _execute(spec: StudySpec, study: optuna.Study, show_progress: bool, say, sta
     deadlines = Deadlines.plan(study, started_at, spec.budget.timeout_s)
     deadline, stop_at = (deadlines.workers, deadlines.backstop) if deadlines else (None, None)
     if deadline is not None and time.time() >= deadline:
-        say(f"timeout: no time left for a trial ({spec.budget.timeout_s:g} s given, the report kept its share)")
+        report_s = started_at + spec.budget.timeout_s - deadline
+        say(f"timeout: no time left for a trial: {spec.budget.timeout_s:g} s given, {time.time() - started_at:.0f} s "
+            f"spent starting, about {report_s:.0f} s kept for the report")
         return
     gpus = parse_gpus(spec.executor.gpus)
     if spec.executor.kind == "ray":
