@@ -130,6 +130,7 @@ def test_optuna_dashboard_lists_the_study_and_its_trials(parallel_study):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow  # over a minute on 2 cores
 def test_killed_worker_loses_no_completed_trial_and_its_trial_is_retried(tmp_path):
     # Trials long enough (several seconds even on a slow runner) that the poll below sees one running.
     spec_path = write_tiny_spec(tmp_path, name="resume", trials=3, min_epochs=3, max_epochs=3, train_images=1200)
@@ -236,6 +237,7 @@ def test_journal_storage_runs_a_study(tmp_path):
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
 
 
+@pytest.mark.slow  # over a minute on 2 cores
 def test_reseeding_trains_the_best_configurations_again_with_new_seeds(tmp_path):
     spec_path = write_tiny_spec(tmp_path, name="reseed", trials=3, min_epochs=1, max_epochs=2)
     assert run_search("--study", str(spec_path), "--workers", "1").returncode == 0
