@@ -64,6 +64,8 @@ def roc_auc_ovr(probs: np.ndarray, y: np.ndarray) -> float:
     present = np.unique(y)
     if len(present) < 2:
         return float("nan")
+    if len(present) == probs.shape[1] == 2:  # sklearn's binary case takes the positive class's scores
+        return float(metrics.roc_auc_score(y, probs[:, 1]))
     if len(present) == probs.shape[1]:
         normalised = probs / probs.sum(axis=1, keepdims=True)
         return float(metrics.roc_auc_score(y, normalised, multi_class="ovr", labels=_labels(probs)))

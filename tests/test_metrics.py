@@ -61,3 +61,13 @@ def test_a_class_absent_from_the_split_still_counts():
     table = per_class(probs, y, ["a", "b", "c"])
     assert table["support"].tolist() == [2, 2, 0] and table.loc[2, "recall"] == 0.0
     assert table.loc[0, "precision"] == pytest.approx(2 / 3) and table.loc[1, "recall"] == 0.5
+
+
+def test_roc_auc_of_two_classes_matches_sklearn_binary():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 20)
+    p1 = np.clip(y * 0.4 + rng.random(40) * 0.6, 0, 1)
+    probs = np.stack([1 - p1, p1], axis=1)
+    assert roc_auc_ovr(probs, y) == pytest.approx(roc_auc_score(y, p1))
