@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ensemble.build import BuildOptions, build_ensemble
     from search.study.location import StudyLocation
-    from ensemble.cli import run_cli
+    from common.cli_errors import run_cli
 
     with tempfile.TemporaryDirectory(prefix="bench-ensemble-") as scratch:
         folder = Path(args.ensemble) if args.ensemble else Path(args.out or Path(scratch) / "ensemble")

@@ -1,1 +1,2 @@
-"""Hyperparameter search over backbones, augmentation and optimisation, on Optuna (and Ray Tune)."""
+"""Hyperparameter search over backbones, augmentation and optimisation, on Optuna, with local worker processes
+or Ray actors."""

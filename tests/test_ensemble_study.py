@@ -286,7 +286,7 @@ def test_tampered_or_incomplete_artifact_is_refused(built, tmp_path, damage, mes
 
 def _predict_cli(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the predict CLI in a fresh process and report whether TensorFlow got imported."""
-    code = ("import sys\nfrom ensemble.cli import run_cli\nfrom ensemble.predict import main\n"
+    code = ("import sys\nfrom common.cli_errors import run_cli\nfrom ensemble.predict import main\n"
             "rc = run_cli(main, sys.argv[1:])\nprint('TF-IMPORTED' if 'tensorflow' in sys.modules else 'NO-TF', "
             "file=sys.stderr)\nsys.exit(rc)")
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600, cwd=cwd)
