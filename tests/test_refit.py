@@ -1,0 +1,55 @@
+"""The family rotation that measures a final refit: each family held out once, trained on all the others, the
+same folds on every call; the augmenter a fold's trainer builds never draws the family left out (instrumented,
+as tests/test_augment_robust.py does). Real 28x28 batches, no model training."""
+
+import dataclasses
+
+import pytest
+
+from common.errors import DataError
+from data_pipeline.corrupt import FAMILIES
+from ensemble.refit import family_rotation, rotation_configs
+from search.study.trial_config import TrialConfig
+from test_augment_robust import _drawn_families  # the stream through the augmenter, with its family counts
+
+MEMBER = TrialConfig(backbone="compact_cnn", augment_policy="corrupt", augment_strength=0.8, seed=7, epochs=14)
+
+
+def test_rotation_holds_each_family_out_once_and_trains_on_the_others():
+    folds = family_rotation()
+    assert tuple(folds) == tuple(FAMILIES)
+    for family, train in folds.items():
+        assert family not in train and set(train) | {family} == set(FAMILIES)
+
+
+def test_rotation_gives_the_same_families_on_every_call():
+    first = family_rotation()
+    assert family_rotation() == first == family_rotation(tuple(reversed(FAMILIES)))
+    assert family_rotation(["colour", "noise", "colour"]) == family_rotation(["noise", "colour"]) == {
+        "noise": ("colour",), "colour": ("noise",)}
+
+
+def test_rotation_refuses_an_unknown_family():
+    with pytest.raises(DataError, match="unknown corruption family 'fog'"):
+        family_rotation(["noise", "fog"])
+
+
+def test_rotation_configs_differ_from_the_member_only_in_families():
+    configs = rotation_configs(MEMBER)
+    assert list(configs) == list(FAMILIES)
+    for family, config in configs.items():
+        assert config.heldout_families == [family]
+        assert config.train_families == list(family_rotation()[family])
+        assert dataclasses.replace(config, train_families=None, heldout_families=None) == MEMBER
+
+
+def test_rotation_refuses_a_policy_that_needs_the_family_left_out():
+    with pytest.raises(DataError, match="policy 'light' applies the corruption family 'colour'"):
+        rotation_configs(dataclasses.replace(MEMBER, augment_policy="light"))
+
+
+def test_each_fold_trains_on_every_family_but_the_one_left_out(embedded):
+    for family, config in rotation_configs(MEMBER).items():
+        usage = _drawn_families(embedded, tuple(config.train_families), batches=12, policy=config.augment_policy)
+        assert usage[family] == 0, (family, usage)
+        assert all(usage[other] > 0 for other in config.train_families), (family, usage)
