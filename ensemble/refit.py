@@ -9,12 +9,15 @@ fold differs from its member only in the families, never in seed or hyperparamet
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from data_pipeline.corrupt import FAMILIES, check_families
 from data_pipeline.policies import check_policy_families
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from search.study.trial_config import TrialConfig
 
 
@@ -41,3 +44,20 @@ def rotation_configs(config: TrialConfig, families: Sequence[str] | None = None)
         check_policy_families(config.augment_policy, train)
     return {family: dataclasses.replace(config, train_families=list(train), heldout_families=[family])
             for family, train in folds.items()}
+
+
+def rotation_table(config: TrialConfig, out_dir: str | Path, families: Sequence[str] | None = None) -> pd.DataFrame:
+    """Train every fold of `config` (the trial's files under `out_dir/<family left out>/`) and return one row
+    per family: what the fold trained on, its clean validation accuracy, and its accuracy on the validation
+    split corrupted by the family left out (TTA as `config` says)."""
+    import pandas as pd
+
+    from search.trial.trainer import train_trial
+
+    rows = []
+    for family, fold in rotation_configs(config, families).items():
+        metrics = train_trial(fold, Path(out_dir) / family).metrics
+        rows.append({"heldout_family": family, "train_families": ", ".join(fold.train_families),
+                     "val_accuracy_tta": metrics["val_accuracy_tta"],
+                     "heldout_accuracy_tta": metrics["val_corrupted_accuracy_tta"]})
+    return pd.DataFrame(rows)

@@ -1,6 +1,6 @@
 """The family rotation that measures a final refit: each family held out once, trained on all the others, the
 same folds on every call; the augmenter a fold's trainer builds never draws the family left out (instrumented,
-as tests/test_augment_robust.py does). Real 28x28 batches, no model training."""
+as tests/test_augment_robust.py does); the rotation table from tiny real trainings."""
 
 import dataclasses
 
@@ -8,7 +8,7 @@ import pytest
 
 from common.errors import DataError
 from data_pipeline.corrupt import FAMILIES
-from ensemble.refit import family_rotation, rotation_configs
+from ensemble.refit import family_rotation, rotation_configs, rotation_table
 from search.study.trial_config import TrialConfig
 from test_augment_robust import _drawn_families  # the stream through the augmenter, with its family counts
 
@@ -53,3 +53,14 @@ def test_each_fold_trains_on_every_family_but_the_one_left_out(embedded):
         usage = _drawn_families(embedded, tuple(config.train_families), batches=12, policy=config.augment_policy)
         assert usage[family] == 0, (family, usage)
         assert all(usage[other] > 0 for other in config.train_families), (family, usage)
+
+
+def test_rotation_table_trains_each_fold_and_scores_the_family_left_out(tmp_path):
+    tiny = dataclasses.replace(MEMBER, epochs=1, max_train_images=256, tta_views=1, batch_size=64)
+    table = rotation_table(tiny, tmp_path, families=["noise", "blur", "artefact"])
+    assert list(table.heldout_family) == ["noise", "blur", "artefact"]
+    assert list(table.train_families) == ["blur, artefact", "noise, artefact", "noise, blur"]
+    for row in table.itertuples():
+        config = TrialConfig.from_file(tmp_path / row.heldout_family / "config.json")
+        assert config.heldout_families == [row.heldout_family]
+        assert 0 < row.heldout_accuracy_tta <= 1 and 0 < row.val_accuracy_tta <= 1
