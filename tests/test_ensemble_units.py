@@ -475,3 +475,33 @@ def test_build_settings_are_checked_before_any_study_is_opened():
         build_ensemble(None, objective="accuracy")
     with pytest.raises(EnsembleError, match="--bn-prior must be >= 0"):
         build_ensemble(None, bn_prior=-1.0)
+
+
+def test_a_fitted_combiner_must_beat_voting_beyond_noise():
+    from ensemble.evaluate import choose_row, paired_gain
+    from ensemble.robust import ValidationRows
+
+    y = np.arange(400) % 4
+    right = np.eye(4)[y]
+    wrong = np.eye(4)[(y + 1) % 4]
+    rows = ValidationRows.clean(y)
+    vote = np.where(np.arange(400)[:, None] < 300, right, wrong)  # 75% right
+    better = np.where(np.arange(400)[:, None] < 304, right, wrong)  # 1 point more
+    gain, se = paired_gain(better, vote, rows)
+    assert gain == pytest.approx(0.01) and 0 < se < gain  # 4 images flipped the same way: se = 0.005
+    source = np.repeat(np.arange(400), 2)
+    robust = ValidationRows.robust(y, source=source)
+    shifted_gain, shifted_se = paired_gain(robust.stack(better, better[source]), robust.stack(vote, vote[source]),
+                                           robust)
+    assert shifted_gain == pytest.approx(0.01) and shifted_se == pytest.approx(se)  # copies move with their image
+
+    def row(kind, accuracy, gain, se):
+        return {"combiner": kind, "kind": kind, "val_oof_objective_accuracy": accuracy,
+                "val_oof_objective_log_loss": 0.5, "val_oof_gain": gain, "val_oof_gain_se": se}
+
+    rows_ = [row("vote", 0.750, 0.0, 0.0), row("stacking", 0.758, 0.008, se)]
+    assert choose_row(rows_)["combiner"] == "vote"  # under 2 standard errors: noise
+    rows_[1].update(val_oof_objective_accuracy=0.780, val_oof_gain=0.030)
+    assert choose_row(rows_)["combiner"] == "stacking"
+    rows_[1].update(val_oof_objective_accuracy=0.760, val_oof_gain=0.010)
+    assert choose_row(rows_, "stacking")["combiner"] == "stacking"  # asked for by name: no test
