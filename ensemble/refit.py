@@ -1,4 +1,4 @@
-"""The family rotation that measures a final refit (issue 20).
+"""The family rotation that measures a final refit.
 
 A refit that trains the chosen members on every corruption family leaves no family unseen to measure it on.
 What it buys is measured by rotation instead: hold each family out in turn, retrain the member on all the
