@@ -151,6 +151,7 @@ def test_a_failed_rebuild_leaves_the_existing_artifact_untouched(built, study, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ens"]
 
 
+@pytest.mark.slow  # 40 s, and its timing comparison needs a quiet machine
 def test_build_under_an_inference_budget_takes_only_what_fits(study, candidates, tmp_path):
     from ensemble.budget import measure_candidates
     from ensemble.candidates import artifact_store

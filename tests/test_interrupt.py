@@ -80,7 +80,8 @@ def finished(all_trials) -> list:
     return [t for t in all_trials if t.state in FINISHED]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+                         ids=["sigint", "sigterm"])  # the same path; SIGTERM also runs with -m slow
 def test_signal_stops_every_worker_and_the_rerun_resumes(tmp_path, signum):
     spec_path = write_tiny_spec(tmp_path, name="stop", trials=2, min_epochs=3, max_epochs=3, train_images=1200)
     driver = start_driver(spec_path, "--workers", "2")
