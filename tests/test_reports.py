@@ -23,6 +23,7 @@ from data_pipeline.corrupt import shifted_copy
 from common.metrics import expected_calibration_error
 from common.plots import confusion_matrix_png, training_curves_png
 from search.reports.study_report import top_trials, write_report
+from search.trial.run_trial import ARTIFACT_ATTR_PREFIX
 from common.robust_report import ALL, REPORT_FILES, ShiftedRows, robustness_table, write_robustness_report
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -173,7 +174,8 @@ def add_trial(study, store, values, scratch: Path, shifted: bool = True, clean_r
         folder = scratch / f"trial_{trial.number}"
         folder.mkdir()
         path = predictions_npz(folder / "predictions.npz", np.random.default_rng(trial.number), clean_rate, shifted)
-        upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
+        artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
+        trial.set_user_attr(ARTIFACT_ATTR_PREFIX + "predictions.npz", artifact_id)  # as run_trial records it
     study.tell(trial, values)
     return trial.number
 

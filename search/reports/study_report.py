@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pandas as pd
-from optuna.artifacts import download_artifact, get_all_artifact_meta, upload_artifact
+from optuna.artifacts import download_artifact, upload_artifact
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
@@ -126,13 +126,15 @@ def save_pareto_front(study: optuna.Study, folder: Path) -> list[Path]:
     return saved
 
 
-def download_trial_file(store, study: optuna.Study, trial: FrozenTrial, filename: str, target: Path) -> Path | None:
-    """The trial's artifact named `filename` (its last upload) downloaded to `target`; None if it has none."""
-    # a FrozenTrial does not know its storage; Optuna's own upload_artifact reads it from the study this way
-    metas = [m for m in get_all_artifact_meta(trial, storage=study._storage) if m.filename == filename]
-    if not metas:
+def download_trial_file(store, trial: FrozenTrial, filename: str, target: Path) -> Path | None:
+    """The trial's artifact named `filename` (the id its runner recorded as a user attribute) downloaded to
+    `target`; None if it has none."""
+    from search.trial.run_trial import ARTIFACT_ATTR_PREFIX
+
+    artifact_id = trial.user_attrs.get(ARTIFACT_ATTR_PREFIX + filename)
+    if artifact_id is None:
         return None
-    download_artifact(artifact_store=store, file_path=str(target), artifact_id=metas[-1].artifact_id)
+    download_artifact(artifact_store=store, file_path=str(target), artifact_id=artifact_id)
     return target
 
 
@@ -146,7 +148,7 @@ def best_trial_predictions(study: optuna.Study, store) -> tuple[FrozenTrial | No
     if store is None:
         return trial, None, "robustness report skipped: no artifact store given"
     with tempfile.TemporaryDirectory() as scratch:
-        path = download_trial_file(store, study, trial, "predictions.npz", Path(scratch) / "predictions.npz")
+        path = download_trial_file(store, trial, "predictions.npz", Path(scratch) / "predictions.npz")
         if path is None:
             return trial, None, f"robustness report skipped: best trial {trial.number} has no predictions.npz artifact"
         with np.load(path) as saved:
