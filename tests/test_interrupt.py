@@ -131,7 +131,7 @@ def test_killed_driver_takes_its_workers_with_it(tmp_path):
         assert any(t.user_attrs.get(RETRY_ATTR) == trial.number for t in by_number.values())
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("backend", [pytest.param("sqlite", marks=pytest.mark.slow), "postgresql"])
 def test_two_drivers_share_one_study(tmp_path, backend):
     storage = None
     name = "shared"
@@ -283,6 +283,7 @@ def test_ray_trials_end_themselves_when_the_driver_is_killed(tmp_path):
     assert_interrupted_and_queued(spec_path, running)  # each actor recorded its own trial on the way out
 
 
+@pytest.mark.slow  # the local executor's twin above runs by default
 def test_ray_artifact_store_turning_read_only_fails_the_study_in_one_line(tmp_path):
     spec_path = write_tiny_spec(tmp_path, name="rayreadonly", trials=2, min_epochs=2, max_epochs=2,
                                 train_images=1200)

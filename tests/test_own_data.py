@@ -280,6 +280,7 @@ def test_build_ensemble_keywords_are_the_build_options():
 
 # ----------------------------------------------------------------------- 5 classes, end to end, by the CLI
 
+@pytest.mark.slow  # the same flow through the Python API runs by default
 def test_five_classes_by_the_commands(tmp_path, embedded):
     images, labels = five_classes(embedded)
     data = tmp_path / "five.npz"
