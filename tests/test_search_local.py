@@ -228,6 +228,7 @@ def test_postgresql_storage_runs_a_study(tmp_path):
     optuna.delete_study(study_name=name, storage=url)
 
 
+@pytest.mark.slow  # the same flow as the PostgreSQL and default SQLite storages, on a journal file
 def test_journal_storage_runs_a_study(tmp_path):
     spec_path = write_tiny_spec(tmp_path, name="journal", trials=1)
     journal = tmp_path / "study.journal"
