@@ -75,7 +75,7 @@ def choose_row(rows: list[dict], preferred: str = "auto", clean_tolerance: float
     pool = [r for r in rows if preferred in ("auto", r["kind"])]
     if not pool:
         raise ConfigError(f"unknown combiner {preferred!r}")
-    if preferred == "auto" and pool[0] is rows[0] and "val_oof_gain_se" in rows[0]:
+    if preferred == "auto" and "val_oof_gain_se" in rows[0]:
         pool = [pool[0]] + [r for r in pool[1:] if r["val_oof_gain"] > GAIN_Z * r["val_oof_gain_se"]]
     if clean_tolerance is not None and "val_oof_accuracy" in pool[0]:
         best_clean = max(r["val_oof_accuracy"] for r in pool)
