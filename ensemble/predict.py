@@ -93,11 +93,7 @@ def run(args: argparse.Namespace) -> int:
         raise EnsembleError(f"--center-crop must be >= 1, got {args.center_crop}")
     folder = ensemble_folder(args)
     manifest = read_manifest(folder)  # checksums verified; no TensorFlow yet
-    inputs = read_inputs(args.input, manifest, args.center_crop)
-    from ensemble.standalone import prepare_images
-
-    if inputs.images.dtype != np.uint8:  # cheap dtype/range checks before TensorFlow
-        inputs.images = prepare_images(inputs.images, inputs.images.shape[1:3])
+    inputs = read_inputs(args.input, manifest, args.center_crop)  # checked uint8 images, before TensorFlow
     from ensemble.classifier import load_ensemble
 
     classifier = load_ensemble(folder, batch_size=args.batch_size, precision=args.precision, adapt_bn=args.adapt_bn)
