@@ -23,7 +23,7 @@ from typing import Protocol
 import numpy as np
 import optuna
 
-from search.execution.lifecycle import worker_id
+from search.execution.lifecycle import FAIL_REASON, worker_id
 from search.study.trial_config import TrialConfig
 from search.study.goals import get_objective
 from search.study.reseed import is_protected
@@ -119,7 +119,7 @@ def run_trial(channel: TrialChannel, spec: StudySpec) -> TrialOutcome:
     except optuna.TrialPruned:
         raise
     except Exception as exc:
-        channel.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:500])
+        channel.set_user_attr(FAIL_REASON, f"{type(exc).__name__}: {exc}"[:500])
         channel.set_user_attr("fail_traceback", traceback.format_exc()[-2000:])
         raise
     finally:
