@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -41,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from common.cli_errors import QUIET, command_parser, run_cli, set_verbosity
+from data_pipeline.corrupt import FAMILIES
 from ensemble.artifact import atomic_folder, member_files
 from ensemble.evaluate import CLEAN_TOLERANCE
 from ensemble.robust import OBJECTIVES, ValidationRows
@@ -68,6 +70,8 @@ class BuildOptions:
     min_images_per_s: inference budget on this machine. precision: "float32" or "bfloat16". adapt_bn,
     bn_prior: the artifact's test-time BatchNorm adaptation default (ensemble.standalone). seed: shuffles
     the cross-validation folds combiners are scored and calibrated on (and seeds the distilled student).
+    refit: retrain the chosen members with augmentation drawn from every family, held-out ones included,
+    and ship those (`ensemble.refit`); None: as the study's spec says (`[robustness] refit`).
     pointer: runs/last_study.json, to find the study when none is given.
     """
 
@@ -92,6 +96,7 @@ class BuildOptions:
     distill: bool = False
     distill_epochs: int = 8
     distill_backbone: str = "compact_cnn"
+    refit: bool | None = None  # retrain the members on every family (ensemble.refit); None: the study's spec
 
     def validate(self) -> None:
         choices = (("method", METHODS), ("combiner", COMBINER_CHOICES), ("objective", (None, *OBJECTIVES)),
@@ -115,6 +120,11 @@ class BuildOptions:
             raise EnsembleError(f"--min-images-per-s must be > 0, got {self.min_images_per_s}")
         if not self.bn_prior >= 0:
             raise EnsembleError(f"--bn-prior must be >= 0, got {self.bn_prior}")
+
+
+def study_refit(study) -> bool:
+    """Whether the study's recorded spec asks for the final refit (`[robustness] refit`)."""
+    return bool(study.user_attrs.get("spec", {}).get("robustness", {}).get("refit", False))
 
 
 def study_objective(study) -> str:
@@ -218,6 +228,7 @@ def build_ensemble(study: Any = None, options: BuildOptions | None = None, **set
     store = artifact_store(location)
     trials = open_study(location)
     options.objective = options.objective or study_objective(trials)
+    options.refit = study_refit(trials) if options.refit is None else options.refit
     out = Path(options.out) if options.out else location.ensemble_dir
     with tempfile.TemporaryDirectory(prefix="ensemble-cache-") as cache:
         candidates, notes = load_candidates(trials, store, Path(cache), options.tta)
@@ -226,7 +237,7 @@ def build_ensemble(study: Any = None, options: BuildOptions | None = None, **set
         for note in notes:
             _say(options, f"  note: {note}")
         budget = _budget(options, candidates, store, Path(cache))
-        return _build(options, location, store, out, candidates, notes, rows, budget)
+        return _build(options, location, store, out, candidates, notes, rows, budget, Path(cache))
 
 
 def validation_rows(objective: str, candidates, notes: list[str]) -> ValidationRows:
@@ -265,7 +276,7 @@ def _select(options: BuildOptions, val_probs: list[np.ndarray], rows: Validation
                             sample_weight=rows.sample_weight)
 
 
-def _build(options, location, store, out: Path, candidates, notes, rows: ValidationRows, budget):
+def _build(options, location, store, out: Path, candidates, notes, rows: ValidationRows, budget, cache: Path):
     from ensemble.candidates import download
     from ensemble.classifier import EnsembleClassifier
     from ensemble.combiners import make_combiner
@@ -279,14 +290,21 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
     for line in selection.log:
         _say(options, f"  selection: {line}")
     members = [candidates[i] for i in selection.indices]
-    X_val = np.stack([val[i] for i in selection.indices], axis=1)
-    best_position = rank_candidates([val[i] for i in selection.indices], rows.y, rows.sample_weight)[0]
+    if options.refit:
+        members = _refit(options, members, cache / "refit", notes)
+    member_val = [rows.stack(m.val_probs, m.shifted_probs) for m in members]
+    X_val = np.stack(member_val, axis=1)
+    best_position = rank_candidates(member_val, rows.y, rows.sample_weight)[0]
     vote_weights = selection.weights if options.method == "greedy" else None
     names = [f"trial_{m.number:05d}" for m in members]
     with atomic_folder(out) as staging:
         (staging / "report").mkdir()
         for member, file in zip(members, member_files(names)):
-            download(store, member, "model.keras", staging / file)
+            if member.model_file is not None:
+                (staging / file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(member.model_file, staging / file)
+            else:
+                download(store, member, "model.keras", staging / file)
         choice = score_combiners(X_val, rows, calibrate=options.calibrate, vote_weights=vote_weights,
                                  preferred=options.combiner, clean_tolerance=options.clean_tolerance, seed=options.seed)
         combiner = make_combiner(choice.chosen, calibrate=options.calibrate, vote_weights=vote_weights,
@@ -312,6 +330,17 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
     _say(options, "\n" + report.summary())
     _say(options, f"\nensemble saved to {out} (report: {out / 'report' / 'index.html'})")
     return ens
+
+
+def _refit(options: BuildOptions, members: list, work: Path, notes: list[str]) -> list:
+    """The members retrained on every family (ensemble.refit), their notes added."""
+    from ensemble.refit import refit_members
+
+    refit, refit_notes = refit_members(members, work, options.tta, say=lambda line: _say(options, line))
+    for note in refit_notes:
+        _say(options, f"  note: {note}")
+    notes.extend(refit_notes)
+    return refit
 
 
 def _load_members(staging: Path, names: list[str]) -> list:
@@ -468,6 +497,8 @@ def _manifest_extra(options, location, members, selection, rows, report: Ensembl
         "study": {"name": location.name, "storage": redact(location.storage), "artifacts": location.artifacts},
         "members": member_rows,
         "best_single_trial": best_trial,
+        "refit": {"families": list(FAMILIES), "trials": [m.number for m in members if m.model_file is not None]}
+        if options.refit else None,
         "selection": {"method": options.method, "top": options.top, "log": selection.log},
         "objective": {"requested": options.objective, "used": rows.objective,
                       "heldout_families": sorted(set(reference.shifted.family.tolist()))
@@ -525,6 +556,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distill", action="store_true", help="also train one student on the ensemble's soft labels")
     parser.add_argument("--distill-epochs", type=int, default=8, help="the student's epochs")
     parser.add_argument("--distill-backbone", default="compact_cnn", help="the student's backbone")
+    parser.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                        help="retrain the chosen members with augmentation from every corruption family, held-out "
+                             "ones included, and ship those (default: the study's [robustness] refit); the "
+                             "held-out-family test scores then cover families the members trained on")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -537,7 +572,7 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
                         pointer=args.pointer or str(Path(args.out) / POINTER_FILE),
                         progress=not args.no_progress and args.verbosity > QUIET, quiet=args.verbosity == QUIET,
                         distill=args.distill, distill_epochs=args.distill_epochs,
-                        distill_backbone=args.distill_backbone)
+                        distill_backbone=args.distill_backbone, refit=args.refit)
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, BuildOptions]:

@@ -39,6 +39,7 @@ class Candidate:
     saved_views: int
     shifted_probs: np.ndarray | None = None  # (S, C) on the validation's held-out-family copy, view mean
     shifted: ShiftedRows | None = None  # which image, family, kind and severity each shifted row is
+    model_file: Path | None = None  # a local model.keras (a refit member), else the trial's in the store
 
     def shares_shifted_copy(self, other: "Candidate") -> bool:
         """Whether both saved predictions on the same held-out-family validation copy."""
@@ -114,6 +115,16 @@ def _shifted(arrays: dict, positions: list[int]) -> dict:
             "shifted": ShiftedRows.from_arrays(arrays)}
 
 
+def saved_fields(arrays: dict, positions: list[int]) -> dict:
+    """A candidate's fields from a trial's saved `predictions.npz` arrays, averaged over the view `positions`."""
+    return dict(class_names=tuple(str(c) for c in arrays["class_names"]),
+                val_ids=arrays["val_ids"].astype(str), val_labels=arrays["val_labels"].astype(np.int64),
+                val_probs=arrays["val_view_probs"][positions].mean(axis=0).astype(np.float64),
+                test_ids=arrays["test_ids"].astype(str), test_labels=arrays["test_labels"].astype(np.int64),
+                test_probs=arrays["test_view_probs"][positions].mean(axis=0).astype(np.float64),
+                saved_views=int(arrays["val_view_probs"].shape[0]), **_shifted(arrays, positions))
+
+
 def load_candidates(study, store, cache: Path, tta_views: int) -> tuple[list[Candidate], list[str]]:
     """Every COMPLETE trial that saved the requested views and shares the best trial's split and classes.
 
@@ -146,15 +157,8 @@ def load_candidates(study, store, cache: Path, tta_views: int) -> tuple[list[Can
             notes.append(f"trial {trial.number}: skipped, saved {n_saved} TTA view(s), --tta {tta_views} needs "
                          f"views {VIEW_SETS[tta_views]}")
             continue
-        candidates.append(Candidate(
-            number=trial.number, value=trial.value, user_attrs=dict(trial.user_attrs), config=config,
-            class_names=tuple(str(c) for c in arrays["class_names"]),
-            val_ids=arrays["val_ids"].astype(str), val_labels=arrays["val_labels"].astype(np.int64),
-            val_probs=arrays["val_view_probs"][positions].mean(axis=0).astype(np.float64),
-            test_ids=arrays["test_ids"].astype(str), test_labels=arrays["test_labels"].astype(np.int64),
-            test_probs=arrays["test_view_probs"][positions].mean(axis=0).astype(np.float64),
-            saved_views=n_saved, **_shifted(arrays, positions),
-        ))
+        candidates.append(Candidate(number=trial.number, value=trial.value, user_attrs=dict(trial.user_attrs),
+                                    config=config, **saved_fields(arrays, positions)))
     if not candidates:
         raise EnsembleError("no usable trial: " + "; ".join(notes))
     reference = candidates[0]

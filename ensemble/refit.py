@@ -1,24 +1,123 @@
-"""The family rotation that measures a final refit.
+"""The final refit on every corruption family, and the family rotation that measures it.
 
-A refit that trains the chosen members on every corruption family leaves no family unseen to measure it on.
-What it buys is measured by rotation instead: hold each family out in turn, retrain the member on all the
-others, and score the family left out. The folds are trial configurations the trainer runs unchanged, so a
-fold differs from its member only in the families, never in seed or hyperparameters.
+`refit_members` retrains the members a build chose with augmentation drawn from every family, held-out ones
+included, one member per worker slot (a core, or a GPU), and returns them as candidates. That leaves no
+family unseen to measure the refit on, so what it buys is measured by rotation instead: hold each family
+out in turn, retrain the member on all the others, and score the family left out. The folds are trial
+configurations the trainer runs unchanged, so a fold differs from its member only in the families, never
+in seed or hyperparameters.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
+import numpy as np
+
+from common.errors import EnsembleError
 from data_pipeline.corrupt import FAMILIES, check_families
-from data_pipeline.policies import check_policy_families
+from data_pipeline.policies import check_policy_families, policy_families
 
 if TYPE_CHECKING:
     import pandas as pd
 
+    from ensemble.candidates import Candidate
     from search.study.trial_config import TrialConfig
+
+
+def changes_in_refit(config: TrialConfig) -> bool:
+    """Whether drawing from every family changes what the member's policy touches (`light` touches only
+    colour, so a `light` member would be retrained unchanged)."""
+    train, _ = check_families(config.train_families, config.heldout_families)
+    return policy_families(config.augment_policy, FAMILIES) != policy_families(config.augment_policy, train)
+
+
+def refit_members(members: Sequence[Candidate], work: Path, tta_views: int,
+                  say: Callable[[str], None] = print) -> tuple[list[Candidate], list[str]]:
+    """`members` retrained on every family (same configuration, seed and data split), each as a candidate
+    with its new predictions and `model_file`; members whose policy the refit would not change are kept.
+    Returns (members, notes). A failed retraining raises `EnsembleError` naming the trial and its last line."""
+    from search.execution.devices import pin_environment
+    from search.execution.devices_plan import detect_gpus, plan_workers, usable_cores
+
+    jobs = [m for m in members if changes_in_refit(m.config)]
+    kept = [m for m in members if not changes_in_refit(m.config)]
+    notes = [f"refit: trial {m.number} kept as searched ({m.config.augment_policy} draws from no other family)"
+             for m in kept]
+    if not jobs:
+        return list(members), notes
+    gpus, cores = detect_gpus(), usable_cores()
+    slots = plan_workers(gpus, min(len(jobs), len(gpus) or min(len(cores), 8)), cores)
+    say(f"refit: retraining {len(jobs)} member(s) on every family ({', '.join(FAMILIES)}), "
+        f"{len(slots)} at a time")
+    started = time.perf_counter()
+    folders = _run_refits(jobs, work, slots, pin_environment)
+    refit = {m.number: _refit_candidate(m, folders[m.number], tta_views) for m in jobs}
+    notes.append(f"refit: trial(s) {', '.join(str(n) for n in refit)} retrained on every family in "
+                 f"{time.perf_counter() - started:.0f} s; the held-out-family scores are no longer on unseen "
+                 "families (the family rotation measures that)")
+    return [refit.get(m.number, m) for m in members], notes
+
+
+def _run_refits(jobs: Sequence[Candidate], work: Path, slots: list, environment) -> dict[int, Path]:
+    """Run `python -m search.train_one` for each job, one per slot at a time; each trial's folder by number."""
+    pending, running, folders = list(jobs), {}, {}
+    free = list(slots)
+    while pending or running:
+        while pending and free:
+            member, slot = pending.pop(0), free.pop(0)
+            folder = work / f"trial_{member.number:05d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            config = dataclasses.replace(member.config, refit=True)
+            (folder / "refit_config.json").write_text(json.dumps(config.to_dict()))
+            log = open(folder / "refit.log", "w")
+            process = subprocess.Popen(
+                [sys.executable, "-m", "search.train_one", "--config", str(folder / "refit_config.json"),
+                 "--trial-dir", str(folder / "trial"), "-q"],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **environment(slot)})
+            running[process] = (member, slot, folder, log)
+        process = _wait_any(running)
+        member, slot, folder, log = running.pop(process)
+        log.close()
+        free.append(slot)
+        if process.returncode != 0:
+            for other in running:
+                other.kill()
+            lines = (folder / "refit.log").read_text().strip().splitlines() or ["no output"]
+            raise EnsembleError(f"refit of trial {member.number} failed (exit {process.returncode}): {lines[-1]} "
+                                f"(log: {folder / 'refit.log'}); build without --refit to ship the searched members")
+        folders[member.number] = folder / "trial"
+    return folders
+
+
+def _wait_any(running: dict) -> subprocess.Popen:
+    while True:
+        for process in running:
+            if process.poll() is not None:
+                return process
+        time.sleep(0.2)
+
+
+def _refit_candidate(member: Candidate, folder: Path, tta_views: int) -> Candidate:
+    from ensemble.candidates import saved_fields, view_positions
+    from search.study.trial_config import TrialConfig
+
+    with np.load(folder / "predictions.npz") as saved:
+        arrays = {k: saved[k] for k in saved.files}
+    positions = view_positions(int(arrays["val_view_probs"].shape[0]), tta_views)
+    fields = saved_fields(arrays, positions)
+    if not np.array_equal(fields["val_ids"], member.val_ids) or not np.array_equal(fields["test_ids"], member.test_ids):
+        raise EnsembleError(f"refit of trial {member.number} used another data split than the search (its split "
+                            "or exclusion file changed); build without --refit")
+    return dataclasses.replace(member, config=TrialConfig.from_file(folder / "config.json"),
+                               model_file=folder / "model.keras", **fields)
 
 
 def family_rotation(families: Sequence[str] | None = None) -> dict[str, tuple[str, ...]]:

@@ -95,6 +95,7 @@ class RobustnessSpec:
     train_families: list[str] = field(default_factory=lambda: ["noise", "blur", "colour"])
     heldout_families: list[str] = field(default_factory=lambda: ["acquisition", "artefact"])
     seed: int = 0
+    refit: bool = False  # the build retrains its members on every family, held-out ones included (ensemble.refit)
 
 
 @dataclass

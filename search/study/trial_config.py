@@ -44,6 +44,7 @@ class TrialConfig:
     train_families: list[str] | None = None  # None: data_pipeline.corrupt.DEFAULT_TRAIN_FAMILIES
     heldout_families: list[str] | None = None  # None: data_pipeline.corrupt.DEFAULT_HELDOUT_FAMILIES
     robust_seed: int = 0
+    refit: bool = False  # the final refit: augmentation draws from every family (the held-out copy still scores)
     # optimisation
     optimizer: str = "adamw"
     learning_rate: float = 2e-3
@@ -87,6 +88,14 @@ class TrialConfig:
         for key, ok in checks.items():
             if not ok:
                 raise ConfigError(f"invalid config value {key}={getattr(self, key)!r}")
+
+    def augment_families(self) -> tuple[str, ...] | list[str] | None:
+        """The families training augmentation may draw from: every one for a refit, else `train_families`."""
+        if self.refit:
+            from data_pipeline.corrupt import FAMILIES
+
+            return tuple(FAMILIES)
+        return self.train_families
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -204,7 +204,7 @@ def _fit(model, config: TrialConfig, data: TrialData, report: ReportFn | None, s
     n_classes = len(data.class_names)
     consistency = config.augment_policy in CONSISTENCY_POLICIES
     augmenter = build_augmenter(config.augment_policy, config.augment_strength, n_classes, seed=config.seed,
-                                families=config.train_families, stack_views=consistency)
+                                families=config.augment_families(), stack_views=consistency)
     train = make_stream(images, labels, n_classes, config.batch_size, augmenter=augmenter, seed=config.seed)
     val = make_stream(data.val.images, data.val.labels, n_classes, config.batch_size, shuffle=False)
     weights = class_weights(labels, n_classes) if config.class_weighting else None
