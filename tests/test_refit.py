@@ -1,14 +1,16 @@
-"""The family rotation that measures a final refit: each family held out once, trained on all the others, the
-same folds on every call; the augmenter a fold's trainer builds never draws the family left out (instrumented,
-as tests/test_augment_robust.py does); the rotation table from tiny real trainings."""
+"""The final refit and the family rotation that measures it: a refit trial's augmenter draws every family while
+it trains (instrumented, as tests/test_augment_robust.py does); a build with the refit ships retrained members;
+each family is held out once, trained on all the others, the same folds on every call; the augmenter a fold's
+trainer builds never draws the family left out; the rotation table from tiny real trainings."""
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from common.errors import DataError
 from data_pipeline.corrupt import FAMILIES
-from ensemble.refit import family_rotation, rotation_configs, rotation_table
+from ensemble.refit import changes_in_refit, family_rotation, rotation_configs, rotation_table
 from search.study.trial_config import TrialConfig
 from test_augment_robust import _drawn_families  # the stream through the augmenter, with its family counts
 
@@ -64,3 +66,57 @@ def test_rotation_table_trains_each_fold_and_scores_the_family_left_out(tmp_path
         config = TrialConfig.from_file(tmp_path / row.heldout_family / "config.json")
         assert config.heldout_families == [row.heldout_family]
         assert 0 < row.heldout_accuracy_tta <= 1 and 0 < row.val_accuracy_tta <= 1
+
+
+def test_a_refit_trial_draws_every_family_while_it_trains(tmp_path, monkeypatch):
+    import search.trial.trainer as trainer
+
+    built = []
+
+    def spy(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    real = trainer.build_augmenter
+    monkeypatch.setattr(trainer, "build_augmenter", spy)
+    refit = dataclasses.replace(MEMBER, refit=True, epochs=1, max_train_images=256, batch_size=64, tta_views=1)
+    trainer.train_trial(refit, tmp_path)
+    assert len(built) == 1
+    usage = built[0].family_usage
+    assert set(usage) == set(FAMILIES) and all(usage[family] > 0 for family in FAMILIES), usage
+    assert TrialConfig.from_file(tmp_path / "config.json").refit
+
+
+def test_only_members_whose_policy_reaches_another_family_are_refit():
+    assert changes_in_refit(MEMBER)
+    assert not changes_in_refit(dataclasses.replace(MEMBER, augment_policy="light"))
+    assert not changes_in_refit(dataclasses.replace(MEMBER, augment_policy="none"))
+
+
+@pytest.mark.slow
+def test_a_study_asking_for_the_refit_ships_members_retrained_on_every_family(tmp_path):
+    import json
+
+    from ensemble import build_ensemble
+    from search_helpers import run_search, write_tiny_spec
+
+    spec = write_tiny_spec(tmp_path, name="refit", trials=2, train_images=320,
+                           extra="\n[robustness]\nrefit = true\n")
+    spec.write_text(spec.read_text().replace('augment_policies = ["light", "none"]', 'augment_policies = ["corrupt"]'))
+    done = run_search("--study", str(spec))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ens = build_ensemble("refit", pointer=str(tmp_path / "runs" / "last_study.json"), tta=1, quiet=True,
+                         progress=False)
+    manifest = json.loads((ens.report_.folder / "manifest.json").read_text())
+    members = [member["trial"] for member in manifest["members"]]
+    assert manifest["refit"] == {"families": list(FAMILIES), "trials": members}
+    assert all(member["config"]["refit"] for member in manifest["members"])
+    assert any("retrained on every family" in note for note in ens.report_.notes)
+    searched = build_ensemble("refit", pointer=str(tmp_path / "runs" / "last_study.json"), tta=1, quiet=True,
+                              progress=False, refit=False, out=str(tmp_path / "searched"))
+    assert json.loads((searched.report_.folder / "manifest.json").read_text())["refit"] is None
+    from data_pipeline.loaders import default_data_path
+
+    with np.load(default_data_path()) as data:
+        images = data["test_images"][:64]
+    assert not np.allclose(ens.member_proba(images), searched.member_proba(images))
