@@ -71,7 +71,9 @@ class BuildOptions:
     bn_prior: the artifact's test-time BatchNorm adaptation default (ensemble.standalone). seed: shuffles
     the cross-validation folds combiners are scored and calibrated on (and seeds the distilled student).
     refit: retrain the chosen members with augmentation drawn from every family, held-out ones included,
-    and ship those (`ensemble.refit`); None: as the study's spec says (`[robustness] refit`).
+    and ship those (`ensemble.refit`); None: as the study's spec says (`[robustness] refit`). rotation:
+    retrain the best member once per family left out, and report what each family left out costs
+    (`report_.rotation`, report/family_rotation.csv).
     pointer: runs/last_study.json, to find the study when none is given.
     """
 
@@ -97,6 +99,7 @@ class BuildOptions:
     distill_epochs: int = 8
     distill_backbone: str = "compact_cnn"
     refit: bool | None = None  # retrain the members on every family (ensemble.refit); None: the study's spec
+    rotation: bool = False  # measure the refit by family rotation on the best member (ensemble.refit)
 
     def validate(self) -> None:
         choices = (("method", METHODS), ("combiner", COMBINER_CHOICES), ("objective", (None, *OBJECTIVES)),
@@ -149,6 +152,7 @@ class EnsembleReport:
             one column per model.
         robustness: the ensemble's `common.robust_report.RobustnessSummary` (clean and shifted accuracy,
             per family, per severity, ECE clean and shifted, and the family x severity `table`).
+        rotation: with --rotation, the best member's family rotation (`ensemble.refit.rotation_table`).
         (heldout and robustness are None with the held-out evaluation off.)
         notes: left-out trials, fallbacks, warnings.
     """
@@ -161,6 +165,7 @@ class EnsembleReport:
     heldout: pd.DataFrame | None = None
     robustness: Any = None  # common.robust_report.RobustnessSummary
     notes: list[str] = field(default_factory=list)
+    rotation: pd.DataFrame | None = None
 
     def score(self, split: str = "test", metric: str = "accuracy", model: str = ENSEMBLE) -> float:
         """One number of `metrics`, e.g. `score("test_heldout", "ece")`, `score(model="best single")`."""
@@ -180,6 +185,10 @@ class EnsembleReport:
         if self.heldout is not None:
             parts += ["", "held-out-family test copy, accuracy by family and severity:",
                       self.heldout.to_string(index=False, float_format=number)]
+        if self.rotation is not None:
+            parts += ["", "family rotation of the best member (each family left out of training in turn, scored "
+                          "on it, against the member as searched; validation split):",
+                      self.rotation.to_string(index=False, float_format=number)]
         return "\n".join(parts)
 
 
@@ -319,6 +328,9 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
         X_test = images.get("test_runtime", X_test)
         report = _evaluate(options, staging, ens, reference, members, best_position, images, X_test, choice,
                            rows, notes)
+        if options.rotation:
+            report.rotation = _rotation(options, store, members[best_position], cache / "rotation")
+            report.rotation.to_csv(staging / "report" / "family_rotation.csv", index=False)
         write_ensemble_page(report, ens, reference, images, X_test, f"Ensemble of study {location.name}")
         inference = _inference_entry(options, ens, selection, budget)
         extra = _manifest_extra(options, location, members, selection, rows, report, images, inference,
@@ -341,6 +353,16 @@ def _refit(options: BuildOptions, members: list, work: Path, notes: list[str]) -
         _say(options, f"  note: {note}")
     notes.extend(refit_notes)
     return refit
+
+
+def _rotation(options: BuildOptions, store, member, work: Path) -> pd.DataFrame:
+    """The family rotation of `member` (its folds trained in parallel), against its model as searched."""
+    from ensemble.candidates import download
+    from ensemble.refit import rotation_table
+
+    _say(options, f"family rotation: trial {member.number} retrained once per family left out")
+    searched = download(store, member, "model.keras", work / "searched.keras")
+    return rotation_table(member.config, work, searched_model=searched)
 
 
 def _load_members(staging: Path, names: list[str]) -> list:
@@ -560,6 +582,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="retrain the chosen members with augmentation from every corruption family, held-out "
                              "ones included, and ship those (default: the study's [robustness] refit); the "
                              "held-out-family test scores then cover families the members trained on")
+    parser.add_argument("--rotation", action="store_true",
+                        help="measure the refit: retrain the best member once per corruption family left out and "
+                             "report its accuracy on that family against the member as searched (5 trainings)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -572,7 +597,8 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
                         pointer=args.pointer or str(Path(args.out) / POINTER_FILE),
                         progress=not args.no_progress and args.verbosity > QUIET, quiet=args.verbosity == QUIET,
                         distill=args.distill, distill_epochs=args.distill_epochs,
-                        distill_backbone=args.distill_backbone, refit=args.refit)
+                        distill_backbone=args.distill_backbone, refit=args.refit,
+                        rotation=args.rotation)
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, BuildOptions]:

@@ -44,57 +44,54 @@ def refit_members(members: Sequence[Candidate], work: Path, tta_views: int,
     """`members` retrained on every family (same configuration, seed and data split), each as a candidate
     with its new predictions and `model_file`; members whose policy the refit would not change are kept.
     Returns (members, notes). A failed retraining raises `EnsembleError` naming the trial and its last line."""
-    from search.execution.devices import pin_environment
-    from search.execution.devices_plan import detect_gpus, plan_workers, usable_cores
-
-    jobs = [m for m in members if changes_in_refit(m.config)]
-    kept = [m for m in members if not changes_in_refit(m.config)]
+    jobs = {f"trial_{m.number:05d}": m for m in members if changes_in_refit(m.config)}
     notes = [f"refit: trial {m.number} kept as searched ({m.config.augment_policy} draws from no other family)"
-             for m in kept]
+             for m in members if not changes_in_refit(m.config)]
     if not jobs:
         return list(members), notes
-    gpus, cores = detect_gpus(), usable_cores()
-    slots = plan_workers(gpus, min(len(jobs), len(gpus) or min(len(cores), 8)), cores)
-    say(f"refit: retraining {len(jobs)} member(s) on every family ({', '.join(FAMILIES)}), "
-        f"{len(slots)} at a time")
     started = time.perf_counter()
-    folders = _run_refits(jobs, work, slots, pin_environment)
-    refit = {m.number: _refit_candidate(m, folders[m.number], tta_views) for m in jobs}
+    say(f"refit: retraining {len(jobs)} member(s) on every family ({', '.join(FAMILIES)})")
+    folders = train_configs({name: dataclasses.replace(m.config, refit=True) for name, m in jobs.items()}, work,
+                            "refit", "build without --refit to ship the searched members")
+    refit = {m.number: _refit_candidate(m, folders[name], tta_views) for name, m in jobs.items()}
     notes.append(f"refit: trial(s) {', '.join(str(n) for n in refit)} retrained on every family in "
                  f"{time.perf_counter() - started:.0f} s; the held-out-family scores are no longer on unseen "
                  "families (the family rotation measures that)")
     return [refit.get(m.number, m) for m in members], notes
 
 
-def _run_refits(jobs: Sequence[Candidate], work: Path, slots: list, environment) -> dict[int, Path]:
-    """Run `python -m search.train_one` for each job, one per slot at a time; each trial's folder by number."""
-    pending, running, folders = list(jobs), {}, {}
-    free = list(slots)
+def train_configs(configs: dict[str, TrialConfig], work: Path, what: str, remedy: str) -> dict[str, Path]:
+    """Train each configuration with `python -m search.train_one` into `work/<name>`, one per worker slot (a
+    core, or a GPU) at a time, as the search's workers are placed; each one's folder by name. The first failure
+    stops the others and raises `EnsembleError` with its last line, `what` failed and the `remedy`."""
+    from search.execution.devices import pin_environment
+    from search.execution.devices_plan import detect_gpus, plan_workers, usable_cores
+
+    gpus, cores = detect_gpus(), usable_cores()
+    free = plan_workers(gpus, min(len(configs), len(gpus) or min(len(cores), 8)), cores)
+    pending, running = list(configs.items()), {}
+    work.mkdir(parents=True, exist_ok=True)
     while pending or running:
         while pending and free:
-            member, slot = pending.pop(0), free.pop(0)
-            folder = work / f"trial_{member.number:05d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            config = dataclasses.replace(member.config, refit=True)
-            (folder / "refit_config.json").write_text(json.dumps(config.to_dict()))
-            log = open(folder / "refit.log", "w")
-            process = subprocess.Popen(
-                [sys.executable, "-m", "search.train_one", "--config", str(folder / "refit_config.json"),
-                 "--trial-dir", str(folder / "trial"), "-q"],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **environment(slot)})
-            running[process] = (member, slot, folder, log)
+            (name, config), slot = pending.pop(0), free.pop(0)
+            file, log = work / f"{name}.json", open(work / f"{name}.log", "w")
+            file.write_text(json.dumps(config.to_dict()))
+            command = [sys.executable, "-m", "search.train_one", "--config", str(file), "--trial-dir",
+                       str(work / name), "-q"]
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                       env={**os.environ, **pin_environment(slot)})
+            running[process] = (name, slot, log)
         process = _wait_any(running)
-        member, slot, folder, log = running.pop(process)
+        name, slot, log = running.pop(process)
         log.close()
         free.append(slot)
         if process.returncode != 0:
             for other in running:
                 other.kill()
-            lines = (folder / "refit.log").read_text().strip().splitlines() or ["no output"]
-            raise EnsembleError(f"refit of trial {member.number} failed (exit {process.returncode}): {lines[-1]} "
-                                f"(log: {folder / 'refit.log'}); build without --refit to ship the searched members")
-        folders[member.number] = folder / "trial"
-    return folders
+            lines = (work / f"{name}.log").read_text().strip().splitlines() or ["no output"]
+            raise EnsembleError(f"{what} {name} failed (exit {process.returncode}): {lines[-1]} (log: "
+                                f"{work / name}.log); {remedy}")
+    return {name: work / name for name in configs}
 
 
 def _wait_any(running: dict) -> subprocess.Popen:
@@ -141,22 +138,53 @@ def rotation_configs(config: TrialConfig, families: Sequence[str] | None = None)
     folds = family_rotation(families)
     for train in folds.values():
         check_policy_families(config.augment_policy, train)
-    return {family: dataclasses.replace(config, train_families=list(train), heldout_families=[family])
+    return {family: dataclasses.replace(config, train_families=list(train), heldout_families=[family], refit=False)
             for family, train in folds.items()}
 
 
-def rotation_table(config: TrialConfig, out_dir: str | Path, families: Sequence[str] | None = None) -> pd.DataFrame:
-    """Train every fold of `config` (the trial's files under `out_dir/<family left out>/`) and return one row
-    per family: what the fold trained on, its clean validation accuracy, and its accuracy on the validation
-    split corrupted by the family left out (TTA as `config` says)."""
+def rotation_table(config: TrialConfig, out_dir: str | Path, families: Sequence[str] | None = None,
+                   searched_model: str | Path | None = None) -> pd.DataFrame:
+    """Train every fold of `config` (in parallel, each into `out_dir/<family left out>/`) and return one row per
+    family: what the fold trained on, its clean validation accuracy, its accuracy on the validation split
+    corrupted by the family left out (TTA as `config` says), the searched member's accuracy on the same copy,
+    whether the search trained it on that family, and the fold's gain over it. `searched_model`: the member as
+    the search trained it; None trains it too (`out_dir/searched/`), beside the folds."""
     import pandas as pd
 
-    from search.trial.trainer import train_trial
-
+    searched = dataclasses.replace(config, refit=False)
+    folds = rotation_configs(config, families)
+    jobs = {**folds, **({"searched": searched} if searched_model is None else {})}
+    folders = train_configs(jobs, Path(out_dir), "rotation fold", "see the fold's log")
     rows = []
-    for family, fold in rotation_configs(config, families).items():
-        metrics = train_trial(fold, Path(out_dir) / family).metrics
+    for family, fold in folds.items():
+        metrics = json.loads((folders[family] / "metrics.json").read_text())
         rows.append({"heldout_family": family, "train_families": ", ".join(fold.train_families),
                      "val_accuracy_tta": metrics["val_accuracy_tta"],
                      "heldout_accuracy_tta": metrics["val_corrupted_accuracy_tta"]})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    model = searched_model if searched_model is not None else folders["searched"] / "model.keras"
+    trained, _ = check_families(searched.train_families, searched.heldout_families)
+    table["searched_accuracy_tta"] = family_scores(searched, model, list(folds))
+    table["searched_trained_on_it"] = table["heldout_family"].isin(trained)
+    table["gain"] = table["heldout_accuracy_tta"] - table["searched_accuracy_tta"]
+    return table
+
+
+def family_scores(config: TrialConfig, model_file: str | Path, families: Sequence[str]) -> list[float]:
+    """A saved member's TTA accuracy on its validation split corrupted by each family, with the same seed
+    as a fold's held-out copy."""
+    import keras
+
+    import backbones.preprocessing  # noqa: F401  (registers the custom layer)
+    from common.metrics import accuracy
+    from data_pipeline.corrupt import shifted_copy
+    from search.trial.data import load_trial_data
+    from search.trial.views import predict_views
+
+    model, val = keras.models.load_model(model_file), load_trial_data(config).val
+    scores = []
+    for family in families:
+        copy = shifted_copy(val.images, [family], seed=config.robust_seed)
+        views = predict_views(model, copy.images, config.tta_views)
+        scores.append(accuracy(views.mean(axis=0), val.labels[copy.source]))
+    return scores

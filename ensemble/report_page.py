@@ -67,6 +67,11 @@ def _tables(page: ReportPage, report) -> None:
     page.table(section, report.members.drop(columns=["file"], errors="ignore"))
     page.text(section, "Combiners considered (out-of-fold validation; no test data):")
     page.table(section, report.combiners)
+    if report.rotation is not None:
+        page.text(section, "Family rotation of the best member: each corruption family left out of training in "
+                           "turn and scored on the validation split it corrupts, against the member as searched "
+                           "(gain: what training on the other families buys on a family never seen):")
+        page.table(section, report.rotation)
 
 
 def _robustness(page: ReportPage, report, ens, y: np.ndarray, clean: dict, shifted: dict | None, copy) -> None:

@@ -43,6 +43,7 @@ def test_rotation_configs_differ_from_the_member_only_in_families():
         assert config.heldout_families == [family]
         assert config.train_families == list(family_rotation()[family])
         assert dataclasses.replace(config, train_families=None, heldout_families=None) == MEMBER
+    assert not any(fold.refit for fold in rotation_configs(dataclasses.replace(MEMBER, refit=True)).values())
 
 
 def test_rotation_refuses_a_policy_that_needs_the_family_left_out():
@@ -59,13 +60,17 @@ def test_each_fold_trains_on_every_family_but_the_one_left_out(embedded):
 
 def test_rotation_table_trains_each_fold_and_scores_the_family_left_out(tmp_path):
     tiny = dataclasses.replace(MEMBER, epochs=1, max_train_images=256, tta_views=1, batch_size=64)
-    table = rotation_table(tiny, tmp_path, families=["noise", "blur", "artefact"])
-    assert list(table.heldout_family) == ["noise", "blur", "artefact"]
-    assert list(table.train_families) == ["blur, artefact", "noise, artefact", "noise, blur"]
+    table = rotation_table(tiny, tmp_path, families=["artefact", "blur"])
+    assert list(table.heldout_family) == ["blur", "artefact"]
+    assert list(table.train_families) == ["artefact", "blur"]
     for row in table.itertuples():
         config = TrialConfig.from_file(tmp_path / row.heldout_family / "config.json")
         assert config.heldout_families == [row.heldout_family]
         assert 0 < row.heldout_accuracy_tta <= 1 and 0 < row.val_accuracy_tta <= 1
+        assert 0 < row.searched_accuracy_tta <= 1
+        assert row.gain == pytest.approx(row.heldout_accuracy_tta - row.searched_accuracy_tta)
+    assert list(table.searched_trained_on_it) == [True, False]
+    assert not TrialConfig.from_file(tmp_path / "searched" / "config.json").refit
 
 
 def test_a_refit_trial_draws_every_family_while_it_trains(tmp_path, monkeypatch):
