@@ -58,6 +58,7 @@ def test_each_fold_trains_on_every_family_but_the_one_left_out(embedded):
         assert all(usage[other] > 0 for other in config.train_families), (family, usage)
 
 
+@pytest.mark.slow
 def test_rotation_table_trains_each_fold_and_scores_the_family_left_out(tmp_path):
     tiny = dataclasses.replace(MEMBER, epochs=1, max_train_images=256, tta_views=1, batch_size=64)
     table = rotation_table(tiny, tmp_path, families=["artefact", "blur"])
