@@ -100,7 +100,8 @@ def build_ensemble(study: Study | StudyLocation | str | None = None, *, top: int
                    heldout_eval: bool = True, min_images_per_s: float | None = None, precision: str = "float32",
                    adapt_bn: bool = False, bn_prior: float = 16.0, seed: int = 0, greedy_iterations: int = 25,
                    pointer: str = "runs/last_study.json", progress: bool = True, quiet: bool = False,
-                   distill: bool = False, distill_epochs: int = 8, distill_backbone: str = "compact_cnn"):
+                   distill: bool = False, distill_epochs: int = 8, distill_backbone: str = "compact_cnn",
+                   refit: bool | None = None, rotation: bool = False):
     """Build the ensemble of a study's best trials; returns the fitted `EnsembleClassifier` with its
     evaluation in `.report_`, saved to `out` (default `<out>/<study>/ensemble`).
 
@@ -108,7 +109,8 @@ def build_ensemble(study: Study | StudyLocation | str | None = None, *, top: int
     last. The keywords are the fields of `ensemble.build.BuildOptions` (documented there), with the same
     defaults: `top` members at most, chosen by `method` ("greedy" or "topk"), combined by `combiner`
     ("auto", "vote", "weighted", "stacking"), `tta` views, `objective` ("robust", "clean"; None: the
-    study's own), `out` the artifact folder.
+    study's own), `out` the artifact folder, `refit` to retrain the members on every corruption family
+    (None: the study's spec), `rotation` to measure that refit by family rotation.
 
     >>> ens = cs.build_ensemble(study, top=5)           # doctest: +SKIP
     >>> ens.report_.score("test_heldout")               # doctest: +SKIP

@@ -212,3 +212,15 @@ def test_multi_objective_study_reports_its_pareto_front(tmp_path):
 
     front = pd.read_csv(spec.location.report_dir / "pareto_front.csv")
     assert set(front["number"]) == {t.number for t in study.best_trials}
+
+
+def test_build_ensemble_takes_every_build_option_with_its_default():
+    import dataclasses
+    import inspect
+
+    from ensemble.build import BuildOptions
+
+    parameters = dict(inspect.signature(cs.build_ensemble).parameters)
+    parameters.pop("study")
+    fields = {f.name: f.default for f in dataclasses.fields(BuildOptions)}
+    assert {name: p.default for name, p in parameters.items()} == fields
