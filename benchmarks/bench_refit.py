@@ -56,9 +56,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         table = rotation_table(config, Path(scratch), families)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    seen = table[~table["searched_trained_on_it"]]
-    print(f"mean over families the searched member never saw: fold {seen['heldout_accuracy_tta'].mean():.4f}, "
-          f"searched {seen['searched_accuracy_tta'].mean():.4f}")
+    unseen = table[~table["searched_trained_on_it"]]
+    print(f"families the searched member never saw, mean accuracy: folds {unseen['heldout_accuracy_tta'].mean():.4f}, "
+          f"searched member {unseen['searched_accuracy_tta'].mean():.4f}")
+    print(f"clean validation accuracy: folds {table['val_accuracy_tta'].mean():.4f} (mean), searched member "
+          f"{table['searched_val_accuracy_tta'].iloc[0]:.4f}")
     if args.csv:
         table.to_csv(args.csv, index=False)
     print(f"{time.time() - started:.0f} s")

@@ -164,15 +164,17 @@ def rotation_table(config: TrialConfig, out_dir: str | Path, families: Sequence[
     table = pd.DataFrame(rows)
     model = searched_model if searched_model is not None else folders["searched"] / "model.keras"
     trained, _ = check_families(searched.train_families, searched.heldout_families)
-    table["searched_accuracy_tta"] = family_scores(searched, model, list(folds))
+    clean, *shifted = family_scores(searched, model, [None, *folds])
+    table.insert(3, "searched_val_accuracy_tta", clean)
+    table["searched_accuracy_tta"] = shifted
     table["searched_trained_on_it"] = table["heldout_family"].isin(trained)
     table["gain"] = table["heldout_accuracy_tta"] - table["searched_accuracy_tta"]
     return table
 
 
-def family_scores(config: TrialConfig, model_file: str | Path, families: Sequence[str]) -> list[float]:
-    """A saved member's TTA accuracy on its validation split corrupted by each family, with the same seed
-    as a fold's held-out copy."""
+def family_scores(config: TrialConfig, model_file: str | Path, families: Sequence[str | None]) -> list[float]:
+    """A saved member's TTA accuracy on its validation split corrupted by each family (None: clean), with the
+    same seed as a fold's held-out copy."""
     import keras
 
     import backbones.preprocessing  # noqa: F401  (registers the custom layer)
@@ -184,7 +186,10 @@ def family_scores(config: TrialConfig, model_file: str | Path, families: Sequenc
     model, val = keras.models.load_model(model_file), load_trial_data(config).val
     scores = []
     for family in families:
-        copy = shifted_copy(val.images, [family], seed=config.robust_seed)
-        views = predict_views(model, copy.images, config.tta_views)
-        scores.append(accuracy(views.mean(axis=0), val.labels[copy.source]))
+        if family is None:
+            images, labels = val.images, val.labels
+        else:
+            copy = shifted_copy(val.images, [family], seed=config.robust_seed)
+            images, labels = copy.images, val.labels[copy.source]
+        scores.append(accuracy(predict_views(model, images, config.tta_views).mean(axis=0), labels))
     return scores

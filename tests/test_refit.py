@@ -68,7 +68,7 @@ def test_rotation_table_trains_each_fold_and_scores_the_family_left_out(tmp_path
         config = TrialConfig.from_file(tmp_path / row.heldout_family / "config.json")
         assert config.heldout_families == [row.heldout_family]
         assert 0 < row.heldout_accuracy_tta <= 1 and 0 < row.val_accuracy_tta <= 1
-        assert 0 < row.searched_accuracy_tta <= 1
+        assert 0 < row.searched_accuracy_tta <= 1 and 0 < row.searched_val_accuracy_tta <= 1
         assert row.gain == pytest.approx(row.heldout_accuracy_tta - row.searched_accuracy_tta)
     assert list(table.searched_trained_on_it) == [True, False]
     assert not TrialConfig.from_file(tmp_path / "searched" / "config.json").refit
