@@ -246,7 +246,12 @@ def build_ensemble(study: Any = None, options: BuildOptions | None = None, **set
         for note in notes:
             _say(options, f"  note: {note}")
         budget = _budget(options, candidates, store, Path(cache))
-        return _build(options, location, store, out, candidates, notes, rows, budget, Path(cache))
+        ens = _build(options, location, store, out, candidates, notes, rows, budget, Path(cache))
+    if ens.manifest_.get("refit"):
+        from search.execution.driver import REFIT_ATTR
+
+        trials.set_user_attr(REFIT_ATTR, ens.manifest_["refit"]["seconds"])  # the next timed search keeps it
+    return ens
 
 
 def validation_rows(objective: str, candidates, notes: list[str]) -> ValidationRows:
@@ -299,8 +304,9 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
     for line in selection.log:
         _say(options, f"  selection: {line}")
     members = [candidates[i] for i in selection.indices]
+    refit_seconds = None
     if options.refit:
-        members = _refit(options, members, cache / "refit", notes)
+        members, refit_seconds = _refit(options, members, cache / "refit", notes)
     member_val = [rows.stack(m.val_probs, m.shifted_probs) for m in members]
     X_val = np.stack(member_val, axis=1)
     best_position = rank_candidates(member_val, rows.y, rows.sample_weight)[0]
@@ -334,7 +340,7 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
         write_ensemble_page(report, ens, reference, images, X_test, f"Ensemble of study {location.name}")
         inference = _inference_entry(options, ens, selection, budget)
         extra = _manifest_extra(options, location, members, selection, rows, report, images, inference,
-                                members[best_position].number)
+                                members[best_position].number, refit_seconds)
         ens.write(staging, extra, members_written=True)
     report.folder = out
     upload_ensemble_page(location, store, out / "report")
@@ -344,15 +350,16 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
     return ens
 
 
-def _refit(options: BuildOptions, members: list, work: Path, notes: list[str]) -> list:
-    """The members retrained on every family (ensemble.refit), their notes added."""
+def _refit(options: BuildOptions, members: list, work: Path, notes: list[str]) -> tuple[list, float]:
+    """The members retrained on every family (ensemble.refit), their notes added, and the seconds it took."""
     from ensemble.refit import refit_members
 
+    started = time.perf_counter()
     refit, refit_notes = refit_members(members, work, options.tta, say=lambda line: _say(options, line))
     for note in refit_notes:
         _say(options, f"  note: {note}")
     notes.extend(refit_notes)
-    return refit
+    return refit, time.perf_counter() - started
 
 
 def _rotation(options: BuildOptions, store, member, work: Path) -> pd.DataFrame:
@@ -501,7 +508,7 @@ def _member_table(members, ens, rows: ValidationRows) -> pd.DataFrame:
 
 
 def _manifest_extra(options, location, members, selection, rows, report: EnsembleReport, images, inference,
-                    best_trial: int) -> dict:
+                    best_trial: int, refit_seconds: float | None) -> dict:
     """The build's part of the manifest (`EnsembleClassifier.write` adds the classifier's own entries and checksums)."""
     from search.execution.storage import redact
 
@@ -519,8 +526,8 @@ def _manifest_extra(options, location, members, selection, rows, report: Ensembl
         "study": {"name": location.name, "storage": redact(location.storage), "artifacts": location.artifacts},
         "members": member_rows,
         "best_single_trial": best_trial,
-        "refit": {"families": list(FAMILIES), "trials": [m.number for m in members if m.model_file is not None]}
-        if options.refit else None,
+        "refit": {"families": list(FAMILIES), "trials": [m.number for m in members if m.model_file is not None],
+                  "seconds": refit_seconds} if options.refit else None,
         "selection": {"method": options.method, "top": options.top, "log": selection.log},
         "objective": {"requested": options.objective, "used": rows.objective,
                       "heldout_families": sorted(set(reference.shifted.family.tolist()))

@@ -103,7 +103,10 @@ def test_only_members_whose_policy_reaches_another_family_are_refit():
 def test_a_study_asking_for_the_refit_ships_members_retrained_on_every_family(tmp_path):
     import json
 
+    import optuna
+
     from ensemble import build_ensemble
+    from search.execution.driver import REFIT_ATTR
     from search_helpers import run_search, write_tiny_spec
 
     spec = write_tiny_spec(tmp_path, name="refit", trials=2, train_images=320,
@@ -115,7 +118,10 @@ def test_a_study_asking_for_the_refit_ships_members_retrained_on_every_family(tm
                          progress=False)
     manifest = json.loads((ens.report_.folder / "manifest.json").read_text())
     members = [member["trial"] for member in manifest["members"]]
-    assert manifest["refit"] == {"families": list(FAMILIES), "trials": members}
+    assert manifest["refit"] == {"families": list(FAMILIES), "trials": members,
+                                 "seconds": pytest.approx(manifest["refit"]["seconds"])}
+    study = optuna.load_study(study_name="refit", storage=f"sqlite:///{tmp_path / 'runs' / 'refit' / 'study.db'}")
+    assert study.user_attrs[REFIT_ATTR] == manifest["refit"]["seconds"] > 0  # the next timed search keeps it
     assert all(member["config"]["refit"] for member in manifest["members"])
     assert any("retrained on every family" in note for note in ens.report_.notes)
     searched = build_ensemble("refit", pointer=str(tmp_path / "runs" / "last_study.json"), tta=1, quiet=True,

@@ -13,7 +13,8 @@ from optuna.trial import TrialState
 
 from common.errors import ConfigError
 from data_pipeline.loaders import DEFAULT_DATA
-from search.execution.driver import FIRST_WRAP_UP_S, WRAP_UP_ATTR, Deadlines, apply_overrides
+from search.execution.driver import (FIRST_REFIT_SHARE, FIRST_WRAP_UP_S, REFIT_ATTR, WRAP_UP_ATTR, Deadlines,
+                                     apply_overrides)
 from search.execution.worker import DeadlineGuard
 from search.study.spec import load_spec
 from search.study.trial_config import TrialConfig
@@ -75,6 +76,16 @@ def test_workers_end_before_the_wrap_up_the_last_run_measured():
     assert first.workers == 1100.0 - FIRST_WRAP_UP_S and first.backstop == first.workers + 2.0
     study.set_user_attr(WRAP_UP_ATTR, 7.0)
     assert Deadlines.plan(study, 1000.0, 100.0).workers == 1093.0
+
+
+def test_a_study_that_refits_keeps_time_for_the_refit_the_last_build_measured():
+    study = optuna.create_study()
+    study.set_user_attr(WRAP_UP_ATTR, 7.0)
+    assert Deadlines.plan(study, 1000.0, 100.0, refit=True).workers == 1093.0 - FIRST_REFIT_SHARE * 100.0
+    study.set_user_attr(REFIT_ATTR, 12.0)
+    assert Deadlines.plan(study, 1000.0, 100.0, refit=True).workers == 1081.0
+    study.set_user_attr(REFIT_ATTR, 80.0)  # never more than half the time given
+    assert Deadlines.plan(study, 1000.0, 100.0, refit=True).workers == 1043.0
 
 
 def test_a_timeout_must_be_positive():

@@ -24,6 +24,8 @@ from search.study.spec import StudySpec, validate_spec
 
 WRAP_UP_ATTR = "wrap_up_seconds"  # study attribute: the last trial's end to the report's, as last measured
 FIRST_WRAP_UP_S = 15.0  # assumed until a run of the study has measured it
+REFIT_ATTR = "refit_seconds"  # study attribute: the last refit build's retraining, as it measured it
+FIRST_REFIT_SHARE = 0.25  # of the timeout, kept for the build's refit until a build of the study has measured it
 BACKSTOP_FRACTION = 0.02  # of the timeout: how long past their deadline workers may run before being stopped
 
 #: Keyword overrides of `run_study`/`cellsearch.search` and the spec key each one sets.
@@ -74,11 +76,21 @@ class Deadlines:
     backstop: float
 
     @classmethod
-    def plan(cls, study: optuna.Study, started_at: float, timeout_s: float | None) -> "Deadlines | None":
+    def plan(cls, study: optuna.Study, started_at: float, timeout_s: float | None,
+             refit: bool = False) -> "Deadlines | None":
+        """With `refit` (the spec's `[robustness] refit`), the time the build will spend retraining its members
+        is kept too, so that search and build together end in the time given."""
         if not timeout_s:
             return None
         workers = started_at + timeout_s - study.user_attrs.get(WRAP_UP_ATTR, FIRST_WRAP_UP_S)
+        if refit:
+            workers -= refit_reserve(study, timeout_s)
         return cls(workers, workers + BACKSTOP_FRACTION * timeout_s)
+
+
+def refit_reserve(study: optuna.Study, timeout_s: float) -> float:
+    """Seconds kept for the build's refit: what the study's last refit took, else a share of the timeout."""
+    return min(study.user_attrs.get(REFIT_ATTR, FIRST_REFIT_SHARE * timeout_s), 0.5 * timeout_s)
 
 
 def record_wrap_up(study: optuna.Study, started_at: float) -> None:
@@ -101,7 +113,10 @@ def _execute(spec: StudySpec, study: optuna.Study, show_progress: bool, say, sta
     from search.study.optuna_study import finished_count
 
     location = spec.location
-    deadlines = Deadlines.plan(study, started_at, spec.budget.timeout_s)
+    deadlines = Deadlines.plan(study, started_at, spec.budget.timeout_s, spec.robustness.refit)
+    if deadlines and spec.robustness.refit:
+        say(f"timeout: about {refit_reserve(study, spec.budget.timeout_s):.0f} s kept for the build's refit "
+            f"([robustness] refit)")
     deadline, stop_at = (deadlines.workers, deadlines.backstop) if deadlines else (None, None)
     if deadline is not None and time.time() >= deadline:
         report_s = started_at + spec.budget.timeout_s - deadline
