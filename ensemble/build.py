@@ -309,7 +309,8 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
         members, refit_seconds = _refit(options, members, cache / "refit", notes)
     member_val = [rows.stack(m.val_probs, m.shifted_probs) for m in members]
     X_val = np.stack(member_val, axis=1)
-    best_position = rank_candidates(member_val, rows.y, rows.sample_weight)[0]
+    ranking = rank_candidates(member_val, rows.y, rows.sample_weight)
+    best_position = ranking[0]
     vote_weights = selection.weights if options.method == "greedy" else None
     names = [f"trial_{m.number:05d}" for m in members]
     with atomic_folder(out) as staging:
@@ -335,7 +336,8 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
         report = _evaluate(options, staging, ens, reference, members, best_position, images, X_test, choice,
                            rows, notes)
         if options.rotation:
-            report.rotation = _rotation(options, store, members[best_position], cache / "rotation")
+            report.rotation = _rotation(options, store, [members[i] for i in ranking], cache / "rotation", notes)
+        if report.rotation is not None:
             report.rotation.to_csv(staging / "report" / "family_rotation.csv", index=False)
         write_ensemble_page(report, ens, reference, images, X_test, f"Ensemble of study {location.name}")
         inference = _inference_entry(options, ens, selection, budget)
@@ -362,11 +364,18 @@ def _refit(options: BuildOptions, members: list, work: Path, notes: list[str]) -
     return refit, time.perf_counter() - started
 
 
-def _rotation(options: BuildOptions, store, member, work: Path) -> pd.DataFrame:
-    """The family rotation of `member` (its folds trained in parallel), against its model as searched."""
+def _rotation(options: BuildOptions, store, ranked: list, work: Path, notes: list[str]) -> pd.DataFrame | None:
+    """The family rotation of the best member a refit changes (its folds trained in parallel), against its
+    model as searched; None, with a note, when no member's policy can leave each family out in turn."""
     from ensemble.candidates import download
-    from ensemble.refit import rotation_table
+    from ensemble.refit import rotation_table, rotates
 
+    member = next((m for m in ranked if rotates(m.config)), None)
+    if member is None:
+        notes.append("no family rotation: no member's policy can train with each family left out in turn "
+                     "(light and stain need colour; none draws from no family)")
+        _say(options, f"  note: {notes[-1]}")
+        return None
     _say(options, f"family rotation: trial {member.number} retrained once per family left out")
     searched = download(store, member, "model.keras", work / "searched.keras")
     return rotation_table(member.config, work, searched_model=searched)

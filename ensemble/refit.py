@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from common.errors import EnsembleError
+from common.errors import DataError, EnsembleError
 from data_pipeline.corrupt import FAMILIES, check_families
 from data_pipeline.policies import check_policy_families, policy_families
 
@@ -37,6 +37,15 @@ def changes_in_refit(config: TrialConfig) -> bool:
     colour, so a `light` member would be retrained unchanged)."""
     train, _ = check_families(config.train_families, config.heldout_families)
     return policy_families(config.augment_policy, FAMILIES) != policy_families(config.augment_policy, train)
+
+
+def rotates(config: TrialConfig) -> bool:
+    """Whether a refit changes the member and its policy can train with each family left out in turn."""
+    try:
+        rotation_configs(config)
+    except DataError:
+        return False
+    return changes_in_refit(config)
 
 
 def refit_members(members: Sequence[Candidate], work: Path, tta_views: int,

@@ -10,7 +10,7 @@ import pytest
 
 from common.errors import DataError
 from data_pipeline.corrupt import FAMILIES
-from ensemble.refit import changes_in_refit, family_rotation, rotation_configs, rotation_table
+from ensemble.refit import changes_in_refit, family_rotation, rotates, rotation_configs, rotation_table
 from search.study.trial_config import TrialConfig
 from test_augment_robust import _drawn_families  # the stream through the augmenter, with its family counts
 
@@ -93,10 +93,11 @@ def test_a_refit_trial_draws_every_family_while_it_trains(tmp_path, monkeypatch)
     assert TrialConfig.from_file(tmp_path / "config.json").refit
 
 
-def test_only_members_whose_policy_reaches_another_family_are_refit():
-    assert changes_in_refit(MEMBER)
-    assert not changes_in_refit(dataclasses.replace(MEMBER, augment_policy="light"))
-    assert not changes_in_refit(dataclasses.replace(MEMBER, augment_policy="none"))
+def test_only_members_whose_policy_reaches_another_family_are_refit_and_rotated():
+    assert changes_in_refit(MEMBER) and rotates(MEMBER)
+    for policy in ("light", "stain", "none"):
+        member = dataclasses.replace(MEMBER, augment_policy=policy)
+        assert not changes_in_refit(member) and not rotates(member)
 
 
 @pytest.mark.slow
