@@ -193,6 +193,7 @@ def test_progress_shows_each_running_trials_epoch_and_score():
     assert (counts["running"], counts["complete"], counts["best"]) == (2, 1, 0.9)
 
 
+@pytest.mark.slow  # tests/test_reports.py checks the Pareto-front report by default; this twin trains
 def test_multi_objective_study_reports_its_pareto_front(tmp_path):
     """`multi`: clean and held-out accuracy as two objectives, no per-epoch reports, a Pareto front."""
     from search.reports.study_report import write_report

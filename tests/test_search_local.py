@@ -84,6 +84,7 @@ def test_report_and_last_study_pointer(parallel_study):
     assert "optuna-dashboard sqlite:///" in done.stdout
 
 
+@pytest.mark.slow  # by default test_interrupt's signal test checks that a rerun resumes the study
 def test_running_again_continues_the_study(parallel_study):
     spec_path, _ = parallel_study
     before = {t.number for t in load_study(spec_path).get_trials(states=(TrialState.COMPLETE,))}
