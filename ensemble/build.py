@@ -52,6 +52,8 @@ from search.study.location import POINTER_FILE, StudyLocation
 
 METHODS = ("topk", "greedy")
 COMBINER_CHOICES = ("auto", "vote", "weighted", "stacking")
+BUILD_ATTR = "build_seconds"  # study attribute: the last build's seconds besides its refit
+FIRST_BUILD_S = 60.0  # assumed until a build of the study has measured it
 #: The test copy's seed is the trials' robust_seed plus this, so it never repeats the validation copy's draws.
 TEST_SEED_OFFSET = 1
 ENSEMBLE, BEST, AVERAGE = "ensemble", "best single", "plain average"
@@ -231,6 +233,7 @@ def build_ensemble(study: Any = None, options: BuildOptions | None = None, **set
         raise EnsembleError(f"build_ensemble: unknown setting {unknown[0]!r} (known: {', '.join(known)})")
     options = dataclasses.replace(options or BuildOptions(), **settings)
     options.validate()
+    started = time.perf_counter()
     from ensemble.candidates import artifact_store, load_candidates, open_study
 
     location = resolve_location(study, options.pointer)
@@ -246,12 +249,26 @@ def build_ensemble(study: Any = None, options: BuildOptions | None = None, **set
         for note in notes:
             _say(options, f"  note: {note}")
         budget = _budget(options, candidates, store, Path(cache))
-        ens = _build(options, location, store, out, candidates, notes, rows, budget, Path(cache))
-    if ens.manifest_.get("refit"):
+        ens = _build(options, location, store, out, candidates, notes, rows, budget, Path(cache),
+                     refit_deadline(trials) if options.refit else None)
+    refit_s = (ens.manifest_.get("refit") or {}).get("seconds")
+    if refit_s is not None:
         from search.execution.driver import REFIT_ATTR
 
-        trials.set_user_attr(REFIT_ATTR, ens.manifest_["refit"]["seconds"])  # the next timed search keeps it
+        trials.set_user_attr(REFIT_ATTR, refit_s)  # the next timed search keeps it
+    trials.set_user_attr(BUILD_ATTR, time.perf_counter() - started - (refit_s or 0.0))
     return ens
+
+
+def refit_deadline(study) -> float | None:
+    """When the build starts within the time the study's last timed run was given: the unix time its refit
+    must end by, leaving the rest of the build the time it last took; else None (no bound)."""
+    from search.execution.driver import RUN_ENDS_ATTR
+
+    ends_at = study.user_attrs.get(RUN_ENDS_ATTR)
+    if ends_at is None or time.time() >= ends_at:
+        return None
+    return ends_at - study.user_attrs.get(BUILD_ATTR, FIRST_BUILD_S)
 
 
 def validation_rows(objective: str, candidates, notes: list[str]) -> ValidationRows:
@@ -290,7 +307,8 @@ def _select(options: BuildOptions, val_probs: list[np.ndarray], rows: Validation
                             sample_weight=rows.sample_weight)
 
 
-def _build(options, location, store, out: Path, candidates, notes, rows: ValidationRows, budget, cache: Path):
+def _build(options, location, store, out: Path, candidates, notes, rows: ValidationRows, budget, cache: Path,
+           refit_deadline: float | None = None):
     from ensemble.candidates import download
     from ensemble.classifier import EnsembleClassifier
     from ensemble.combiners import make_combiner
@@ -306,7 +324,7 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
     members = [candidates[i] for i in selection.indices]
     refit_seconds = None
     if options.refit:
-        members, refit_seconds = _refit(options, members, cache / "refit", notes)
+        members, refit_seconds = _refit(options, members, cache / "refit", notes, refit_deadline)
     member_val = [rows.stack(m.val_probs, m.shifted_probs) for m in members]
     X_val = np.stack(member_val, axis=1)
     ranking = rank_candidates(member_val, rows.y, rows.sample_weight)
@@ -352,12 +370,15 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
     return ens
 
 
-def _refit(options: BuildOptions, members: list, work: Path, notes: list[str]) -> tuple[list, float]:
-    """The members retrained on every family (ensemble.refit), their notes added, and the seconds it took."""
+def _refit(options: BuildOptions, members: list, work: Path, notes: list[str],
+           deadline: float | None) -> tuple[list, float]:
+    """The members retrained on every family (ensemble.refit), by `deadline` if given, their notes added, and
+    the seconds it took."""
     from ensemble.refit import refit_members
 
     started = time.perf_counter()
-    refit, refit_notes = refit_members(members, work, options.tta, say=lambda line: _say(options, line))
+    refit, refit_notes = refit_members(members, work, options.tta, say=lambda line: _say(options, line),
+                                       deadline=deadline)
     for note in refit_notes:
         _say(options, f"  note: {note}")
     notes.extend(refit_notes)

@@ -48,48 +48,65 @@ def rotates(config: TrialConfig) -> bool:
     return changes_in_refit(config)
 
 
-def refit_members(members: Sequence[Candidate], work: Path, tta_views: int,
-                  say: Callable[[str], None] = print) -> tuple[list[Candidate], list[str]]:
+def refit_members(members: Sequence[Candidate], work: Path, tta_views: int, say: Callable[[str], None] = print,
+                  deadline: float | None = None) -> tuple[list[Candidate], list[str]]:
     """`members` retrained on every family (same configuration, seed and data split), each as a candidate
     with its new predictions and `model_file`; members whose policy the refit would not change are kept.
-    Returns (members, notes). A failed retraining raises `EnsembleError` naming the trial and its last line."""
+    Returns (members, notes). A failed retraining raises `EnsembleError` naming the trial and its last line.
+
+    `deadline` (a unix time, the time the user gave the run): retraining stops at an epoch boundary to end by
+    it, and a member it cut short is kept as searched unless its clean validation accuracy is as high."""
     jobs = {f"trial_{m.number:05d}": m for m in members if changes_in_refit(m.config)}
     notes = [f"refit: trial {m.number} kept as searched ({m.config.augment_policy} draws from no other family)"
              for m in members if not changes_in_refit(m.config)]
     if not jobs:
         return list(members), notes
     started = time.perf_counter()
-    say(f"refit: retraining {len(jobs)} member(s) on every family ({', '.join(FAMILIES)})")
+    say(f"refit: retraining {len(jobs)} member(s) on every family ({', '.join(FAMILIES)})"
+        + ("" if deadline is None else f", by the run's end in {deadline - time.time():.0f} s"))
     folders = train_configs({name: dataclasses.replace(m.config, refit=True) for name, m in jobs.items()}, work,
-                            "refit", "build without --refit to ship the searched members")
-    refit = {m.number: _refit_candidate(m, folders[name], tta_views) for name, m in jobs.items()}
-    notes.append(f"refit: trial(s) {', '.join(str(n) for n in refit)} retrained on every family in "
-                 f"{time.perf_counter() - started:.0f} s; the held-out-family scores are no longer on unseen "
-                 "families (the family rotation measures that)")
-    return [refit.get(m.number, m) for m in members], notes
+                            "refit", "build without --refit to ship the searched members", deadline)
+    refit = {m.number: _refit_candidate(m, folders[name], tta_views) for name, m in jobs.items() if name in folders}
+    kept = [n for n, candidate in refit.items() if candidate is None] + [m.number for n, m in jobs.items()
+                                                                         if n not in folders]
+    if kept:
+        notes.append(f"refit: trial(s) {', '.join(map(str, kept))} kept as searched: the run's time ended their "
+                     "retraining early (or before it began) below their searched clean validation accuracy")
+    done = [n for n, candidate in refit.items() if candidate is not None]
+    if done:
+        notes.append(f"refit: trial(s) {', '.join(map(str, done))} retrained on every family in "
+                     f"{time.perf_counter() - started:.0f} s; the held-out-family scores are no longer on unseen "
+                     "families (the family rotation measures that)")
+    return [refit.get(m.number) or m for m in members], notes
 
 
-def train_configs(configs: dict[str, TrialConfig], work: Path, what: str, remedy: str) -> dict[str, Path]:
+def train_configs(configs: dict[str, TrialConfig], work: Path, what: str, remedy: str,
+                  deadline: float | None = None) -> dict[str, Path]:
     """Train each configuration with `python -m search.train_one` into `work/<name>`, one per worker slot (a
     core, or a GPU) at a time, as the search's workers are placed; each one's folder by name. The first failure
-    stops the others and raises `EnsembleError` with its last line, `what` failed and the `remedy`."""
+    stops the others and raises `EnsembleError` with its last line, `what` failed and the `remedy`. With a
+    `deadline` (unix time), trainings end by it and none starts after it (those are missing from the result)."""
     from search.execution.devices import pin_environment
     from search.execution.devices_plan import detect_gpus, plan_workers, usable_cores
 
     gpus, cores = detect_gpus(), usable_cores()
     free = plan_workers(gpus, min(len(configs), len(gpus) or min(len(cores), 8)), cores)
-    pending, running = list(configs.items()), {}
+    pending, running, trained = list(configs.items()), {}, {}
     work.mkdir(parents=True, exist_ok=True)
     while pending or running:
+        if deadline is not None and time.time() >= deadline:
+            pending = []
         while pending and free:
             (name, config), slot = pending.pop(0), free.pop(0)
             file, log = work / f"{name}.json", open(work / f"{name}.log", "w")
             file.write_text(json.dumps(config.to_dict()))
             command = [sys.executable, "-m", "search.train_one", "--config", str(file), "--trial-dir",
-                       str(work / name), "-q"]
+                       str(work / name), "-q", *([] if deadline is None else ["--deadline", repr(deadline)])]
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                        env={**os.environ, **pin_environment(slot)})
             running[process] = (name, slot, log)
+        if not running:
+            break
         process = _wait_any(running)
         name, slot, log = running.pop(process)
         log.close()
@@ -100,7 +117,8 @@ def train_configs(configs: dict[str, TrialConfig], work: Path, what: str, remedy
             lines = (work / f"{name}.log").read_text().strip().splitlines() or ["no output"]
             raise EnsembleError(f"{what} {name} failed (exit {process.returncode}): {lines[-1]} (log: "
                                 f"{work / name}.log); {remedy}")
-    return {name: work / name for name in configs}
+        trained[name] = work / name
+    return {name: trained[name] for name in configs if name in trained}
 
 
 def _wait_any(running: dict) -> subprocess.Popen:
@@ -111,7 +129,10 @@ def _wait_any(running: dict) -> subprocess.Popen:
         time.sleep(0.2)
 
 
-def _refit_candidate(member: Candidate, folder: Path, tta_views: int) -> Candidate:
+def _refit_candidate(member: Candidate, folder: Path, tta_views: int) -> Candidate | None:
+    """The retrained member as a candidate; None when the run's deadline cut it short below its searched clean
+    validation accuracy."""
+    from common.metrics import accuracy
     from ensemble.candidates import saved_fields, view_positions
     from search.study.trial_config import TrialConfig
 
@@ -122,6 +143,9 @@ def _refit_candidate(member: Candidate, folder: Path, tta_views: int) -> Candida
     if not np.array_equal(fields["val_ids"], member.val_ids) or not np.array_equal(fields["test_ids"], member.test_ids):
         raise EnsembleError(f"refit of trial {member.number} used another data split than the search (its split "
                             "or exclusion file changed); build without --refit")
+    stopped = json.loads((folder / "metrics.json").read_text()).get("stopped_at_deadline")
+    if stopped and accuracy(fields["val_probs"], member.val_labels) < accuracy(member.val_probs, member.val_labels):
+        return None
     return dataclasses.replace(member, config=TrialConfig.from_file(folder / "config.json"),
                                model_file=folder / "model.keras", **fields)
 

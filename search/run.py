@@ -43,8 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "their best epoch and are evaluated and saved as usual (complete unless the "
                              "pruner stopped them, so ensemble candidates); a trial still running a moment "
                              "past the deadline is stopped and queued for the next run; with the spec's "
-                             "[robustness] refit, time for the build's retraining is kept too (default: the "
-                             "spec's, none)")
+                             "[robustness] refit, time for the build's retraining is kept too, and a build "
+                             "started within the time given ends its retraining by it (default: the spec's, "
+                             "none)")
     parser.add_argument("--objective", type=_objective, choices=OBJECTIVE_NAMES,
                         help="robust: mean of clean and held-out-family validation accuracy; clean; or multi "
                              "(both, as two objectives) (default: the spec's)")

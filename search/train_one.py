@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="JSON file of TrialConfig fields")
     parser.add_argument("--out", default="runs", help="output root")
     parser.add_argument("--trial-dir", help="the trial's folder (default: <out>/train_one/<config name>)")
+    parser.add_argument("--deadline", type=float, help="unix time by which training, evaluation and saving end: "
+                                                       "training stops at an epoch boundary and keeps its best epoch")
     return parser.parse_args(argv)
 
 
@@ -41,12 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.trial_dir) if args.trial_dir else Path(args.out) / "train_one" / Path(args.config).stem
 
     from search.execution.devices import configure_backend
-    from search.trial.trainer import train_trial
+    from search.trial.trainer import Deadline, train_trial
 
     configure_backend()
     say = (lambda line: None) if args.verbosity == QUIET else print
+    deadline = None if args.deadline is None else Deadline(args.deadline)
     result = train_trial(config, out, report=lambda epoch, scores: say(
-        f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items())))
+        f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items())), deadline=deadline)
     print(json.dumps(result.metrics, indent=2))
     print(f"artifacts: {result.directory}")
     return 0

@@ -4,6 +4,9 @@ each family is held out once, trained on all the others, the same folds on every
 trainer builds never draws the family left out; the rotation table from tiny real trainings."""
 
 import dataclasses
+import json
+import time
+import types
 
 import numpy as np
 import pytest
@@ -133,3 +136,62 @@ def test_a_study_asking_for_the_refit_ships_members_retrained_on_every_family(tm
     with np.load(default_data_path()) as data:
         images = data["test_images"][:64]
     assert not np.allclose(ens.member_proba(images), searched.member_proba(images))
+
+
+def _candidate(config: TrialConfig, folder, number: int = 0, val_accuracy: float | None = None):
+    """The trial trained into `folder` as a build's candidate; with `val_accuracy`, its searched clean validation
+    predictions replaced by ones that score exactly that."""
+    from ensemble.candidates import Candidate, saved_fields
+
+    with np.load(folder / "predictions.npz") as saved:
+        fields = saved_fields({k: saved[k] for k in saved.files}, [0])
+    if val_accuracy is not None:
+        labels, classes = fields["val_labels"], len(fields["class_names"])
+        right = np.arange(len(labels)) < round(val_accuracy * len(labels))
+        fields["val_probs"] = np.eye(classes)[np.where(right, labels, (labels + 1) % classes)]
+    return Candidate(number=number, value=None, user_attrs={}, config=config, **fields)
+
+
+def test_no_refit_starts_once_the_run_has_ended_and_the_members_stay_as_searched(tmp_path):
+    from ensemble.refit import refit_members
+
+    member = types.SimpleNamespace(number=4, config=MEMBER)
+    started = time.monotonic()
+    kept, notes = refit_members([member], tmp_path, 1, say=lambda line: None, deadline=time.time() - 1.0)
+    assert time.monotonic() - started < 5.0
+    assert kept == [member]
+    assert any("trial(s) 4 kept as searched" in note for note in notes)
+    assert not (tmp_path / "trial_00004").exists()
+
+
+def test_a_retraining_the_run_cut_short_ships_only_if_clean_validation_holds(tmp_path):
+    from ensemble.refit import _refit_candidate
+    from search.train_one import main as train_one
+
+    config = dataclasses.replace(MEMBER, epochs=40, batch_size=64, max_train_images=320, tta_views=1, refit=True)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    started = time.time()
+    assert train_one(["--config", str(tmp_path / "config.json"), "--trial-dir", str(tmp_path / "refit"), "-q",
+                      "--deadline", str(started + 20.0)]) == 0
+    metrics = json.loads((tmp_path / "refit" / "metrics.json").read_text())
+    assert time.time() <= started + 20.0 and metrics["stopped_at_deadline"] and metrics["epochs_run"] < 40
+    assert _refit_candidate(_candidate(MEMBER, tmp_path / "refit", val_accuracy=1.0), tmp_path / "refit", 1) is None
+    shipped = _refit_candidate(_candidate(MEMBER, tmp_path / "refit", val_accuracy=0.0), tmp_path / "refit", 1)
+    assert shipped.config.refit and shipped.model_file == tmp_path / "refit" / "model.keras"
+
+
+def test_a_build_within_the_run_refits_by_the_run_end_less_the_last_build():
+    import optuna
+
+    from ensemble.build import BUILD_ATTR, FIRST_BUILD_S, refit_deadline
+    from search.execution.driver import RUN_ENDS_ATTR
+
+    study = optuna.create_study()
+    assert refit_deadline(study) is None  # never timed
+    ends_at = time.time() + 600.0
+    study.set_user_attr(RUN_ENDS_ATTR, ends_at)
+    assert refit_deadline(study) == ends_at - FIRST_BUILD_S
+    study.set_user_attr(BUILD_ATTR, 42.0)
+    assert refit_deadline(study) == ends_at - 42.0
+    study.set_user_attr(RUN_ENDS_ATTR, time.time() - 1.0)
+    assert refit_deadline(study) is None  # built after the run's time: the refit is not bounded

@@ -13,8 +13,8 @@ from optuna.trial import TrialState
 
 from common.errors import ConfigError
 from data_pipeline.loaders import DEFAULT_DATA
-from search.execution.driver import (FIRST_REFIT_SHARE, FIRST_WRAP_UP_S, REFIT_ATTR, WRAP_UP_ATTR, Deadlines,
-                                     apply_overrides)
+from search.execution.driver import (FIRST_REFIT_SHARE, FIRST_WRAP_UP_S, REFIT_ATTR, RUN_ENDS_ATTR, WRAP_UP_ATTR,
+                                     Deadlines, apply_overrides)
 from search.execution.worker import DeadlineGuard
 from search.study.spec import load_spec
 from search.study.trial_config import TrialConfig
@@ -99,6 +99,7 @@ def test_a_timeout_too_short_for_any_trial_starts_none(tmp_path):
     assert "timeout: no time left for a trial: 1 s given" in search.stdout
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs' / 'tiny' / 'study.db'}")
     assert study.trials == []
+    assert time.time() - 120.0 < study.user_attrs[RUN_ENDS_ATTR] < time.time()  # a build now would not be bounded
 
 
 def _small_copy(folder) -> str:

@@ -26,6 +26,7 @@ WRAP_UP_ATTR = "wrap_up_seconds"  # study attribute: the last trial's end to the
 FIRST_WRAP_UP_S = 15.0  # assumed until a run of the study has measured it
 REFIT_ATTR = "refit_seconds"  # study attribute: the last refit build's retraining, as it measured it
 FIRST_REFIT_SHARE = 0.25  # of the timeout, kept for the build's refit until a build of the study has measured it
+RUN_ENDS_ATTR = "run_ends_at"  # study attribute: the unix time the last timed run gave search and build; None untimed
 BACKSTOP_FRACTION = 0.02  # of the timeout: how long past their deadline workers may run before being stopped
 
 #: Keyword overrides of `run_study`/`cellsearch.search` and the spec key each one sets.
@@ -171,6 +172,8 @@ def run_study(spec: StudySpec, *, reseed_top: int | None = None, show_progress: 
     location.remember()
     say(f"study {spec.name!r}: storage {location.storage}, artifacts {location.artifacts}, "
         f"executor {spec.executor.kind}")
+    timeout_s = spec.budget.timeout_s
+    study.set_user_attr(RUN_ENDS_ATTR, started_at + timeout_s if timeout_s else None)
     _execute(spec, study, show_progress, say, started_at)
     write_report(study, location.report_dir, artifact_store=artifact_store)
     record_wrap_up(study, started_at)
