@@ -251,12 +251,12 @@ def build_ensemble(study: Any = None, options: BuildOptions | None = None, **set
         budget = _budget(options, candidates, store, Path(cache))
         ens = _build(options, location, store, out, candidates, notes, rows, budget, Path(cache),
                      refit_deadline(trials) if options.refit else None)
-    refit_s = (ens.manifest_.get("refit") or {}).get("seconds")
-    if refit_s is not None:
+    refit = ens.manifest_.get("refit") or {"seconds": 0.0, "reused": True}
+    if not refit["reused"]:
         from search.execution.driver import REFIT_ATTR
 
-        trials.set_user_attr(REFIT_ATTR, refit_s)  # the next timed search keeps it
-    trials.set_user_attr(BUILD_ATTR, time.perf_counter() - started - (refit_s or 0.0))
+        trials.set_user_attr(REFIT_ATTR, refit["seconds"])  # the next timed search keeps it
+    trials.set_user_attr(BUILD_ATTR, time.perf_counter() - started - refit["seconds"])
     return ens
 
 
@@ -322,9 +322,9 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
     for line in selection.log:
         _say(options, f"  selection: {line}")
     members = [candidates[i] for i in selection.indices]
-    refit_seconds = None
+    refit = None
     if options.refit:
-        members, refit_seconds = _refit(options, members, cache / "refit", notes, refit_deadline)
+        members, refit = _refit(options, members, location.refit_dir, notes, refit_deadline)
     member_val = [rows.stack(m.val_probs, m.shifted_probs) for m in members]
     X_val = np.stack(member_val, axis=1)
     ranking = rank_candidates(member_val, rows.y, rows.sample_weight)
@@ -360,7 +360,7 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
         write_ensemble_page(report, ens, reference, images, X_test, f"Ensemble of study {location.name}")
         inference = _inference_entry(options, ens, selection, budget)
         extra = _manifest_extra(options, location, members, selection, rows, report, images, inference,
-                                members[best_position].number, refit_seconds)
+                                members[best_position].number, refit)
         ens.write(staging, extra, members_written=True)
     report.folder = out
     upload_ensemble_page(location, store, out / "report")
@@ -371,18 +371,17 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
 
 
 def _refit(options: BuildOptions, members: list, work: Path, notes: list[str],
-           deadline: float | None) -> tuple[list, float]:
+           deadline: float | None) -> tuple[list, dict]:
     """The members retrained on every family (ensemble.refit), by `deadline` if given, their notes added, and
-    the seconds it took."""
+    the seconds it took and the trials it reused, for the manifest."""
     from ensemble.refit import refit_members
 
     started = time.perf_counter()
-    refit, refit_notes = refit_members(members, work, options.tta, say=lambda line: _say(options, line),
-                                       deadline=deadline)
-    for note in refit_notes:
+    refit = refit_members(members, work, options.tta, say=lambda line: _say(options, line), deadline=deadline)
+    for note in refit.notes:
         _say(options, f"  note: {note}")
-    notes.extend(refit_notes)
-    return refit, time.perf_counter() - started
+    notes.extend(refit.notes)
+    return refit.members, {"seconds": time.perf_counter() - started, "reused": refit.reused}
 
 
 def _rotation(options: BuildOptions, store, ranked: list, work: Path, notes: list[str]) -> pd.DataFrame | None:
@@ -538,7 +537,7 @@ def _member_table(members, ens, rows: ValidationRows) -> pd.DataFrame:
 
 
 def _manifest_extra(options, location, members, selection, rows, report: EnsembleReport, images, inference,
-                    best_trial: int, refit_seconds: float | None) -> dict:
+                    best_trial: int, refit: dict | None) -> dict:
     """The build's part of the manifest (`EnsembleClassifier.write` adds the classifier's own entries and checksums)."""
     from search.execution.storage import redact
 
@@ -557,7 +556,7 @@ def _manifest_extra(options, location, members, selection, rows, report: Ensembl
         "members": member_rows,
         "best_single_trial": best_trial,
         "refit": {"families": list(FAMILIES), "trials": [m.number for m in members if m.model_file is not None],
-                  "seconds": refit_seconds} if options.refit else None,
+                  **refit} if refit is not None else None,
         "selection": {"method": options.method, "top": options.top, "log": selection.log},
         "objective": {"requested": options.objective, "used": rows.objective,
                       "heldout_families": sorted(set(reference.shifted.family.tolist()))

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -48,36 +48,64 @@ def rotates(config: TrialConfig) -> bool:
     return changes_in_refit(config)
 
 
+class Refit(NamedTuple):
+    """What `refit_members` returns: the members to ship, notes for the report, and the trial numbers reused
+    from an earlier build's refit rather than trained now."""
+
+    members: list
+    notes: list[str]
+    reused: list[int]
+
+
 def refit_members(members: Sequence[Candidate], work: Path, tta_views: int, say: Callable[[str], None] = print,
-                  deadline: float | None = None) -> tuple[list[Candidate], list[str]]:
+                  deadline: float | None = None) -> Refit:
     """`members` retrained on every family (same configuration, seed and data split), each as a candidate
     with its new predictions and `model_file`; members whose policy the refit would not change are kept.
-    Returns (members, notes). A failed retraining raises `EnsembleError` naming the trial and its last line.
+    A failed retraining raises `EnsembleError` naming the trial and its last line.
 
-    `deadline` (a unix time, the time the user gave the run): retraining stops at an epoch boundary to end by
-    it, and a member it cut short is kept as searched unless its clean validation accuracy is as high."""
+    Each member trains into `work/trial_<number>`; one already trained there to its end, with the same
+    configuration, is reused. `deadline` (a unix time, the end of the time the user gave the run): retraining
+    stops at an epoch boundary to end by it, and a member it cut short is kept as searched unless its clean
+    validation accuracy is as high."""
     jobs = {f"trial_{m.number:05d}": m for m in members if changes_in_refit(m.config)}
     notes = [f"refit: trial {m.number} kept as searched ({m.config.augment_policy} draws from no other family)"
              for m in members if not changes_in_refit(m.config)]
     if not jobs:
-        return list(members), notes
+        return Refit(list(members), notes, [])
     started = time.perf_counter()
-    say(f"refit: retraining {len(jobs)} member(s) on every family ({', '.join(FAMILIES)})"
-        + ("" if deadline is None else f", by the run's end in {deadline - time.time():.0f} s"))
-    folders = train_configs({name: dataclasses.replace(m.config, refit=True) for name, m in jobs.items()}, work,
-                            "refit", "build without --refit to ship the searched members", deadline)
+    configs = {name: dataclasses.replace(m.config, refit=True) for name, m in jobs.items()}
+    reused = {name: work / name for name, config in configs.items() if _trained(config, work / name)}
+    if reused:
+        notes.append(f"refit: trial(s) {', '.join(str(jobs[n].number) for n in reused)} reused from {work} "
+                     "(the same configuration, trained to the end)")
+    todo = {name: config for name, config in configs.items() if name not in reused}
+    if todo:
+        say(f"refit: retraining {len(todo)} member(s) on every family ({', '.join(FAMILIES)})"
+            + ("" if deadline is None else f", by the run's end in {deadline - time.time():.0f} s"))
+    folders = {**reused, **train_configs(todo, work, "refit", "build without --refit to ship the searched members",
+                                         deadline)}
     refit = {m.number: _refit_candidate(m, folders[name], tta_views) for name, m in jobs.items() if name in folders}
     kept = [n for n, candidate in refit.items() if candidate is None] + [m.number for n, m in jobs.items()
                                                                          if n not in folders]
     if kept:
         notes.append(f"refit: trial(s) {', '.join(map(str, kept))} kept as searched: the run's time ended their "
                      "retraining early (or before it began) below their searched clean validation accuracy")
-    done = [n for n, candidate in refit.items() if candidate is not None]
-    if done:
-        notes.append(f"refit: trial(s) {', '.join(map(str, done))} retrained on every family in "
+    shipped = [n for n, candidate in refit.items() if candidate is not None]
+    if shipped:
+        notes.append(f"refit: trial(s) {', '.join(map(str, shipped))} retrained on every family in "
                      f"{time.perf_counter() - started:.0f} s; the held-out-family scores are no longer on unseen "
                      "families (the family rotation measures that)")
-    return [refit.get(m.number) or m for m in members], notes
+    return Refit([refit.get(m.number) or m for m in members], notes, [jobs[name].number for name in reused])
+
+
+def _trained(config: TrialConfig, folder: Path) -> bool:
+    """Whether `folder` holds `config` trained to its end (not cut short by a deadline)."""
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+        saved = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return not metrics.get("stopped_at_deadline") and saved == json.loads(json.dumps(config.to_dict()))
 
 
 def train_configs(configs: dict[str, TrialConfig], work: Path, what: str, remedy: str,
@@ -89,6 +117,8 @@ def train_configs(configs: dict[str, TrialConfig], work: Path, what: str, remedy
     from search.execution.devices import pin_environment
     from search.execution.devices_plan import detect_gpus, plan_workers, usable_cores
 
+    if not configs:
+        return {}
     gpus, cores = detect_gpus(), usable_cores()
     free = plan_workers(gpus, min(len(configs), len(gpus) or min(len(cores), 8)), cores)
     pending, running, trained = list(configs.items()), {}, {}

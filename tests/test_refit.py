@@ -122,7 +122,7 @@ def test_a_study_asking_for_the_refit_ships_members_retrained_on_every_family(tm
                          progress=False)
     manifest = json.loads((ens.report_.folder / "manifest.json").read_text())
     members = [member["trial"] for member in manifest["members"]]
-    assert manifest["refit"] == {"families": list(FAMILIES), "trials": members,
+    assert manifest["refit"] == {"families": list(FAMILIES), "trials": members, "reused": [],
                                  "seconds": pytest.approx(manifest["refit"]["seconds"])}
     study = optuna.load_study(study_name="refit", storage=f"sqlite:///{tmp_path / 'runs' / 'refit' / 'study.db'}")
     assert study.user_attrs[REFIT_ATTR] == manifest["refit"]["seconds"] > 0  # the next timed search keeps it
@@ -136,6 +136,12 @@ def test_a_study_asking_for_the_refit_ships_members_retrained_on_every_family(tm
     with np.load(default_data_path()) as data:
         images = data["test_images"][:64]
     assert not np.allclose(ens.member_proba(images), searched.member_proba(images))
+    again = build_ensemble("refit", pointer=str(tmp_path / "runs" / "last_study.json"), tta=1, quiet=True,
+                           progress=False, out=str(tmp_path / "again"))
+    assert json.loads((again.report_.folder / "manifest.json").read_text())["refit"]["reused"] == members
+    assert np.allclose(again.member_proba(images), ens.member_proba(images))  # the same refit members, not retrained
+    study = optuna.load_study(study_name="refit", storage=f"sqlite:///{tmp_path / 'runs' / 'refit' / 'study.db'}")
+    assert study.user_attrs[REFIT_ATTR] == manifest["refit"]["seconds"]  # a reused refit measures nothing
 
 
 def _candidate(config: TrialConfig, folder, number: int = 0, val_accuracy: float | None = None):
@@ -157,10 +163,10 @@ def test_no_refit_starts_once_the_run_has_ended_and_the_members_stay_as_searched
 
     member = types.SimpleNamespace(number=4, config=MEMBER)
     started = time.monotonic()
-    kept, notes = refit_members([member], tmp_path, 1, say=lambda line: None, deadline=time.time() - 1.0)
+    refit = refit_members([member], tmp_path, 1, say=lambda line: None, deadline=time.time() - 1.0)
     assert time.monotonic() - started < 5.0
-    assert kept == [member]
-    assert any("trial(s) 4 kept as searched" in note for note in notes)
+    assert refit.members == [member] and refit.reused == []
+    assert any("trial(s) 4 kept as searched" in note for note in refit.notes)
     assert not (tmp_path / "trial_00004").exists()
 
 

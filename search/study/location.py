@@ -79,6 +79,11 @@ class StudyLocation:
     def ensemble_dir(self) -> Path:
         return self.folder / "ensemble"
 
+    @property
+    def refit_dir(self) -> Path:
+        """The build's refit trainings, kept so that building again reuses them."""
+        return self.folder / "refit"
+
     def trial_work_dir(self, number: int) -> Path:
         """Scratch folder of one trial; removed once its files are in the artifact store."""
         return self.folder / "work" / f"trial_{number:05d}"
