@@ -251,12 +251,12 @@ def build_ensemble(study: Any = None, options: BuildOptions | None = None, **set
         budget = _budget(options, candidates, store, Path(cache))
         ens = _build(options, location, store, out, candidates, notes, rows, budget, Path(cache),
                      refit_deadline(trials) if options.refit else None)
-    refit = ens.manifest_.get("refit") or {"seconds": 0.0, "reused": True}
-    if not refit["reused"]:
+    refit = ens.manifest_.get("refit")
+    if refit and not refit["reused"]:
         from search.execution.driver import REFIT_ATTR
 
         trials.set_user_attr(REFIT_ATTR, refit["seconds"])  # the next timed search keeps it
-    trials.set_user_attr(BUILD_ATTR, time.perf_counter() - started - refit["seconds"])
+    trials.set_user_attr(BUILD_ATTR, time.perf_counter() - started - (refit["seconds"] if refit else 0.0))
     return ens
 
 
@@ -376,12 +376,11 @@ def _refit(options: BuildOptions, members: list, work: Path, notes: list[str],
     the seconds it took and the trials it reused, for the manifest."""
     from ensemble.refit import refit_members
 
-    started = time.perf_counter()
     refit = refit_members(members, work, options.tta, say=lambda line: _say(options, line), deadline=deadline)
     for note in refit.notes:
         _say(options, f"  note: {note}")
     notes.extend(refit.notes)
-    return refit.members, {"seconds": time.perf_counter() - started, "reused": refit.reused}
+    return refit.members, {"seconds": refit.seconds, "reused": refit.reused}
 
 
 def _rotation(options: BuildOptions, store, ranked: list, work: Path, notes: list[str]) -> pd.DataFrame | None:

@@ -49,12 +49,13 @@ def rotates(config: TrialConfig) -> bool:
 
 
 class Refit(NamedTuple):
-    """What `refit_members` returns: the members to ship, notes for the report, and the trial numbers reused
-    from an earlier build's refit rather than trained now."""
+    """What `refit_members` returns: the members to ship, notes for the report, the trial numbers reused
+    from an earlier build's refit rather than trained now, and the seconds the refit took."""
 
     members: list
     notes: list[str]
     reused: list[int]
+    seconds: float = 0.0
 
 
 def refit_members(members: Sequence[Candidate], work: Path, tta_views: int, say: Callable[[str], None] = print,
@@ -90,12 +91,12 @@ def refit_members(members: Sequence[Candidate], work: Path, tta_views: int, say:
     if kept:
         notes.append(f"refit: trial(s) {', '.join(map(str, kept))} kept as searched: the run's time ended their "
                      "retraining early (or before it began) below their searched clean validation accuracy")
+    seconds = time.perf_counter() - started
     shipped = [n for n, candidate in refit.items() if candidate is not None]
     if shipped:
-        notes.append(f"refit: trial(s) {', '.join(map(str, shipped))} retrained on every family in "
-                     f"{time.perf_counter() - started:.0f} s; the held-out-family scores are no longer on unseen "
-                     "families (the family rotation measures that)")
-    return Refit([refit.get(m.number) or m for m in members], notes, [jobs[name].number for name in reused])
+        notes.append(f"refit: trial(s) {', '.join(map(str, shipped))} retrained on every family in {seconds:.0f} s; "
+                     "the held-out-family scores are no longer on unseen families (the family rotation measures that)")
+    return Refit([refit.get(m.number) or m for m in members], notes, [jobs[name].number for name in reused], seconds)
 
 
 def _trained(config: TrialConfig, folder: Path) -> bool:
@@ -121,7 +122,7 @@ def train_configs(configs: dict[str, TrialConfig], work: Path, what: str, remedy
         return {}
     gpus, cores = detect_gpus(), usable_cores()
     free = plan_workers(gpus, min(len(configs), len(gpus) or min(len(cores), 8)), cores)
-    pending, running, trained = list(configs.items()), {}, {}
+    pending, running, trained = list(configs.items()), {}, set()
     work.mkdir(parents=True, exist_ok=True)
     while pending or running:
         if deadline is not None and time.time() >= deadline:
@@ -147,8 +148,8 @@ def train_configs(configs: dict[str, TrialConfig], work: Path, what: str, remedy
             lines = (work / f"{name}.log").read_text().strip().splitlines() or ["no output"]
             raise EnsembleError(f"{what} {name} failed (exit {process.returncode}): {lines[-1]} (log: "
                                 f"{work / name}.log); {remedy}")
-        trained[name] = work / name
-    return {name: trained[name] for name in configs if name in trained}
+        trained.add(name)
+    return {name: work / name for name in configs if name in trained}
 
 
 def _wait_any(running: dict) -> subprocess.Popen:
