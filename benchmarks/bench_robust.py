@@ -12,7 +12,8 @@ severity, seeded as `ensemble.build` seeds its test report (never the validation
 neither training, validation nor selection ever saw, with corruption families that training never saw.
 Printed per family and per severity, with ECE, the ensemble's best single member, the oracle of all
 candidates, the frontier of plain averages of up to 4 candidates (what any selection of them could reach),
-and BatchNorm adaptation on/off.
+and BatchNorm adaptation on/off. The members are compared as searched: the spec's final refit trains on the
+held-out families, so it is off unless `--refit` (then the search keeps time for it and the build refits).
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ OBJECTIVES = {"robust": "robust", "val_accuracy_tta": "clean"}  # search objecti
 def run_searches(args) -> None:
     """Both searches at once, each on its own core; returns when both have finished."""
     cores = sorted(os.sched_getaffinity(0))
-    processes = []
+    spec, processes = search_spec(args), []
     for core, objective in zip(cores, OBJECTIVES):
-        command = ["taskset", "-c", str(core), sys.executable, "-m", "search.run", "--study", args.study,
-                   "--objective", objective, "--name", f"{args.name}_{objective}", "--out", args.out,
+        command = ["taskset", "-c", str(core), sys.executable, "-m", "search.run", "--spec", spec,
+                   "--objective", objective, "--study", f"{args.name}_{objective}", "--out", args.out,
                    "--timeout", str(args.minutes * 60), "--trials", str(args.trials), "--workers", "1",
                    "--no-progress"]
         log = open(Path(args.out) / f"{args.name}_{objective}.log", "w")
@@ -45,6 +46,19 @@ def run_searches(args) -> None:
     started = time.time()
     codes = [p.wait() for p in processes]
     print(f"searches finished in {time.time() - started:.0f} s, exit codes {codes}", flush=True)
+
+
+def search_spec(args) -> str:
+    """The spec both searches run: `--study` as shipped, or with its final refit switched off."""
+    from search.study.spec import resolve_spec_path
+
+    path = resolve_spec_path(args.study)
+    if args.refit:
+        return str(path)
+    text, refit_on = path.read_text(encoding="utf-8"), "\nrefit = true"
+    copy = Path(args.out) / f"{args.name}_spec.toml"
+    copy.write_text(text.replace(refit_on, "\nrefit = false") if refit_on in text else text + "\n", encoding="utf-8")
+    return str(copy)
 
 
 def test_data(study):
@@ -87,7 +101,7 @@ def evaluate(study_name: str, goal: str, args) -> dict:
     counts = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
     test, shifted = test_data(study)
     started = time.time()
-    ens = cs.build_ensemble(study, objective=goal, tta=args.tta, quiet=True, progress=False)
+    ens = cs.build_ensemble(study, objective=goal, tta=args.tta, refit=args.refit, quiet=True, progress=False)
     trial_numbers = ens.report_.members["trial"].tolist()
     result = {"trials": counts, "build_seconds": round(time.time() - started), "members": trial_numbers,
               "combiner": type(ens.combiner_).__name__}
@@ -171,6 +185,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     parser.add_argument("--tta", type=int, default=8, help="TTA views of the ensembles")
     parser.add_argument("--skip-search", action="store_true")
+    parser.add_argument("--refit", action="store_true", help="search and build with the spec's final refit")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if not args.skip_search:
