@@ -116,12 +116,12 @@ def train_configs(configs: dict[str, TrialConfig], work: Path, what: str, remedy
     stops the others and raises `EnsembleError` with its last line, `what` failed and the `remedy`. With a
     `deadline` (unix time), trainings end by it and none starts after it (those are missing from the result)."""
     from search.execution.devices import pin_environment
-    from search.execution.devices_plan import detect_gpus, plan_workers, usable_cores
+    from search.execution.devices_plan import default_workers, detect_gpus, plan_workers, usable_cores
 
     if not configs:
         return {}
     gpus, cores = detect_gpus(), usable_cores()
-    free = plan_workers(gpus, min(len(configs), len(gpus) or min(len(cores), 8)), cores)
+    free = plan_workers(gpus, min(len(configs), default_workers(gpus, cores)), cores)
     pending, running, trained = list(configs.items()), {}, set()
     work.mkdir(parents=True, exist_ok=True)
     while pending or running:

@@ -50,8 +50,13 @@ def usable_cores(cpus: int | None = None) -> list[int]:
     return cores
 
 
+def default_workers(gpus: list[str], cores: list[int]) -> int:
+    """One worker per GPU; with no GPU, one per core, at most 8."""
+    return len(gpus) if gpus else min(len(cores), 8)
+
+
 def plan_workers(gpus: list[str], workers: int | None, cores: list[int] | None = None) -> list[WorkerDevices]:
-    """One worker per GPU; with no GPU, one single-threaded worker per core (at most 8) by default.
+    """`workers` slots, by default one per GPU, else one single-threaded one per core (`default_workers`).
 
     The cores are split evenly and, when each worker gets whole cores, pinned (a core is the CPU's
     device, as a GPU is): workers then neither fight over threads nor migrate onto each other's caches.
@@ -60,7 +65,7 @@ def plan_workers(gpus: list[str], workers: int | None, cores: list[int] | None =
     cores = list(cores) if cores is not None else usable_cores()
     if workers is not None and workers < 1:
         raise ConfigError(f"invalid worker count {workers}: need at least 1")
-    count = workers or (len(gpus) if gpus else min(len(cores), 8))
+    count = workers or default_workers(gpus, cores)
     threads = max(1, len(cores) // count)
     pinned = len(cores) >= count
 
