@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import keras
 
-from common.inference import CAFFE_MEAN_BGR, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, preprocess_layer_class
+from common.inference import (CAFFE_MEAN_BGR, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, preprocess_layer_class,
+                              shift_gate_layer_class)
 
-__all__ = ["CAFFE_MEAN_BGR", "IMAGENET_MEAN_RGB", "IMAGENET_STD_RGB", "ImageNetPreprocess"]
+__all__ = ["CAFFE_MEAN_BGR", "IMAGENET_MEAN_RGB", "IMAGENET_STD_RGB", "ImageNetPreprocess", "ShiftGate"]
 
 ImageNetPreprocess = keras.saving.register_keras_serializable(package="cellsearch")(preprocess_layer_class())
+# The other custom layer a saved member may hold (an ensemble's gated clean member, ensemble.gate), registered
+# here too so that every loader that imports this module loads it.
+ShiftGate = keras.saving.register_keras_serializable(package="cellsearch")(shift_gate_layer_class())

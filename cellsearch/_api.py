@@ -101,7 +101,7 @@ def build_ensemble(study: Study | StudyLocation | str | None = None, *, top: int
                    adapt_bn: bool = False, bn_prior: float = 16.0, seed: int = 0, greedy_iterations: int = 25,
                    pointer: str = "runs/last_study.json", progress: bool = True, quiet: bool = False,
                    distill: bool = False, distill_epochs: int = 8, distill_backbone: str = "compact_cnn",
-                   refit: bool | None = None, rotation: bool = False):
+                   refit: bool | None = None, rotation: bool = False, gate: bool | None = None):
     """Build the ensemble of a study's best trials; returns the fitted `EnsembleClassifier` with its
     evaluation in `.report_`, saved to `out` (default `<out>/<study>/ensemble`).
 
@@ -110,7 +110,8 @@ def build_ensemble(study: Study | StudyLocation | str | None = None, *, top: int
     defaults: `top` members at most, chosen by `method` ("greedy" or "topk"), combined by `combiner`
     ("auto", "vote", "weighted", "stacking"), `tta` views, `objective` ("robust", "clean"; None: the
     study's own), `out` the artifact folder, `refit` to retrain the members on every corruption family
-    (None: the study's spec), `rotation` to measure that refit by family rotation.
+    (None: the study's spec), `rotation` to measure that refit by family rotation, `gate` to add the most
+    accurate clean candidate behind the shift gate (None: with the robust objective and no budget).
 
     >>> ens = cs.build_ensemble(study, top=5)           # doctest: +SKIP
     >>> ens.report_.score("test_heldout")               # doctest: +SKIP

@@ -33,6 +33,8 @@ CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 PREPROCESSING_MODES = ("tf", "torch", "caffe", "unit")
 #: The name the preprocessing layer is registered and saved under.
 PREPROCESS_LAYER_NAME = "cellsearch>ImageNetPreprocess"
+#: The name the shift gate (`shift_gate_layer_class`) is registered and saved under.
+SHIFT_GATE_LAYER_NAME = "cellsearch>ShiftGate"
 
 
 # ---------------------------------------------------------------------------------------------- views
@@ -125,6 +127,69 @@ def preprocess_layer_class():
             return {**super().get_config(), "mode": self.mode}
 
     return ImageNetPreprocess
+
+
+# ----------------------------------------------------------------------------------------- shift gate
+
+def image_statistics(images):
+    """(N, 9) float32: per RGB channel the mean, the standard deviation and the mean absolute Laplacian of raw
+    0..255 (N,H,W,3) images scaled to 0..1 (keras.ops, so arrays and traced tensors alike). Brightness,
+    contrast and sharpness, the low-level statistics most shifts move; all three are the same for every
+    dihedral view of an image, so the gate decides alike for each TTA view."""
+    from keras import ops
+
+    x = ops.cast(images, "float32") / 255.0
+    centre = x[:, 1:-1, 1:-1]
+    laplacian = 4.0 * centre - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]
+    return ops.concatenate([ops.mean(x, axis=(1, 2)), ops.std(x, axis=(1, 2)),
+                            ops.mean(ops.abs(laplacian), axis=(1, 2))], axis=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def shift_gate_layer_class():
+    """The shift gate, one class for the package and the Codabench copy (ensemble.gate registers it as
+    SHIFT_GATE_LAYER_NAME).
+
+    Called on (images, probabilities) it passes the probabilities through for images whose
+    `image_statistics` lie within `threshold` (Mahalanobis distance from `location` under `precision`, fitted
+    on clean training images) and returns the uniform distribution for the rest: a member it wraps then
+    votes only on images like the ones it was trained on, and leaves the others to the ensemble.
+    """
+    import keras
+    from keras import ops
+
+    class ShiftGate(keras.layers.Layer):
+        """Pass probabilities through for in-distribution images, uniform ones for the others."""
+
+        def __init__(self, location, precision, threshold: float, **kwargs):
+            kwargs.setdefault("dtype", "float32")
+            super().__init__(**kwargs)
+            self.location = [float(v) for v in location]
+            self.precision = [[float(v) for v in row] for row in precision]
+            self.threshold = float(threshold)
+
+        def call(self, inputs):
+            images, probs = inputs
+            offset = image_statistics(images) - ops.convert_to_tensor(self.location, dtype="float32")
+            squared = ops.sum(ops.matmul(offset, ops.convert_to_tensor(self.precision, dtype="float32")) * offset,
+                              axis=-1, keepdims=True)
+            inside = ops.cast(squared <= self.threshold ** 2, "float32")
+            probs = ops.cast(probs, "float32")
+            return inside * probs + (1.0 - inside) / probs.shape[-1]
+
+        def compute_output_shape(self, input_shape):
+            return input_shape[1]
+
+        def get_config(self) -> dict:
+            return {**super().get_config(), "location": self.location, "precision": self.precision,
+                    "threshold": self.threshold}
+
+    return ShiftGate
+
+
+def custom_layers() -> dict:
+    """The custom layers members may hold, by registered name (Keras `custom_objects` for safe_mode loading)."""
+    return {PREPROCESS_LAYER_NAME: preprocess_layer_class(), SHIFT_GATE_LAYER_NAME: shift_gate_layer_class()}
 
 
 # ---------------------------------------------------------------------------------------------- input

@@ -47,7 +47,7 @@ from ensemble.artifact import atomic_folder, member_files
 from ensemble.evaluate import CLEAN_TOLERANCE
 from ensemble.robust import OBJECTIVES, ValidationRows
 from ensemble.standalone import BN_PRIOR, PRECISIONS, VIEW_SETS
-from common.errors import EnsembleError
+from common.errors import CellsearchError, EnsembleError
 from search.study.location import POINTER_FILE, StudyLocation
 
 METHODS = ("topk", "greedy")
@@ -75,7 +75,8 @@ class BuildOptions:
     refit: retrain the chosen members with augmentation drawn from every family, held-out ones included,
     and ship those (`ensemble.refit`); None: as the study's spec says (`[robustness] refit`). rotation:
     retrain the best member once per family left out, and report what each family left out costs
-    (`report_.rotation`, report/family_rotation.csv).
+    (`report_.rotation`, report/family_rotation.csv). gate: add the most accurate clean candidate behind the
+    shift gate to the candidates (`ensemble.gate`); None: with the robust objective and no inference budget.
     pointer: runs/last_study.json, to find the study when none is given.
     """
 
@@ -102,6 +103,7 @@ class BuildOptions:
     distill_backbone: str = "compact_cnn"
     refit: bool | None = None  # retrain the members on every family (ensemble.refit); None: the study's spec
     rotation: bool = False  # measure the refit by family rotation on the best member (ensemble.refit)
+    gate: bool | None = None  # the clean specialist behind the shift gate (ensemble.gate); None: when robust
 
     def validate(self) -> None:
         choices = (("method", METHODS), ("combiner", COMBINER_CHOICES), ("objective", (None, *OBJECTIVES)),
@@ -246,9 +248,10 @@ def build_ensemble(study: Any = None, options: BuildOptions | None = None, **set
         candidates, notes = load_candidates(trials, store, Path(cache), options.tta)
         _say(options, f"study {location.name!r}: {len(candidates)} candidate trial(s), TTA {options.tta} view(s)")
         rows = validation_rows(options.objective, candidates, notes)
+        budget = _budget(options, candidates, store, Path(cache))
+        candidates = _with_gate(options, candidates, rows, budget, store, Path(cache), notes)
         for note in notes:
             _say(options, f"  note: {note}")
-        budget = _budget(options, candidates, store, Path(cache))
         ens = _build(options, location, store, out, candidates, notes, rows, budget, Path(cache),
                      refit_deadline(trials) if options.refit else None)
     refit = ens.manifest_.get("refit")
@@ -298,6 +301,34 @@ def _budget(options: BuildOptions, candidates, store, cache: Path):
     return make_budget(options.min_images_per_s, costs)
 
 
+def _with_gate(options: BuildOptions, candidates: list, rows: ValidationRows, budget, store, cache: Path,
+               notes: list[str]) -> list:
+    """The candidates, plus the clean specialist behind the shift gate when the options ask for it
+    (`ensemble.gate`), with a note either way."""
+    from ensemble.candidates import download
+    from ensemble.gate import clean_specialist, gated_candidate
+
+    wanted = rows.objective == "robust" and budget is None if options.gate is None else options.gate
+    if not wanted:
+        return candidates
+    if rows.objective != "robust" or budget is not None:
+        notes.append("gate: not added (it needs the robust objective's held-out-family rows, and no inference "
+                     "budget)")
+        return candidates
+    specialist = clean_specialist(candidates, rows)
+    if specialist is None:
+        notes.append("gate: not added (the most accurate clean candidate is also the most robust one)")
+        return candidates
+    try:
+        model_file = specialist.model_file or download(store, specialist, "model.keras", cache / "specialist.keras")
+        gated, note = gated_candidate(specialist, model_file, cache / "gate", options.tta)
+    except CellsearchError as exc:  # the study's data moved or changed: build without the gate, and say why
+        notes.append(f"gate: not added ({exc})")
+        return candidates
+    notes.append(note)
+    return [*candidates, gated]
+
+
 def _select(options: BuildOptions, val_probs: list[np.ndarray], rows: ValidationRows, budget):
     from ensemble.selection import greedy_selection, select_top_k
 
@@ -319,8 +350,6 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
     reference = candidates[0]
     val = [rows.stack(c.val_probs, c.shifted_probs) for c in candidates]
     selection = _select(options, val, rows, budget)
-    for line in selection.log:
-        _say(options, f"  selection: {line}")
     members = [candidates[i] for i in selection.indices]
     refit = None
     if options.refit:
@@ -330,7 +359,23 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
     ranking = rank_candidates(member_val, rows.y, rows.sample_weight)
     best_position = ranking[0]
     vote_weights = selection.weights if options.method == "greedy" else None
-    names = [f"trial_{m.number:05d}" for m in members]
+    choice = score_combiners(X_val, rows, calibrate=options.calibrate, vote_weights=vote_weights,
+                             preferred=options.combiner, clean_tolerance=options.clean_tolerance, seed=options.seed)
+    combiner = make_combiner(choice.chosen, calibrate=options.calibrate, vote_weights=vote_weights,
+                             random_state=options.seed)
+    if candidates[-1].gated and len(candidates) - 1 not in selection.indices:
+        from ensemble.combiners import GatedCombiner
+        from ensemble.gate import with_gated_member
+
+        gated = candidates[-1]
+        selection = with_gated_member(selection, choice.oof, val[-1], rows, len(candidates) - 1)
+        if selection.indices[-1] == len(candidates) - 1:
+            members.append(gated)
+            X_val = np.concatenate([X_val, val[-1][:, None]], axis=1)
+            combiner = GatedCombiner(combiner, selection.weights[-1])
+    for line in selection.log:
+        _say(options, f"  selection: {line}")
+    names = [m.name for m in members]
     with atomic_folder(out) as staging:
         (staging / "report").mkdir()
         for member, file in zip(members, member_files(names)):
@@ -339,10 +384,6 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
                 shutil.copyfile(member.model_file, staging / file)
             else:
                 download(store, member, "model.keras", staging / file)
-        choice = score_combiners(X_val, rows, calibrate=options.calibrate, vote_weights=vote_weights,
-                                 preferred=options.combiner, clean_tolerance=options.clean_tolerance, seed=options.seed)
-        combiner = make_combiner(choice.chosen, calibrate=options.calibrate, vote_weights=vote_weights,
-                                 random_state=options.seed)
         ens = EnsembleClassifier(_load_members(staging, names), combiner, reference.class_names, options.tta,
                                  calibrate=options.calibrate,
                                  precision=options.precision, adapt_bn=options.adapt_bn, bn_prior=options.bn_prior,
@@ -620,6 +661,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rotation", action="store_true",
                         help="measure the refit: retrain the best member once per corruption family left out and "
                              "report its accuracy on that family against the member as searched (5 trainings)")
+    parser.add_argument("--gate", action=argparse.BooleanOptionalAction, default=None,
+                        help="add the most accurate clean candidate behind the shift gate, which lets it vote only "
+                             "on images whose brightness, contrast and sharpness look like the training images' "
+                             "(default: with the robust objective and no --min-images-per-s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -633,7 +678,7 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
                         progress=not args.no_progress and args.verbosity > QUIET, quiet=args.verbosity == QUIET,
                         distill=args.distill, distill_epochs=args.distill_epochs,
                         distill_backbone=args.distill_backbone, refit=args.refit,
-                        rotation=args.rotation)
+                        rotation=args.rotation, gate=args.gate)
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, BuildOptions]:

@@ -39,7 +39,8 @@ class Candidate:
     saved_views: int
     shifted_probs: np.ndarray | None = None  # (S, C) on the validation's held-out-family copy, view mean
     shifted: ShiftedRows | None = None  # which image, family, kind and severity each shifted row is
-    model_file: Path | None = None  # a local model.keras (a refit member), else the trial's in the store
+    model_file: Path | None = None  # a local model.keras (a refit or gated member), else the trial's in the store
+    gated: bool = False  # the trial's model behind the shift gate (ensemble.gate)
 
     def shares_shifted_copy(self, other: "Candidate") -> bool:
         """Whether both saved predictions on the same held-out-family validation copy."""
@@ -51,6 +52,11 @@ class Candidate:
     @property
     def backbone(self) -> str:
         return self.config.backbone
+
+    @property
+    def name(self) -> str:
+        """Its member file's stem: `trial_<number>`, `_gated` added behind the shift gate."""
+        return f"trial_{self.number:05d}" + ("_gated" if self.gated else "")
 
 
 def open_study(location: StudyLocation):

@@ -10,6 +10,8 @@ seen by `fit` (build.py passes val arrays only, and the tests check it).
   they stay >= 0 and sum to 1, optimised with L-BFGS).
 - `Stacking`: multinomial logistic regression on the members' log-probabilities (log, because a
   log-linear pool of probabilities is what a linear model can express; raw probabilities saturate).
+- `GatedCombiner`: any of them over all members but the last, mixed with the last (a gated clean member,
+  ensemble.gate) at a fixed weight where its gate lets it vote.
 
 `calibrate=True` adds temperature scaling: one scalar T fit by minimising the log-loss of out-of-fold
 combined probabilities on validation (out-of-fold, so a fitted combiner's in-sample over-confidence
@@ -238,6 +240,56 @@ class Stacking(_Combiner):
 
     def _base_params(self):
         return {"coef": self.coef_.tolist(), "intercept": self.intercept_.tolist(), "features": "log_probs"}
+
+
+class GatedCombiner(ClassifierMixin, BaseEstimator):
+    """`base` fitted on every member but the last, its probabilities mixed with the last member's (the gated
+    clean member, `ensemble.gate`) as (1 - weight) * base + weight * last where the last votes, and left as
+    they are where its gate abstains with a uniform vote (`standalone.mix_gated`).
+
+    Example:
+        >>> import numpy as np
+        >>> X = np.array([[[0.9, 0.1], [0.5, 0.5]], [[0.4, 0.6], [0.0, 1.0]]])  # the gate abstains on image 0
+        >>> gated = GatedCombiner(SoftVoting(), weight=0.25).fit(X, np.array([0, 1]))
+        >>> gated.predict_proba(X).round(3).tolist(), gated.kind, gated.n_members_
+        ([[0.9, 0.1], [0.3, 0.7]], 'vote', 2)
+    """
+
+    def __init__(self, base: Any = None, weight: float = 0.25):
+        self.base = base
+        self.weight = weight
+
+    def fit(self, X, y, sample_weight=None, groups=None) -> "GatedCombiner":
+        X = check_member_probs(X)
+        if X.shape[1] < 2:
+            raise DataError("a gated combiner needs the gated member and at least one other")
+        self.base_ = clone(self.base).fit(X[:, :-1], y, sample_weight=sample_weight, groups=groups)
+        self.n_members_, self.n_classes_ = X.shape[1], X.shape[2]
+        self.classes_ = np.arange(self.n_classes_)
+        self.n_fit_samples_ = self.base_.n_fit_samples_
+        if hasattr(self.base_, "weights_"):
+            self.weights_ = np.append((1 - self.weight) * np.asarray(self.base_.weights_), self.weight)
+        return self
+
+    @property
+    def kind(self) -> str:
+        return self.base.kind
+
+    @property
+    def random_state(self) -> int:
+        return self.base.random_state
+
+    def params(self) -> dict[str, Any]:
+        """The base combiner's numbers plus `gated_weight` (see `standalone.combine`)."""
+        check_is_fitted(self, "n_members_")
+        return {**self.base_.params(), "gated_weight": float(self.weight)}
+
+    def predict_proba(self, X) -> np.ndarray:
+        check_is_fitted(self, "n_members_")
+        return combine(check_member_probs(X, self.n_members_), self.params()).astype(np.float64)
+
+    def predict(self, X) -> np.ndarray:
+        return self.predict_proba(X).argmax(axis=1)
 
 
 def make_combiner(kind: str, *, calibrate: bool = False, vote_weights=None, random_state: int = 0) -> _Combiner:

@@ -23,6 +23,7 @@ from ensemble.robust import ValidationRows
 class CombinerChoice:
     table: pd.DataFrame  # one row per combiner kind: out-of-fold validation scores
     chosen: str  # kind of the chosen row
+    oof: np.ndarray  # the chosen combiner's out-of-fold probabilities on the validation rows
 
 
 CLEAN_TOLERANCE = 0.005  # clean validation accuracy the combiner choice may give up for robustness
@@ -35,10 +36,10 @@ def score_combiners(X_val: np.ndarray, rows: ValidationRows, kinds: Sequence[str
                     ) -> CombinerChoice:
     """Score each combiner out-of-fold on the validation `rows` (member probabilities `X_val` on them, see
     ensemble.robust) and choose with `choose_row`. No test data is involved; `seed` shuffles the folds."""
-    table, baseline = [], None
+    table, baseline, oofs = [], None, {}
     for kind in kinds:
         combiner = make_combiner(kind, calibrate=calibrate, vote_weights=vote_weights, random_state=seed)
-        oof = out_of_fold_proba(combiner, X_val, rows.y, rows.sample_weight, rows.groups)
+        oof = oofs[kind] = out_of_fold_proba(combiner, X_val, rows.y, rows.sample_weight, rows.groups)
         baseline = oof if baseline is None else baseline
         gain, se = paired_gain(oof, baseline, rows)
         table.append({"combiner": kind, "kind": kind, **rows.scores(oof, "val_oof"),
@@ -47,7 +48,7 @@ def score_combiners(X_val: np.ndarray, rows: ValidationRows, kinds: Sequence[str
     chosen = choose_row(table, preferred, clean_tolerance)["combiner"]
     frame = pd.DataFrame(table)
     frame["chosen"] = frame["combiner"] == chosen
-    return CombinerChoice(frame, chosen)
+    return CombinerChoice(frame, chosen, oofs[chosen])
 
 
 def paired_gain(probs: np.ndarray, baseline: np.ndarray, rows: ValidationRows) -> tuple[float, float]:

@@ -68,9 +68,9 @@ def refit_members(members: Sequence[Candidate], work: Path, tta_views: int, say:
     configuration, is reused. `deadline` (a unix time, the end of the time the user gave the run): retraining
     stops at an epoch boundary to end by it, and a member it cut short is kept as searched unless its clean
     validation accuracy is as high."""
-    jobs = {f"trial_{m.number:05d}": m for m in members if changes_in_refit(m.config)}
+    jobs = {m.name: m for m in members if changes_in_refit(m.config) and not m.gated}
     notes = [f"refit: trial {m.number} kept as searched ({m.config.augment_policy} draws from no other family)"
-             for m in members if not changes_in_refit(m.config)]
+             for m in members if not changes_in_refit(m.config) and not m.gated]
     if not jobs:
         return Refit(list(members), notes, [])
     started = time.perf_counter()
@@ -96,7 +96,8 @@ def refit_members(members: Sequence[Candidate], work: Path, tta_views: int, say:
     if shipped:
         notes.append(f"refit: trial(s) {', '.join(map(str, shipped))} retrained on every family in {seconds:.0f} s; "
                      "the held-out-family scores are no longer on unseen families (the family rotation measures that)")
-    return Refit([refit.get(m.number) or m for m in members], notes, [jobs[name].number for name in reused], seconds)
+    return Refit([m if m.gated else refit.get(m.number) or m for m in members], notes,
+                 [jobs[name].number for name in reused], seconds)
 
 
 def _trained(config: TrialConfig, folder: Path) -> bool:

@@ -54,7 +54,7 @@ if not __package__:  # loaded as the export's top-level model.py: its copy of co
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common.errors import EnsembleError  # noqa: E402
-from common.inference import PREPROCESS_LAYER_NAME, VIEW_SETS, check_images, preprocess_layer_class, stack_views  # noqa: E402,E501
+from common.inference import VIEW_SETS, check_images, custom_layers, stack_views  # noqa: E402
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -229,7 +229,7 @@ def load_member_models(folder: str | os.PathLike, manifest: dict[str, Any], cust
     preprocessing layer (off when backbones.preprocessing is imported and registered already)."""
     import keras
 
-    custom = {PREPROCESS_LAYER_NAME: preprocess_layer_class()} if custom_layer else None
+    custom = custom_layers() if custom_layer else None
     models = []
     for member in manifest["members"]:
         path = Path(folder) / member["file"]
@@ -378,8 +378,13 @@ def combine(member_probs: np.ndarray, params: dict[str, Any]) -> np.ndarray:
     """(N,M,C) TTA-averaged member probabilities -> (N,C) ensemble probabilities, from manifest numbers.
 
     kinds: "vote" / "weighted" (weighted mean of member probabilities) and "stacking" (multinomial
-    logistic regression on the log-probabilities of all members, concatenated member by member).
+    logistic regression on the log-probabilities of all members, concatenated member by member). With
+    "gated_weight", those are combined over every member but the last, and the last (the gated clean member)
+    is mixed in by `mix_gated`.
     """
+    if params.get("gated_weight") is not None:
+        base = combine(member_probs[:, :-1], {k: v for k, v in params.items() if k != "gated_weight"})
+        return mix_gated(base, member_probs[:, -1], float(params["gated_weight"])).astype(np.float32)
     kind = params["kind"]
     if kind in ("vote", "weighted"):
         weights = np.asarray(params["weights"], dtype=np.float64)
@@ -397,6 +402,14 @@ def combine(member_probs: np.ndarray, params: dict[str, Any]) -> np.ndarray:
         raise EnsembleError(f"unknown combiner kind {kind!r}")
     probs = apply_temperature(probs, float(params.get("temperature", 1.0)))
     return (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def mix_gated(base: np.ndarray, gated: np.ndarray, weight: float) -> np.ndarray:
+    """(1 - weight) * base + weight * gated, on the rows the gated member voted on; `base` where it abstained
+    (its gate's uniform vote, every class within 1e-3 of 1/C: a trained member is never that undecided), so
+    the ensemble's calibration on shifted images stays its own."""
+    abstained = np.all(np.abs(gated - 1.0 / gated.shape[1]) < 1e-3, axis=1, keepdims=True)
+    return np.where(abstained, base, (1 - weight) * base + weight * gated)
 
 
 # ------------------------------------------------------------------------------------ Codabench entry

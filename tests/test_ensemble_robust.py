@@ -163,3 +163,27 @@ def test_bn_adaptation_is_a_switch_and_never_touches_the_artifact(robust, test_s
     read_manifest(out)  # every sha256 entry still verifies
     assert {p: sha256_file(p) for p in out.rglob("*") if p.is_file()} == files
     assert sorted(Path(p).name for p in files) == sorted(p.name for p in out.rglob("*") if p.is_file())
+
+
+def test_the_gate_is_offered_by_default_under_the_robust_objective_and_ships_only_what_it_chose(
+        location, robust, test_split, tmp_path):  # noqa: F811
+    from ensemble import build_ensemble, load_ensemble
+    from ensemble.standalone import Model
+
+    ens, _ = robust
+    images, _ = test_split
+    notes = [n for n in ens.report_.notes if n.startswith("gate:")]
+    assert len(notes) == 1  # joined the candidates (how much it votes on), or why not
+    log = ens.manifest_["selection"]["log"]
+    gated = [name for name in ens.member_names if name.endswith("_gated")]
+    if "joins the candidates gated" in notes[0]:
+        assert any(line.startswith("gated candidate") for line in log)
+        assert bool(gated) == log[-1].endswith(tuple(f"added at weight {w:.2f}" for w in (0.25, 1 / 3, 0.5)))
+    assert ("gated_weight" in ens.manifest_["combiner"]) == bool(gated)
+    if gated:
+        np.testing.assert_allclose(Model(ens.report_.folder).predict_proba(images), ens.predict_proba(images),
+                                   atol=1e-5)
+    plain = build_ensemble(location, top=2, method="greedy", out=str(tmp_path / "plain"), gate=False, quiet=True,
+                           progress=False)
+    assert not any(n.startswith("gate:") for n in plain.report_.notes)
+    assert not any(name.endswith("_gated") for name in load_ensemble(tmp_path / "plain").member_names)

@@ -1,0 +1,148 @@
+"""The shift gate (ensemble.gate): fitted on clean images only, it lets a member vote on images like its training
+data and casts a uniform vote on shifted ones, decides alike for every TTA view, loads with Keras' safe_mode in
+the package and in the export's runtime, and joins an ensemble only when validation accuracy rises."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.inference import dihedral_view
+from ensemble.gate import fit_gate, gated_model, inside, with_gated_member
+from ensemble.robust import ValidationRows
+from ensemble.selection import Selection
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def split(embedded):
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(embedded.images))
+    return embedded.images[order[:3000]], embedded.images[order[3000:3600]]
+
+
+@pytest.fixture(scope="module")
+def gate(split):
+    return fit_gate(*split)
+
+
+def small_model(size: int = 28, classes: int = 8):
+    import keras
+
+    inputs = keras.Input((size, size, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
+    return keras.Model(inputs, keras.layers.Dense(classes, activation="softmax")(pooled))
+
+
+def test_the_gate_lets_through_its_share_of_clean_images_and_stops_shifted_ones(split, gate, embedded):
+    from data_pipeline.corrupt import FAMILIES, shifted_copy
+
+    _, val = split
+    held_back = embedded.images[np.random.default_rng(1).permutation(len(embedded.images))[4000:4600]]
+    assert inside(gate, val).mean() == pytest.approx(0.95, abs=0.01)  # the quantile it was fitted at
+    assert inside(gate, held_back).mean() == pytest.approx(0.95, abs=0.04)  # clean images it never saw
+    severe = shifted_copy(held_back, list(FAMILIES), seed=0, severities=(5,))
+    for family in FAMILIES:
+        assert inside(gate, severe.images[severe.family == family]).mean() < 0.5, family
+    assert not inside(gate, (held_back // 3).astype(np.uint8)).any()  # a much darker lab
+
+
+def test_a_gated_member_votes_unchanged_inside_and_uniformly_outside_for_every_view(split, gate):
+    _, val = split
+    model = small_model()
+    images = np.concatenate([val[:40], (val[:40] // 3).astype(np.uint8)])
+    lets = inside(gate, images)
+    assert lets[:40].sum() > 30 and not lets[40:].any()
+    wrapped = gated_model(model, gate)
+    for view in range(8):
+        batch = dihedral_view(images, view).astype(np.float32)
+        plain, gated = model.predict(batch, verbose=0), wrapped.predict(batch, verbose=0)
+        np.testing.assert_allclose(gated[lets], plain[lets], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(gated[~lets], 1 / 8, atol=1e-7)
+
+
+def test_a_gated_member_loads_with_safe_mode_in_the_package_and_in_the_export_runtime(split, gate, tmp_path):
+    from ensemble.standalone import load_member_models
+
+    _, val = split
+    wrapped = gated_model(small_model(), gate)
+    wrapped.save(tmp_path / "member.keras")
+    expected = wrapped.predict(val[:16].astype(np.float32), verbose=0)
+    np.save(tmp_path / "images.npy", val[:16])
+    manifest = {"members": [{"file": "member.keras"}]}
+    loaded = load_member_models(tmp_path, manifest, custom_layer=False)[0]  # the package's registration
+    np.testing.assert_allclose(loaded.predict(val[:16].astype(np.float32), verbose=0), expected, atol=1e-6)
+    script = ("import sys, numpy as np; sys.path.insert(0, 'ensemble'); import standalone; "  # as model.py runs
+              f"m = standalone.load_member_models({str(tmp_path)!r}, {manifest!r})[0]; "
+              f"np.save({str(tmp_path / 'out.npy')!r}, m.predict(np.load({str(tmp_path / 'images.npy')!r})"
+              ".astype('float32'), verbose=0)); print('backbones' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("False")  # loaded without the package's registration
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-6)
+
+
+def rows_and_probs():
+    """Four clean validation rows and their four shifted copies; the selection is right on three clean and
+    all shifted rows, the gated candidate on every clean row and uniform on the shifted ones."""
+    y = np.array([0, 1, 2, 0])
+    rows = ValidationRows.robust(y, source=np.arange(4))
+    member = np.eye(3)[[0, 1, 1, 0, 0, 1, 2, 0]] * 0.6 + 0.4 / 3
+    gated = np.concatenate([np.eye(3)[y] * 0.9 + 0.1 / 3, np.full((4, 3), 1 / 3)])
+    return rows, member, gated
+
+
+def test_the_gated_candidate_joins_at_the_weight_that_raises_validation_accuracy():
+    rows, member, gated = rows_and_probs()
+    chosen = with_gated_member(Selection([0], [1.0], [1]), member, gated, rows, 1)
+    # at 0.25 and 1/3 the member still outvotes it on the clean row it gets wrong; at 0.5 it does not
+    assert chosen.indices == [0, 1] and chosen.weights == [0.5, 0.5] and chosen.counts == [1, 0]
+    assert "added at weight 0.50" in chosen.log[-1]
+    assert np.mean((0.5 * member + 0.5 * gated).argmax(1) == rows.y) == 1.0
+
+
+def test_a_gated_candidate_that_raises_nothing_stays_out():
+    rows, member, gated = rows_and_probs()
+    wrong = np.concatenate([np.full((4, 3), 1 / 3), np.full((4, 3), 1 / 3)])
+    wrong[:4, 2] += 0.5
+    kept = with_gated_member(Selection([0], [1.0], [1]), member, wrong, rows, 1)
+    assert kept.indices == [0] and kept.weights == [1.0] and kept.log[-1].endswith("left out")
+
+
+def test_a_gated_combiner_mixes_the_last_member_into_the_base_combiner_and_saves_its_numbers():
+    from ensemble.combiners import GatedCombiner, Stacking
+    from ensemble.standalone import combine
+
+    rng = np.random.default_rng(0)
+    X = rng.dirichlet(np.ones(3), size=(60, 3))
+    y = X[:, 0].argmax(1)
+    gated = GatedCombiner(Stacking(), weight=1 / 3).fit(X, y)
+    base = Stacking().fit(X[:, :2], y)
+    np.testing.assert_allclose(gated.predict_proba(X), 2 / 3 * base.predict_proba(X[:, :2]) + X[:, 2] / 3, atol=1e-6)
+    np.testing.assert_allclose(combine(X, gated.params()), gated.predict_proba(X), atol=1e-6)  # the export's path
+    assert gated.kind == "stacking" and gated.n_members_ == 3
+
+
+def test_an_ensemble_with_a_gated_member_saves_loads_and_predicts_alike_in_the_export_runtime(split, gate, embedded,
+                                                                                            tmp_path):
+    from ensemble import EnsembleClassifier, load_ensemble
+    from ensemble.combiners import GatedCombiner, make_combiner
+    from ensemble.standalone import Model
+
+    train, val = split
+    labels = embedded.labels[np.random.default_rng(0).permutation(len(embedded.images))[3000:3600]]
+    members = [small_model(), gated_model(small_model(), gate)]
+    ens = EnsembleClassifier(members, GatedCombiner(make_combiner("vote"), 1 / 3), tta_views=2).fit(val, labels)
+    images = np.concatenate([val[:20], (val[:20] // 3).astype(np.uint8)])  # the gate abstains on the dark half
+    probs = ens.predict_proba(images)
+    base = ens.member_proba(images)[:, 0]
+    np.testing.assert_allclose(probs[20:], base[20:], atol=1e-6)  # abstained: the other member's vote alone
+    assert not np.allclose(probs[:20], base[:20], atol=1e-4)
+    ens.save(tmp_path / "ens")
+    np.testing.assert_allclose(load_ensemble(tmp_path / "ens").predict_proba(images), probs, atol=1e-6)
+    np.testing.assert_allclose(Model(tmp_path / "ens").predict_proba(images), probs, atol=1e-6)
