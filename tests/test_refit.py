@@ -161,7 +161,7 @@ def _candidate(config: TrialConfig, folder, number: int = 0, val_accuracy: float
 def test_no_refit_starts_once_the_run_has_ended_and_the_members_stay_as_searched(tmp_path):
     from ensemble.refit import refit_members
 
-    member = types.SimpleNamespace(number=4, config=MEMBER)
+    member = types.SimpleNamespace(number=4, config=MEMBER, gated=False, name="trial_00004")  # a Candidate's fields
     started = time.monotonic()
     refit = refit_members([member], tmp_path, 1, say=lambda line: None, deadline=time.time() - 1.0)
     assert time.monotonic() - started < 5.0
