@@ -118,7 +118,7 @@ def test_a_study_asking_for_the_refit_ships_members_retrained_on_every_family(tm
     spec.write_text(spec.read_text().replace('augment_policies = ["light", "none"]', 'augment_policies = ["corrupt"]'))
     done = run_search("--study", str(spec))
     assert done.returncode == 0, done.stderr[-3000:]
-    ens = build_ensemble("refit", pointer=str(tmp_path / "runs" / "last_study.json"), tta=1, quiet=True,
+    ens = build_ensemble("refit", pointer=str(tmp_path / "runs" / "last_study.json"), tta=1, quiet=True, gate=False,
                          progress=False)
     manifest = json.loads((ens.report_.folder / "manifest.json").read_text())
     members = [member["trial"] for member in manifest["members"]]
@@ -129,14 +129,14 @@ def test_a_study_asking_for_the_refit_ships_members_retrained_on_every_family(tm
     assert all(member["config"]["refit"] for member in manifest["members"])
     assert any("retrained on every family" in note for note in ens.report_.notes)
     searched = build_ensemble("refit", pointer=str(tmp_path / "runs" / "last_study.json"), tta=1, quiet=True,
-                              progress=False, refit=False, out=str(tmp_path / "searched"))
+                              gate=False, progress=False, refit=False, out=str(tmp_path / "searched"))
     assert json.loads((searched.report_.folder / "manifest.json").read_text())["refit"] is None
     from data_pipeline.loaders import default_data_path
 
     with np.load(default_data_path()) as data:
         images = data["test_images"][:64]
     assert not np.allclose(ens.member_proba(images), searched.member_proba(images))
-    again = build_ensemble("refit", pointer=str(tmp_path / "runs" / "last_study.json"), tta=1, quiet=True,
+    again = build_ensemble("refit", pointer=str(tmp_path / "runs" / "last_study.json"), tta=1, quiet=True, gate=False,
                            progress=False, out=str(tmp_path / "again"))
     assert json.loads((again.report_.folder / "manifest.json").read_text())["refit"]["reused"] == members
     assert np.allclose(again.member_proba(images), ens.member_proba(images))  # the same refit members, not retrained
