@@ -147,8 +147,8 @@ def image_statistics(images):
 
 @functools.lru_cache(maxsize=None)
 def shift_gate_layer_class():
-    """The shift gate, one class for the package and the Codabench copy (ensemble.gate registers it as
-    SHIFT_GATE_LAYER_NAME).
+    """The shift gate, one class for the package and the Codabench copy (backbones.preprocessing registers it
+    as SHIFT_GATE_LAYER_NAME, beside the preprocessing layer).
 
     Called on (images, probabilities) it passes the probabilities through for images whose
     `image_statistics` lie within `threshold` (Mahalanobis distance from `location` under `precision`, fitted

@@ -242,7 +242,7 @@ class Stacking(_Combiner):
         return {"coef": self.coef_.tolist(), "intercept": self.intercept_.tolist(), "features": "log_probs"}
 
 
-class GatedCombiner(ClassifierMixin, BaseEstimator):
+class GatedCombiner(_Combiner):
     """`base` fitted on every member but the last, its probabilities mixed with the last member's (the gated
     clean member, `ensemble.gate`) as (1 - weight) * base + weight * last where the last votes, and left as
     they are where its gate abstains with a uniform vote (`standalone.mix_gated`).
@@ -259,7 +259,7 @@ class GatedCombiner(ClassifierMixin, BaseEstimator):
         self.base = base
         self.weight = weight
 
-    def fit(self, X, y, sample_weight=None, groups=None) -> "GatedCombiner":
+    def fit(self, X, y, sample_weight=None, groups=None) -> "GatedCombiner":  # the base calibrates itself
         X = check_member_probs(X)
         if X.shape[1] < 2:
             raise DataError("a gated combiner needs the gated member and at least one other")
@@ -283,13 +283,6 @@ class GatedCombiner(ClassifierMixin, BaseEstimator):
         """The base combiner's numbers plus `gated_weight` (see `standalone.combine`)."""
         check_is_fitted(self, "n_members_")
         return {**self.base_.params(), "gated_weight": float(self.weight)}
-
-    def predict_proba(self, X) -> np.ndarray:
-        check_is_fitted(self, "n_members_")
-        return combine(check_member_probs(X, self.n_members_), self.params()).astype(np.float64)
-
-    def predict(self, X) -> np.ndarray:
-        return self.predict_proba(X).argmax(axis=1)
 
 
 def make_combiner(kind: str, *, calibrate: bool = False, vote_weights=None, random_state: int = 0) -> _Combiner:

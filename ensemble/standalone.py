@@ -10,9 +10,9 @@ Hence the rules for this file:
   (lazily, inside functions) keras; TensorFlow only for its bfloat16 graph pass, when Keras runs on TensorFlow
   (so the file runs under JAX and PyTorch too, and where only TensorFlow and Keras are installed, as on
   Codabench);
-- the TTA views, the members' one custom layer (`ImageNetPreprocess`) and the input rule come from
-  common/inference.py; the layer is handed to Keras as a `custom_objects` entry under its registered name,
-  so models load with Keras' safe_mode ON and no global registration is clobbered;
+- the TTA views, the members' custom layers (`ImageNetPreprocess`, and `ShiftGate` of a gated member) and the
+  input rule come from common/inference.py; the layers are handed to Keras as `custom_objects` entries under
+  their registered names, so models load with Keras' safe_mode ON and no global registration is clobbered;
 - the combiner is applied from the plain numbers stored in `manifest.json` (voting weights, or the
   logistic-regression coefficients of the stacking meta-learner, and a temperature), not from the
   joblib pickle: unpickling a scikit-learn model across scikit-learn versions is fragile (and
@@ -225,8 +225,8 @@ def adapt_batch_norm(model, prior: float = BN_PRIOR):
 
 
 def load_member_models(folder: str | os.PathLike, manifest: dict[str, Any], custom_layer: bool = True) -> list:
-    """Load the member `.keras` files with safe_mode on. `custom_layer` supplies the re-declared
-    preprocessing layer (off when backbones.preprocessing is imported and registered already)."""
+    """Load the member `.keras` files with safe_mode on. `custom_layer` supplies the re-declared custom
+    layers (off when backbones.preprocessing is imported and has registered them already)."""
     import keras
 
     custom = custom_layers() if custom_layer else None
