@@ -11,7 +11,7 @@ seen by `fit` (build.py passes val arrays only, and the tests check it).
 - `Stacking`: multinomial logistic regression on the members' log-probabilities (log, because a
   log-linear pool of probabilities is what a linear model can express; raw probabilities saturate).
 - `GatedCombiner`: any of them over all members but the last, mixed with the last (a gated clean member,
-  ensemble.gate) at a fixed weight where its gate lets it vote.
+  ensemble.gate) at a fixed weight where its gate lets it vote, its probabilities temperature-scaled first.
 
 `calibrate=True` adds temperature scaling: one scalar T fit by minimising the log-loss of out-of-fold
 combined probabilities on validation (out-of-fold, so a fitted combiner's in-sample over-confidence
@@ -40,7 +40,7 @@ from threadpoolctl import threadpool_limits
 
 from common.errors import ConfigError, DataError
 from common.metrics import log_loss
-from ensemble.standalone import _LOG_EPS, apply_temperature, combine
+from ensemble.standalone import _LOG_EPS, abstains, apply_temperature, combine
 
 COMBINERS = ("vote", "weighted", "stacking")
 
@@ -264,6 +264,7 @@ class GatedCombiner(_Combiner):
         if X.shape[1] < 2:
             raise DataError("a gated combiner needs the gated member and at least one other")
         self.base_ = clone(self.base).fit(X[:, :-1], y, sample_weight=sample_weight, groups=groups)
+        self.gated_temperature_ = fit_gated_temperature(X[:, -1], y, sample_weight)
         self.n_members_, self.n_classes_ = X.shape[1], X.shape[2]
         self.classes_ = np.arange(self.n_classes_)
         self.n_fit_samples_ = self.base_.n_fit_samples_
@@ -280,9 +281,20 @@ class GatedCombiner(_Combiner):
         return self.base.random_state
 
     def params(self) -> dict[str, Any]:
-        """The base combiner's numbers plus `gated_weight` (see `standalone.combine`)."""
+        """The base combiner's numbers plus `gated_weight` and `gated_temperature` (see `standalone.combine`)."""
         check_is_fitted(self, "n_members_")
-        return {**self.base_.params(), "gated_weight": float(self.weight)}
+        return {**self.base_.params(), "gated_weight": float(self.weight),
+                "gated_temperature": float(self.gated_temperature_)}
+
+
+def fit_gated_temperature(gated: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+    """The temperature that calibrates a gated member's probabilities on the rows it votes on (`fit_temperature`),
+    so that its weight in the mix is the share of the vote it gets: a label-smoothed member is under-confident,
+    and mixed unscaled into a sharpened ensemble it would count for less than its weight."""
+    voted = ~abstains(gated)[:, 0]
+    if not voted.any():
+        return 1.0
+    return fit_temperature(gated[voted], y[voted], None if sample_weight is None else sample_weight[voted])
 
 
 def make_combiner(kind: str, *, calibrate: bool = False, vote_weights=None, random_state: int = 0) -> _Combiner:

@@ -380,11 +380,12 @@ def combine(member_probs: np.ndarray, params: dict[str, Any]) -> np.ndarray:
     kinds: "vote" / "weighted" (weighted mean of member probabilities) and "stacking" (multinomial
     logistic regression on the log-probabilities of all members, concatenated member by member). With
     "gated_weight", those are combined over every member but the last, and the last (the gated clean member)
-    is mixed in by `mix_gated`.
+    is mixed in by `mix_gated` at "gated_temperature".
     """
     if params.get("gated_weight") is not None:
         base = combine(member_probs[:, :-1], {k: v for k, v in params.items() if k != "gated_weight"})
-        return mix_gated(base, member_probs[:, -1], float(params["gated_weight"])).astype(np.float32)
+        return mix_gated(base, member_probs[:, -1], float(params["gated_weight"]),
+                         float(params.get("gated_temperature", 1.0))).astype(np.float32)
     kind = params["kind"]
     if kind in ("vote", "weighted"):
         weights = np.asarray(params["weights"], dtype=np.float64)
@@ -404,12 +405,17 @@ def combine(member_probs: np.ndarray, params: dict[str, Any]) -> np.ndarray:
     return (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def mix_gated(base: np.ndarray, gated: np.ndarray, weight: float) -> np.ndarray:
-    """(1 - weight) * base + weight * gated, on the rows the gated member voted on; `base` where it abstained
-    (its gate's uniform vote, every class within 1e-3 of 1/C: a trained member is never that undecided), so
-    the ensemble's calibration on shifted images stays its own."""
-    abstained = np.all(np.abs(gated - 1.0 / gated.shape[1]) < 1e-3, axis=1, keepdims=True)
-    return np.where(abstained, base, (1 - weight) * base + weight * gated)
+def mix_gated(base: np.ndarray, gated: np.ndarray, weight: float, temperature: float = 1.0) -> np.ndarray:
+    """(1 - weight) * base + weight * gated (its probabilities at `temperature`, like the base's calibrated
+    ones), on the rows the gated member voted on; `base` where it abstained, so the ensemble's calibration on
+    shifted images stays its own."""
+    return np.where(abstains(gated), base, (1 - weight) * base + weight * apply_temperature(gated, temperature))
+
+
+def abstains(gated: np.ndarray) -> np.ndarray:
+    """(N,1): the rows a gated member abstained on (its gate's uniform vote, every class within 1e-3 of 1/C: a
+    trained member is never that undecided)."""
+    return np.all(np.abs(gated - 1.0 / gated.shape[1]) < 1e-3, axis=1, keepdims=True)
 
 
 # ------------------------------------------------------------------------------------ Codabench entry

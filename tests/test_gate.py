@@ -114,16 +114,49 @@ def test_a_gated_candidate_that_raises_nothing_stays_out():
     assert kept.indices == [0] and kept.weights == [1.0] and kept.log[-1].endswith("left out")
 
 
+def heldout_case(fixed: int, broken: int):
+    """40 clean rows the gated candidate gets right and the base gets wrong on 4, unsure, and their 40 shifted
+    copies: the base is confident on each, except on `fixed` + `broken` near ties that any gated vote decides: the
+    gated candidate is right on the `fixed` ones and wrong on the `broken` ones, and abstains elsewhere."""
+    y = np.arange(40) % 2
+    rows = ValidationRows.robust(y, source=np.arange(40))
+    base = np.eye(2)[np.concatenate([y, y])] * 0.98 + 0.01
+    base[:4] = np.eye(2)[1 - y[:4]] * 0.2 + 0.4  # wrong, at 0.6: any gated vote outweighs it
+    gated = np.concatenate([np.eye(2)[y] * 0.98 + 0.01, np.full((40, 2), 0.5)])
+    for row in range(fixed + broken):
+        right = row < fixed
+        base[40 + row] = [0.51, 0.49] if y[row] == int(right) else [0.49, 0.51]
+        gated[40 + row] = np.eye(2)[y[row] if right else 1 - y[row]] * 0.98 + 0.01
+    return rows, base, gated
+
+
+def test_a_heldout_loss_within_the_validation_noise_does_not_keep_the_gated_candidate_out():
+    rows, base, gated = heldout_case(fixed=5, broken=6)  # one shifted row lost among eleven that change
+    chosen = with_gated_member(Selection([0], [1.0], [1]), base, gated, rows, 1)
+    assert chosen.indices == [0, 1], chosen.log[-1]
+    assert "0.9000 / 0.8750 without it" in chosen.log[-1] and "1.0000 / 0.8500 (noise 0.0828)" in chosen.log[-1]
+
+
+def test_a_heldout_loss_beyond_the_validation_noise_keeps_the_gated_candidate_out():
+    rows, base, gated = heldout_case(fixed=0, broken=6)
+    kept = with_gated_member(Selection([0], [1.0], [1]), base, gated, rows, 1)
+    assert kept.indices == [0] and kept.log[-1].endswith("left out")
+    assert "1.0000 / 0.8500 (noise 0.0565)" in kept.log[-1]
+
+
 def test_a_gated_combiner_mixes_the_last_member_into_the_base_combiner_and_saves_its_numbers():
     from ensemble.combiners import GatedCombiner, Stacking
-    from ensemble.standalone import combine
+    from ensemble.standalone import apply_temperature, combine
 
     rng = np.random.default_rng(0)
     X = rng.dirichlet(np.ones(3), size=(60, 3))
-    y = X[:, 0].argmax(1)
+    y = X[:, 2].argmax(1)  # the last member is right on every row, but unsure
     gated = GatedCombiner(Stacking(), weight=1 / 3).fit(X, y)
     base = Stacking().fit(X[:, :2], y)
-    np.testing.assert_allclose(gated.predict_proba(X), 2 / 3 * base.predict_proba(X[:, :2]) + X[:, 2] / 3, atol=1e-6)
+    temperature = gated.params()["gated_temperature"]
+    assert temperature < 0.5  # so its probabilities are sharpened before the mix
+    scaled = apply_temperature(X[:, 2], temperature)
+    np.testing.assert_allclose(gated.predict_proba(X), 2 / 3 * base.predict_proba(X[:, :2]) + scaled / 3, atol=1e-6)
     np.testing.assert_allclose(combine(X, gated.params()), gated.predict_proba(X), atol=1e-6)  # the export's path
     assert gated.kind == "stacking" and gated.n_members_ == 3
 
