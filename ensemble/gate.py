@@ -103,6 +103,8 @@ def gated_candidate(specialist: Candidate, model_file: Path, work: Path, tta_vie
     from search.trial.data import load_trial_data
     from search.trial.views import predict_views
 
+    from ensemble.standalone import abstains
+
     data = load_trial_data(specialist.config)
     same = (np.array_equal(data.val.ids.astype(str), specialist.val_ids)
             and np.array_equal(data.test.ids.astype(str), specialist.test_ids)
@@ -116,7 +118,7 @@ def gated_candidate(specialist: Candidate, model_file: Path, work: Path, tta_vie
     model.save(path)
     images = {"val": data.val.images, "shifted": data.val_shifted.images, "test": data.test.images}
     probs = {k: predict_views(model, v, tta_views).mean(axis=0).astype(np.float64) for k, v in images.items()}
-    share = {k: float(inside(gate, v).mean()) for k, v in images.items()}
+    share = {k: 1.0 - float(abstains(v).mean()) for k, v in probs.items()}  # as the saved model decided
     note = (f"gate: trial {specialist.number} ({specialist.config.backbone}, {specialist.config.augment_policy}; the "
             f"best clean validation accuracy) joins the candidates gated: it votes on {share['val']:.0%} of the "
             f"clean validation images, {share['shifted']:.0%} of their held-out-family copy and "
