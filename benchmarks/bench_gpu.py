@@ -10,6 +10,8 @@ accuracy, then the same study's trials per hour on the CPU (`--cpu-minutes`, GPU
 
     KERAS_BACKEND=jax python benchmarks/bench_gpu.py [--minutes 6] [--workers 4] [--cpu-minutes 1.5] [--out runs]
 
+On a CPU, `--spec quick --minutes 4 --workers 2 --cpu-minutes 0` runs the whole script in about 5 minutes.
+
 Target (issue 19): at least 50 finished default-study trials in 10 minutes on one H200, ensemble included.
 """
 
@@ -35,13 +37,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpu-minutes", type=float, default=1.5, help="CPU search time for the ratio (0: skip)")
     parser.add_argument("--out", default="runs", help="output root")
     parser.add_argument("--name", default="bench_gpu")
+    parser.add_argument("--spec", default="default",
+                        help="shipped spec or .toml (`quick` finishes trials on a CPU: a smoke run of this script)")
     parser.add_argument("--tta", type=int, default=8)
     return parser.parse_args(argv)
 
 
 def search(args: argparse.Namespace, name: str, minutes: float, workers: int, gpus: str, env: dict) -> float:
     """Run `python -m search.run` on the default study; returns its wall seconds."""
-    command = [sys.executable, "-m", "search.run", "--study", "default", "--name", name, "--out", args.out,
+    command = [sys.executable, "-m", "search.run", "--spec", args.spec, "--study", name, "--out", args.out,
                "--timeout", str(int(minutes * 60)), "--trials", "1000", "--workers", str(workers),
                "--gpus", gpus, "--no-progress"]
     started = time.time()
