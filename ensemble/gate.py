@@ -113,8 +113,9 @@ def gated_candidate(specialist: Candidate, model_file: Path, work: Path, tta_vie
         raise EnsembleError(f"the gate: trial {specialist.number}'s split is not the study's data any more")
     gate = fit_gate(data.train.images, data.val.images)
     model = gated_model(load_model(model_file, compile=False), gate)
+    gated = dataclasses.replace(specialist, gated=True)
     work.mkdir(parents=True, exist_ok=True)
-    path = work / f"trial_{specialist.number:05d}_gated.keras"
+    path = work / f"{gated.name}.keras"
     model.save(path)
     images = {"val": data.val.images, "shifted": data.val_shifted.images, "test": data.test.images}
     probs = {k: predict_views(model, v, tta_views).mean(axis=0).astype(np.float64) for k, v in images.items()}
@@ -123,8 +124,8 @@ def gated_candidate(specialist: Candidate, model_file: Path, work: Path, tta_vie
             f"best clean validation accuracy) joins the candidates gated: it votes on {share['val']:.0%} of the "
             f"clean validation images, {share['shifted']:.0%} of their held-out-family copy and "
             f"{share['test']:.0%} of the test images")
-    return dataclasses.replace(specialist, val_probs=probs["val"], shifted_probs=probs["shifted"],
-                               test_probs=probs["test"], saved_views=tta_views, model_file=path, gated=True), note
+    return dataclasses.replace(gated, val_probs=probs["val"], shifted_probs=probs["shifted"], test_probs=probs["test"],
+                               saved_views=tta_views, model_file=path), note
 
 
 def with_gated_member(selection: Selection, base_val: np.ndarray, gated_val: np.ndarray, rows: ValidationRows,
@@ -149,9 +150,9 @@ def with_gated_member(selection: Selection, base_val: np.ndarray, gated_val: np.
     allowed = [w for w in GATE_WEIGHTS if clean[w] > clean[0.0] and shifted[w] >= shifted[0.0] - noise[w]]
     best = max(allowed, key=lambda w: (clean[w] + shifted[w], -w), default=0.0)
     line = (f"gated candidate {gated} (temperature {temperature:.2f}): clean / held-out-family validation accuracy "
-            f"{clean[0.0]:.4f} / "
-            f"{shifted[0.0]:.4f} without it, " + ", ".join(
-                f"{clean[w]:.4f} / {shifted[w]:.4f} (noise {noise[w]:.4f}) at weight {w:.2f}" for w in GATE_WEIGHTS))
+            f"{clean[0.0]:.4f} / {shifted[0.0]:.4f} without it, "
+            + ", ".join(f"{clean[w]:.4f} / {shifted[w]:.4f} (noise {noise[w]:.4f}) at weight {w:.2f}"
+                        for w in GATE_WEIGHTS))
     if best == 0.0:
         return Selection(selection.indices, selection.weights, selection.counts, [*selection.log, line + "; left out"])
     return Selection([*selection.indices, gated], [(1 - best) * w for w in selection.weights] + [best],
