@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import shutil
 import sys
@@ -36,7 +37,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -342,37 +343,19 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
            refit_deadline: float | None = None):
     from ensemble.candidates import download
     from ensemble.classifier import EnsembleClassifier
-    from ensemble.combiners import make_combiner
-    from ensemble.evaluate import score_combiners
+    from ensemble.combiners import GatedCombiner
     from ensemble.report_page import upload_ensemble_page, write_ensemble_page
     from ensemble.selection import rank_candidates
 
     reference = candidates[0]
-    val = [rows.stack(c.val_probs, c.shifted_probs) for c in candidates]
-    selection = _select(options, val, rows, budget)
-    members = [candidates[i] for i in selection.indices]
-    refit = None
-    if options.refit:
-        members, refit = _refit(options, members, location.refit_dir, notes, refit_deadline)
+    retrain = functools.partial(_refit, options, work=location.refit_dir, notes=notes,
+                                deadline=refit_deadline) if options.refit else None
+    selection, members, choice, combiner, refit = choose_members(options, candidates, rows, budget, retrain)
     member_val = [rows.stack(m.val_probs, m.shifted_probs) for m in members]
     X_val = np.stack(member_val, axis=1)
-    ranking = rank_candidates(member_val, rows.y, rows.sample_weight)
+    ranked = len(members) - isinstance(combiner, GatedCombiner)  # the gate's member is never the best single
+    ranking = rank_candidates(member_val[:ranked], rows.y, rows.sample_weight)
     best_position = ranking[0]
-    vote_weights = selection.weights if options.method == "greedy" else None
-    choice = score_combiners(X_val, rows, calibrate=options.calibrate, vote_weights=vote_weights,
-                             preferred=options.combiner, clean_tolerance=options.clean_tolerance, seed=options.seed)
-    combiner = make_combiner(choice.chosen, calibrate=options.calibrate, vote_weights=vote_weights,
-                             random_state=options.seed)
-    if candidates[-1].gated and len(candidates) - 1 not in selection.indices:
-        from ensemble.combiners import GatedCombiner
-        from ensemble.gate import with_gated_member
-
-        gated = candidates[-1]
-        selection = with_gated_member(selection, choice.oof, val[-1], rows, len(candidates) - 1)
-        if selection.indices[-1] == len(candidates) - 1:
-            members.append(gated)
-            X_val = np.concatenate([X_val, val[-1][:, None]], axis=1)
-            combiner = GatedCombiner(combiner, selection.weights[-1])
     for line in selection.log:
         _say(options, f"  selection: {line}")
     names = [m.name for m in members]
@@ -409,6 +392,58 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
     _say(options, "\n" + report.summary())
     _say(options, f"\nensemble saved to {out} (report: {out / 'report' / 'index.html'})")
     return ens
+
+
+class Chosen(NamedTuple):
+    """What `choose_members` decides: the selection (with the gated candidate's weight, if it joined), the members
+    to ship (the gated one last, if it joined), the combiner choice and the combiner for them (unfitted), and
+    the refit's manifest entry (None without a refit)."""
+
+    selection: Any
+    members: list
+    choice: Any
+    combiner: Any
+    refit: dict | None
+
+
+def choose_members(options: BuildOptions, candidates: list, rows: ValidationRows, budget=None,
+                   retrain: Callable[[list], tuple[list, dict]] | None = None) -> Chosen:
+    """Select the members, decide the gated candidate's weight (`ensemble.gate.with_gated_member`; the gated
+    candidate, if any, is the last), then `retrain` the members (the refit) and choose their combiner.
+
+    The gate is decided on the members as searched: once retrained on every family, held-out ones included,
+    they have seen every validation family, and the held-out rows could no longer tell what the gated member
+    costs on a shift nobody trained for."""
+    from ensemble.combiners import GatedCombiner, make_combiner
+
+    val = [rows.stack(c.val_probs, c.shifted_probs) for c in candidates]
+    selection = _select(options, val, rows, budget)
+    members = [candidates[i] for i in selection.indices]
+    vote_weights = selection.weights if options.method == "greedy" else None
+    choice = _choose_combiner(options, members, rows, vote_weights)
+    gated = len(candidates) - 1 if candidates[-1].gated and len(candidates) - 1 not in selection.indices else None
+    if gated is not None:
+        from ensemble.gate import with_gated_member
+
+        selection = with_gated_member(selection, choice.oof, val[gated], rows, gated)
+    refit = None
+    if retrain is not None:
+        members, refit = retrain(members)
+        choice = _choose_combiner(options, members, rows, vote_weights)
+    combiner = make_combiner(choice.chosen, calibrate=options.calibrate, vote_weights=vote_weights,
+                             random_state=options.seed)
+    if gated is not None and selection.indices[-1] == gated:
+        members, combiner = [*members, candidates[gated]], GatedCombiner(combiner, selection.weights[-1])
+    return Chosen(selection, members, choice, combiner, refit)
+
+
+def _choose_combiner(options: BuildOptions, members: list, rows: ValidationRows, vote_weights):
+    """`ensemble.evaluate.score_combiners` on the members' validation rows, with the options' settings."""
+    from ensemble.evaluate import score_combiners
+
+    X_val = np.stack([rows.stack(m.val_probs, m.shifted_probs) for m in members], axis=1)
+    return score_combiners(X_val, rows, calibrate=options.calibrate, vote_weights=vote_weights,
+                           preferred=options.combiner, clean_tolerance=options.clean_tolerance, seed=options.seed)
 
 
 def _refit(options: BuildOptions, members: list, work: Path, notes: list[str],

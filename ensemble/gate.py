@@ -9,9 +9,10 @@ fitted on clean images only: it has seen no corruption family, so it is tuned to
 
 A uniform vote would change no image's predicted class but lower the confidence of every ensemble it joins, so
 selection by log-loss would never take the gated member. `with_gated_member` decides on validation accuracy
-instead, once the ensemble's combiner is chosen: the gated member joins only at a weight that raises clean
-accuracy and costs no held-out-family accuracy beyond the validation sample's noise, and its vote is mixed into
-the combiner's probabilities where it votes (`ensemble.combiners.GatedCombiner`, `standalone.mix_gated`).
+instead, once the combiner of the members as searched is chosen (before any refit, which would train them on
+the held-out families): the gated member joins only at a weight that raises clean accuracy and costs no
+held-out-family accuracy beyond the validation sample's noise, and its vote is mixed into the combiner's
+probabilities where it votes (`ensemble.combiners.GatedCombiner`, `standalone.mix_gated`).
 
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
@@ -149,8 +150,8 @@ def with_gated_member(selection: Selection, base_val: np.ndarray, gated_val: np.
     noise = {w: heldout_noise(mixed[0.0][n:], p[n:], rows.y[n:], rows.sample_weight[n:]) for w, p in mixed.items()}
     allowed = [w for w in GATE_WEIGHTS if clean[w] > clean[0.0] and shifted[w] >= shifted[0.0] - noise[w]]
     best = max(allowed, key=lambda w: (clean[w] + shifted[w], -w), default=0.0)
-    line = (f"gated candidate {gated} (temperature {temperature:.2f}): clean / held-out-family validation accuracy "
-            f"{clean[0.0]:.4f} / {shifted[0.0]:.4f} without it, "
+    line = (f"gated candidate {gated} (temperature {temperature:.2f}): clean / held-out-family validation accuracy of "
+            f"the members as searched {clean[0.0]:.4f} / {shifted[0.0]:.4f} without it, "
             + ", ".join(f"{clean[w]:.4f} / {shifted[w]:.4f} (noise {noise[w]:.4f}) at weight {w:.2f}"
                         for w in GATE_WEIGHTS))
     if best == 0.0:

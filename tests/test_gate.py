@@ -179,3 +179,34 @@ def test_an_ensemble_with_a_gated_member_saves_loads_and_predicts_alike_in_the_e
     ens.save(tmp_path / "ens")
     np.testing.assert_allclose(load_ensemble(tmp_path / "ens").predict_proba(images), probs, atol=1e-6)
     np.testing.assert_allclose(Model(tmp_path / "ens").predict_proba(images), probs, atol=1e-6)
+
+
+def test_the_gate_is_decided_on_the_members_as_searched_and_carried_through_the_refit():
+    """A refit that trains on the held-out families makes the member right, by a hair, on shifted rows where the
+    gated candidate is wrong: decided after the refit the gate would be refused for those rows, but they are
+    rows no shipped member has left unseen, so the weight chosen on the members as searched ships."""
+    import types
+
+    from ensemble.build import BuildOptions, _choose_combiner, choose_members
+    from ensemble.combiners import GatedCombiner
+
+    y = np.arange(40) % 2
+    rows = ValidationRows.robust(y, source=np.arange(40))
+    right, wrong = np.eye(2)[y] * 0.98 + 0.01, np.eye(2)[1 - y] * 0.2 + 0.4
+    clean = np.where(np.arange(40)[:, None] < 4, wrong, right)  # the member is wrong on four clean rows
+    searched = np.where(np.arange(40)[:, None] < 6, wrong, right)  # ... and on six shifted ones
+    refit = searched.copy()
+    refit[:6] = np.eye(2)[y[:6]] * 0.02 + 0.49  # right after the refit, at 0.51
+    gated_shifted = np.where(np.arange(40)[:, None] < 6, np.eye(2)[1 - y] * 0.98 + 0.01, 0.5)
+    member = types.SimpleNamespace(val_probs=clean, shifted_probs=searched, gated=False)
+    gated = types.SimpleNamespace(val_probs=right, shifted_probs=gated_shifted, gated=True)
+    retrained = types.SimpleNamespace(val_probs=clean, shifted_probs=refit, gated=False)
+    options = BuildOptions(method="topk", top=1)
+
+    plain = choose_members(options, [member, gated], rows)
+    shipped = choose_members(options, [member, gated], rows, retrain=lambda members: ([retrained], {"seconds": 1.0}))
+    assert isinstance(shipped.combiner, GatedCombiner) and shipped.members == [retrained, gated]
+    assert shipped.selection == plain.selection and shipped.refit == {"seconds": 1.0}
+    after = _choose_combiner(options, [retrained], rows, None).oof
+    stacked = rows.stack(gated.val_probs, gated.shifted_probs)
+    assert with_gated_member(Selection([0], [1.0], [1]), after, stacked, rows, 1).log[-1].endswith("left out")
