@@ -33,7 +33,7 @@ from search.study.spec import load_spec
 
 configure_backend(1)
 spec = load_spec("default")
-params = warm_start_trials(spec)[0][0]
+params = {{**warm_start_trials(spec)[0][0], **{overrides}}}
 config = trial_config(spec, params, 0)
 config.epochs = {epochs}
 config.max_train_images = {train_images}
@@ -60,11 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(backend: str, args: argparse.Namespace) -> dict:
+def run(backend: str, args: argparse.Namespace, overrides: dict | None = None, env: dict | None = None) -> dict:
+    """The trial in a fresh process under `backend`, with `overrides` of its hyperparameters and `env` added."""
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", "OMP_NUM_THREADS": "1",
            "TF_NUM_INTRAOP_THREADS": "1", "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false",
-           "PYTHONPATH": str(ROOT)}
-    code = TRIAL.format(epochs=args.epochs, train_images=args.train_images)
+           "PYTHONPATH": str(ROOT), **(env or {})}
+    code = TRIAL.format(epochs=args.epochs, train_images=args.train_images, overrides=repr(overrides or {}))
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1][:200]}

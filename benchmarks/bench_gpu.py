@@ -1,9 +1,10 @@
 """The default study on a GPU under JAX (no TensorFlow needed), against the same study on the CPU.
 
 One script for a borrowed GPU machine with no internet, at most ~10 minutes: it runs the default study on the
-embedded data for `--minutes` with `--workers` trial processes sharing the GPU(s) (JAX allocating memory on
-demand, each capped at its share, and JAX's persistent compilation cache shared by all, so a configuration
-compiled once loads from disk in the next trial), builds the ensemble, and prints:
+embedded data for `--minutes` with `--workers` trial processes sharing the GPU(s) (as the search places them:
+JAX allocating memory on demand, each worker capped at its share, and JAX's persistent compilation cache in
+`<out>/jax_cache` shared by all, so a graph compiled once loads from disk in the next trial), builds the
+ensemble, and prints:
 finished (COMPLETE or PRUNED) trials per hour, compile seconds per trial (`seconds_to_first_step`), GPU
 utilisation and memory sampled by `nvidia-smi` every second, the ensemble's clean and held-out-family test
 accuracy, then the same study's trials per hour on the CPU (`--cpu-minutes`, GPUs hidden) and the ratio.
@@ -54,11 +55,6 @@ def search(args: argparse.Namespace, name: str, minutes: float, workers: int, gp
     return time.time() - started
 
 
-def backend_env(workers: int, cache: Path) -> dict:
-    return {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3",
-            "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-            "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 / max(1, workers):.3f}",
-            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
 
 
 class GpuSampler:
@@ -116,8 +112,7 @@ def ensemble_figures(name: str, args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    cache = Path(args.out) / "jax_cache"
-    os.environ.update(backend_env(args.workers, cache))
+    os.environ.update(KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
     sampler = GpuSampler(Path(args.out) / f"{args.name}_nvidia_smi.csv")
     seconds = search(args, args.name, args.minutes, args.workers, "auto", os.environ.copy())
     result = {"gpu": {**study_figures(args.name, args, seconds), **sampler.stop()}}

@@ -348,8 +348,8 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
     from ensemble.selection import rank_candidates
 
     reference = candidates[0]
-    retrain = functools.partial(_refit, options, work=location.refit_dir, notes=notes,
-                                deadline=refit_deadline) if options.refit else None
+    retrain = functools.partial(_refit, options, work=location.refit_dir, notes=notes, deadline=refit_deadline,
+                                compile_cache=location.compile_cache_dir) if options.refit else None
     selection, members, choice, combiner, refit = choose_members(options, candidates, rows, budget, retrain)
     member_val = [rows.stack(m.val_probs, m.shifted_probs) for m in members]
     X_val = np.stack(member_val, axis=1)
@@ -446,13 +446,14 @@ def _choose_combiner(options: BuildOptions, members: list, rows: ValidationRows,
                            preferred=options.combiner, clean_tolerance=options.clean_tolerance, seed=options.seed)
 
 
-def _refit(options: BuildOptions, members: list, work: Path, notes: list[str],
-           deadline: float | None) -> tuple[list, dict]:
+def _refit(options: BuildOptions, members: list, work: Path, notes: list[str], deadline: float | None,
+           compile_cache: Path | None = None) -> tuple[list, dict]:
     """The members retrained on every family (ensemble.refit), by `deadline` if given, their notes added, and
     the seconds it took and the trials it reused, for the manifest."""
     from ensemble.refit import refit_members
 
-    refit = refit_members(members, work, options.tta, say=lambda line: _say(options, line), deadline=deadline)
+    refit = refit_members(members, work, options.tta, say=lambda line: _say(options, line), deadline=deadline,
+                          compile_cache=compile_cache)
     for note in refit.notes:
         _say(options, f"  note: {note}")
     notes.extend(refit.notes)

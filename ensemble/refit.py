@@ -59,7 +59,7 @@ class Refit(NamedTuple):
 
 
 def refit_members(members: Sequence[Candidate], work: Path, tta_views: int, say: Callable[[str], None] = print,
-                  deadline: float | None = None) -> Refit:
+                  deadline: float | None = None, compile_cache: Path | None = None) -> Refit:
     """`members` retrained on every family (same configuration, seed and data split), each as a candidate
     with its new predictions and `model_file`; members whose policy the refit would not change are kept.
     A failed retraining raises `EnsembleError` naming the trial and its last line.
@@ -84,7 +84,7 @@ def refit_members(members: Sequence[Candidate], work: Path, tta_views: int, say:
         say(f"refit: retraining {len(todo)} member(s) on every family ({', '.join(FAMILIES)})"
             + ("" if deadline is None else f", by the run's end in {deadline - time.time():.0f} s"))
     folders = {**reused, **train_configs(todo, work, "refit", "build without --refit to ship the searched members",
-                                         deadline)}
+                                         deadline, compile_cache)}
     refit = {m.number: _refit_candidate(m, folders[name], tta_views) for name, m in jobs.items() if name in folders}
     kept = [n for n, candidate in refit.items() if candidate is None] + [m.number for n, m in jobs.items()
                                                                          if n not in folders]
@@ -111,7 +111,7 @@ def _trained(config: TrialConfig, folder: Path) -> bool:
 
 
 def train_configs(configs: dict[str, TrialConfig], work: Path, what: str, remedy: str,
-                  deadline: float | None = None) -> dict[str, Path]:
+                  deadline: float | None = None, compile_cache: Path | None = None) -> dict[str, Path]:
     """Train each configuration with `python -m search.train_one` into `work/<name>`, one per worker slot (a
     core, or a GPU) at a time, as the search's workers are placed; each one's folder by name. The first failure
     stops the others and raises `EnsembleError` with its last line, `what` failed and the `remedy`. With a
@@ -135,7 +135,7 @@ def train_configs(configs: dict[str, TrialConfig], work: Path, what: str, remedy
             command = [sys.executable, "-m", "search.train_one", "--config", str(file), "--trial-dir",
                        str(work / name), "-q", *([] if deadline is None else ["--deadline", repr(deadline)])]
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                       env={**os.environ, **pin_environment(slot)})
+                                       env={**os.environ, **pin_environment(slot, compile_cache)})
             running[process] = (name, slot, log)
         if not running:
             break

@@ -140,3 +140,8 @@ def test_resource_plan_fits_all_workers_at_once(cluster, executor, expected):
     assert plan == expected
     assert plan.workers * plan.cpus_per_trial <= cluster["CPU"]
     assert plan.workers * plan.gpus_per_trial <= cluster.get("GPU", 0)
+
+
+def test_workers_holding_part_of_a_gpu_are_capped_at_their_share_of_its_memory():
+    assert RayPlan(4, 2, 0.5).gpu_memory == 0.45 and RayPlan(8, 1, 0.25).gpu_memory == 0.225
+    assert RayPlan(2, 1, 1).gpu_memory is None and RayPlan(4, 1, 0).gpu_memory is None  # a whole GPU, or none

@@ -128,6 +128,9 @@ def test_gpu_lists_and_worker_plans():
     assert len(lone) == 1 and lone[0].cpu_threads == 2 and lone[0].cpu_cores == (0, 1)
     crowded = plan_workers([], 3, cores=[0, 1])
     assert all(d.cpu_threads == 1 and d.cpu_cores is None for d in crowded)  # more workers than cores: no pin
+    assert all(d.gpu_memory is None for d in [*plan, *lone, *crowded])  # no GPU, or one each: no cap
+    shared = plan_workers(["0", "1"], 5, cores=list(range(10)))
+    assert [(d.gpu, d.gpu_memory) for d in shared] == [("0", 0.3), ("1", 0.45), ("0", 0.3), ("1", 0.45), ("0", 0.3)]
 
 
 def test_cpus_limits_the_cores_and_bad_values_are_named():
@@ -146,3 +149,38 @@ def test_a_worker_is_pinned_to_its_cores():
             "print(sorted(os.sched_getaffinity(0)))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(list(device.cpu_cores))
+
+
+def test_a_jax_worker_compiles_into_the_studys_cache_and_keeps_a_cache_the_user_named(tmp_path):
+    """A worker's environment, applied before JAX starts, as the local executor and the refit start workers."""
+    code = ("import os, sys; from pathlib import Path; from search.execution.devices import WorkerDevices, "
+            "pin_environment; env = pin_environment(WorkerDevices(), Path(sys.argv[1])); "
+            "print(env.get('JAX_COMPILATION_CACHE_DIR')); os.environ.update(env); import keras, jax; "
+            "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0); "
+            "keras.ops.sum(jax.jit(lambda x: jax.numpy.sin(x) @ x.T)(jax.numpy.ones((64, 64))))")
+    cache, mine, other = tmp_path / "runs" / "jax_cache", tmp_path / "mine", tmp_path / "tf" / "jax_cache"
+    assert worker_environment(code, "jax", cache) == str(cache) and any(cache.iterdir())  # compiled into it
+    assert worker_environment(code, "jax", tmp_path / "unused", JAX_COMPILATION_CACHE_DIR=str(mine)) == str(mine)
+    assert any(mine.iterdir()) and not (tmp_path / "unused").exists()
+    assert worker_environment(code, "tensorflow", other) == "None" and not other.exists()
+
+
+def test_jax_workers_sharing_a_gpu_are_capped_at_their_share_unless_the_user_set_one():
+    code = ("import os, sys; from search.execution.devices import WorkerDevices, pin_environment; "
+            "env = {**os.environ, **pin_environment(WorkerDevices(gpu='0', gpu_memory=float(sys.argv[1])))}; "
+            "print(env.get('XLA_PYTHON_CLIENT_MEM_FRACTION'))")  # the worker's whole environment
+    assert worker_environment(code, "jax", 0.3) == "0.300"
+    assert worker_environment(code, "jax", 0.3, XLA_CLIENT_MEM_FRACTION="0.5") == "None"  # JAX refuses both names
+    assert worker_environment(code, "jax", 0.3, XLA_PYTHON_CLIENT_MEM_FRACTION="0.5") == "0.5"
+    assert worker_environment(code, "tensorflow", 0.3) == "None"  # TensorFlow grows its memory instead
+
+
+def worker_environment(code: str, backend: str, argument, **env) -> str:
+    """The last line `code` prints, run with `argument` under `backend` with `env` (and no fraction or cache of
+    this machine's own unless given)."""
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION", "JAX_COMPILATION_CACHE_DIR")}
+    done = subprocess.run([sys.executable, "-c", code, str(argument)], capture_output=True, text=True,
+                          env={**clean, "KERAS_BACKEND": backend, **env})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]

@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 
 #: Environment variable naming the CPU cores a worker is pinned to ("0,1"); the CPU analogue of
 #: CUDA_VISIBLE_DEVICES.
 CORES_VARIABLE = "CELLSEARCH_CPU_CORES"
+#: Of a GPU's memory, what the workers sharing it split between them (the rest is the driver's and CUDA's).
+GPU_MEMORY = 0.9
 BACKENDS = ("jax", "tensorflow", "torch")
 
 
@@ -34,14 +37,20 @@ class WorkerDevices:
     gpu: str | None = None
     cpu_threads: int | None = None
     cpu_cores: tuple[int, ...] | None = None
+    gpu_memory: float | None = None  # the share of its GPU's memory, when workers share the GPU
 
 
-def pin_environment(devices: WorkerDevices) -> dict[str, str]:
+def pin_environment(devices: WorkerDevices, compile_cache: Path | None = None) -> dict[str, str]:
     """Environment for a worker subprocess: the Keras backend, CUDA_VISIBLE_DEVICES pinning one GPU (or hiding
-    all), JAX allocating GPU memory as needed rather than 75% up front (several workers may share a GPU), and
-    CELLSEARCH_CPU_CORES the worker's cores."""
+    all), JAX allocating GPU memory as needed rather than 75% up front and, when workers share the GPU, up to
+    its `gpu_memory` share (unless the user set a fraction), CELLSEARCH_CPU_CORES the worker's cores, and
+    under JAX its persistent compilation cache in `compile_cache` (unless JAX_COMPILATION_CACHE_DIR names one
+    already), so a graph one trial compiled loads from disk in the next (`benchmarks/bench_compile_cache.py`)."""
     env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"), "KERAS_BACKEND": backend_name(),
            "XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false")}
+    if compile_cache is not None and env["KERAS_BACKEND"] == "jax":
+        env["JAX_COMPILATION_CACHE_DIR"] = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(compile_cache))
+    env.update(gpu_memory_environment(devices.gpu_memory))
     env["CUDA_VISIBLE_DEVICES"] = devices.gpu if devices.gpu is not None else ""
     if devices.cpu_threads:
         threads = str(devices.cpu_threads)
@@ -51,6 +60,15 @@ def pin_environment(devices: WorkerDevices) -> dict[str, str]:
     if devices.cpu_cores:
         env[CORES_VARIABLE] = ",".join(str(c) for c in devices.cpu_cores)
     return env
+
+
+def gpu_memory_environment(share: float | None) -> dict[str, str]:
+    """Under JAX, the cap on a worker's `share` of its GPU's memory (nothing without a share, under another
+    backend, or when the user set a fraction: JAX refuses both of its names at once)."""
+    fractions = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION")
+    if not share or backend_name() != "jax" or any(os.environ.get(f) for f in fractions):
+        return {}
+    return {fractions[0]: f"{share:.3f}"}  # the name every JAX version reads
 
 
 def pin_cpu_cores() -> tuple[int, ...] | None:

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 from common.errors import ConfigError
-from search.execution.devices import WorkerDevices
+from search.execution.devices import GPU_MEMORY, WorkerDevices
 
 
 def detect_gpus() -> list[str]:
@@ -60,7 +60,8 @@ def plan_workers(gpus: list[str], workers: int | None, cores: list[int] | None =
 
     The cores are split evenly and, when each worker gets whole cores, pinned (a core is the CPU's
     device, as a GPU is): workers then neither fight over threads nor migrate onto each other's caches.
-    A lone worker takes all the cores it is given.
+    A lone worker takes all the cores it is given. Workers beyond one per GPU share the GPUs in turn, each
+    capped at its share of GPU_MEMORY.
     """
     cores = list(cores) if cores is not None else usable_cores()
     if workers is not None and workers < 1:
@@ -72,5 +73,9 @@ def plan_workers(gpus: list[str], workers: int | None, cores: list[int] | None =
     def share(i: int) -> tuple[int, ...] | None:
         return tuple(cores[i * threads:(i + 1) * threads]) if pinned else None
 
-    return [WorkerDevices(gpu=gpus[i % len(gpus)] if gpus else None, cpu_threads=threads, cpu_cores=share(i))
-            for i in range(count)]
+    def memory(i: int) -> float | None:
+        sharing = len(range(i % len(gpus), count, len(gpus))) if gpus else 1
+        return round(GPU_MEMORY / sharing, 3) if sharing > 1 else None
+
+    return [WorkerDevices(gpu=gpus[i % len(gpus)] if gpus else None, cpu_threads=threads, cpu_cores=share(i),
+                          gpu_memory=memory(i)) for i in range(count)]

@@ -41,7 +41,7 @@ def start_workers(spec: StudySpec, storage_url: str, artifacts: str, devices: li
     log_path(spec, 0).parent.mkdir(parents=True, exist_ok=True)
     processes = []
     for index, device in enumerate(devices):
-        env = {**os.environ, **pin_environment(device)}
+        env = {**os.environ, **pin_environment(device, spec.location.compile_cache_dir)}
         with open(log_path(spec, index), "ab") as log:
             processes.append(subprocess.Popen(worker_command(spec_file, storage_url, artifacts, index, deadline),
                                               env=env, stdout=log, stderr=subprocess.STDOUT))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from common.errors import require_extra
-from search.execution.devices import backend_name
+from search.execution.devices import GPU_MEMORY, backend_name
 from search.study.spec import StudySpec
 
 ray = require_extra("ray", "ray", "--executor ray")
@@ -78,6 +78,11 @@ class RayPlan:
     @property
     def cpu_threads(self) -> int:
         return max(1, int(self.cpus_per_trial))
+
+    @property
+    def gpu_memory(self) -> float | None:
+        """Each worker's share of a GPU's memory when it holds part of one (`devices.gpu_memory_environment`)."""
+        return round(GPU_MEMORY * self.gpus_per_trial, 3) if 0 < self.gpus_per_trial < 1 else None
 
     def describe(self) -> str:
         device = f"{self.gpus_per_trial:g} gpu" if self.gpus_per_trial else "no gpu"

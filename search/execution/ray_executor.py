@@ -86,7 +86,11 @@ class WorkerPool:
     def __init__(self, spec: StudySpec, storage_url: str, artifacts: str, plan, deadline: float | None) -> None:
         run_id = uuid.uuid4().hex[:8]
         driver = (ray.get_runtime_context().get_node_id(), os.getpid())
+        from search.execution.devices import gpu_memory_environment
+
         options = dict(num_cpus=plan.cpus_per_trial, num_gpus=plan.gpus_per_trial, scheduling_strategy="SPREAD")
+        if env := gpu_memory_environment(plan.gpu_memory):  # merged into the job's env_vars (start_ray)
+            options["runtime_env"] = {"env_vars": env}
         self.labels = [f"{run_id}:{index}" for index in range(plan.workers)]
         self.actors = [StudyWorker.options(**options).remote(label, driver) for label in self.labels]
         self.loops = {actor.run.remote(spec, storage_url, artifacts, index, deadline, plan.cpu_threads): index

@@ -80,6 +80,11 @@ class StudyLocation:
         return self.folder / "ensemble"
 
     @property
+    def compile_cache_dir(self) -> Path:
+        """JAX's persistent compilation cache, shared by every study under the same output root."""
+        return Path(self.out) / "jax_cache"
+
+    @property
     def refit_dir(self) -> Path:
         """The build's refit trainings, kept so that building again reuses them."""
         return self.folder / "refit"
