@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
+from pathlib import Path
 
-from bench_backends import run
+from bench_backends import ROOT, run
+
+sys.path.insert(0, str(ROOT))
+from search.execution.devices import WorkerDevices, pin_environment  # noqa: E402
 
 OTHER = {"learning_rate": 0.001, "augment_strength": 0.6, "weight_decay": 0.0005, "dropout": 0.3,
          "label_smoothing": 0.05}
@@ -30,7 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    cache = {"JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="jax_cache_")}
+    folder = Path(tempfile.mkdtemp(prefix="jax_cache_"))
+    os.environ["KERAS_BACKEND"] = "jax"
+    cache = {k: v for k, v in pin_environment(WorkerDevices(), folder).items() if k.startswith("JAX_")}  # a worker's
     rows = [("warm start 0, no cache", None, {}), ("warm start 0, empty cache", None, cache),
             ("warm start 0, cache filled", None, cache), ("other hyperparameters, cache filled", OTHER, cache),
             ("other hyperparameters, no cache", OTHER, {})]
@@ -45,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         print(f"| {label} | {row['first_step_s']:.1f} | {row['until_epoch1_s']:.1f} | {row['epoch_s']:.1f} | "
               f"{row['trial_s']:.1f} | {row['val_accuracy']:.3f} | {load:.1f} |", flush=True)
-    print(f"cache: {sum(1 for _ in os.scandir(cache['JAX_COMPILATION_CACHE_DIR']))} entries")
+    files = [f for f in folder.rglob("*") if f.is_file()]
+    print(f"cache {cache}: {len(files)} entries, {sum(f.stat().st_size for f in files) / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":

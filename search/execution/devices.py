@@ -50,6 +50,9 @@ def pin_environment(devices: WorkerDevices, compile_cache: Path | None = None) -
            "XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false")}
     if compile_cache is not None and env["KERAS_BACKEND"] == "jax":
         env["JAX_COMPILATION_CACHE_DIR"] = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(compile_cache))
+        # a trial's compile time is dozens of graphs under JAX's default 1 s threshold: cache them all
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                                                                           "0")
     env.update(gpu_memory_environment(devices.gpu_memory))
     env["CUDA_VISIBLE_DEVICES"] = devices.gpu if devices.gpu is not None else ""
     if devices.cpu_threads:
