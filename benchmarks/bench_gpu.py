@@ -10,6 +10,7 @@ utilisation and memory sampled by `nvidia-smi` every second, the ensemble's clea
 accuracy, then the same study's trials per hour on the CPU (`--cpu-minutes`, GPUs hidden) and the ratio.
 
     KERAS_BACKEND=jax python benchmarks/bench_gpu.py [--minutes 6] [--workers 4] [--cpu-minutes 1.5] [--out runs]
+        [--mixed-precision bfloat16]
 
 On a CPU, `--spec quick --minutes 4 --workers 2 --cpu-minutes 0` runs the whole script in about 5 minutes.
 
@@ -41,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--spec", default="default",
                         help="shipped spec or .toml (`quick` finishes trials on a CPU: a smoke run of this script)")
     parser.add_argument("--tta", type=int, default=8)
+    parser.add_argument("--mixed-precision", default="auto",
+                        help="the search's --mixed-precision (auto: float16 on a GPU; bfloat16 to measure it)")
     return parser.parse_args(argv)
 
 
@@ -48,7 +51,7 @@ def search(args: argparse.Namespace, name: str, minutes: float, workers: int, gp
     """Run `python -m search.run` on the default study; returns its wall seconds."""
     command = [sys.executable, "-m", "search.run", "--spec", args.spec, "--study", name, "--out", args.out,
                "--timeout", str(int(minutes * 60)), "--trials", "1000", "--workers", str(workers),
-               "--gpus", gpus, "--no-progress"]
+               "--gpus", gpus, "--mixed-precision", args.mixed_precision, "--no-progress"]
     started = time.time()
     with open(Path(args.out) / f"{name}.log", "w") as log:
         subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)

@@ -67,7 +67,7 @@ def search(study: str | os.PathLike | StudySpec | dict = "default", *, data: Any
     - `trials` (finished trials the study should hold), `timeout` (seconds the whole run may take: trials
       running at the deadline stop at an epoch boundary and are evaluated as usual), `out` (output root),
       `name`, `objective` (`robust`, `val_accuracy_tta`, `multi`), and `storage`, `artifacts`, `executor`,
-      `workers`, `gpus`, `cpus`, `address`.
+      `workers`, `gpus`, `cpus`, `address`, `mixed_precision` (`auto`, `on`, `bfloat16`, `off`).
 
     The class count and names come from the data. Bad values and bad data raise a
     `cellsearch.errors.CellsearchError` subclass before any worker starts.

@@ -17,6 +17,7 @@ from common.cli_errors import NORMAL, QUIET, command_parser, run_cli, set_verbos
 from search.study.location import StudyLocation
 from search.study.goals import ALIASES, OBJECTIVE_NAMES
 from search.study.spec import StudySpec, load_spec
+from search.study.trial_config import MIXED_PRECISIONS
 
 
 def _objective(name: str) -> str:
@@ -60,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus", type=int, help="cores (local) or cluster CPUs (ray) this driver's workers "
                                                  "take, split between them (default: all)")
     parser.add_argument("--address", help="ray: address of an existing Ray cluster (default: start one)")
+    parser.add_argument("--mixed-precision", choices=MIXED_PRECISIONS,
+                        help="training precision: auto (float16 mixed precision on a GPU, else float32), on, "
+                             "bfloat16 or off (default: the spec's executor.mixed_precision, auto)")
     parser.add_argument("--reseed-top", type=int, metavar="K",
                         help="instead of searching, train the K best configurations once more with new seeds "
                              "(extra ensemble members)")

@@ -69,10 +69,12 @@ def test_missing_and_invalid_spec_files(tmp_path):
 
 def test_cli_flags_override_the_spec(tmp_path):
     args = parse_args(["--trials", "7", "--timeout", "60", "--storage", "sqlite:///x.db", "--executor", "ray",
-                       "--gpus", "2", "--data", "cells.npz", "--out", str(tmp_path), "--workers", "3", "--cpus", "1"])
+                       "--gpus", "2", "--data", "cells.npz", "--out", str(tmp_path), "--workers", "3", "--cpus", "1",
+                       "--mixed-precision", "bfloat16"])
     spec = spec_from_args(args)
     assert (spec.budget.trials, spec.budget.timeout_s, spec.storage.url) == (7, 60, "sqlite:///x.db")
     assert (spec.executor.kind, spec.executor.gpus, spec.executor.workers, spec.executor.cpus) == ("ray", "2", 3, 1)
+    assert spec.executor.mixed_precision == "bfloat16"
     with pytest.raises(ConfigError, match="executor.cpus"):
         spec_from_args(parse_args(["--cpus", "0"]))
     assert spec.data.path == "cells.npz" and spec.study_dir == tmp_path / "default"

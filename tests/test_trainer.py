@@ -162,3 +162,33 @@ def test_train_one_cli_reports_bad_input_in_one_line(tmp_path):
                            "--trial-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "unknown backbone 'vgg99'" in done.stderr
+
+
+def test_a_bfloat16_trial_trains_in_bfloat16_and_saves_float32_probabilities(tmp_path, embedded):
+    import keras
+
+    from search.study.spec import spec_from_dict
+    from search.study.space import fixed_fields
+
+    assert fixed_fields(spec_from_dict({"executor": {"mixed_precision": "bfloat16"}}))["mixed_precision"] == "bfloat16"
+    config = TrialConfig(**{**QUICK, "epochs": 1, "max_train_images": 400, "tta_views": 1,
+                            "mixed_precision": "bfloat16"})
+    try:
+        result = train_trial(config, tmp_path)
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    model = keras.saving.load_model(result.directory / "model.keras", compile=False)
+    assert any(layer.compute_dtype == "bfloat16" for layer in model._flatten_layers())
+    probs = keras.ops.convert_to_numpy(model(embedded.images[:16].astype("float32")))
+    assert probs.dtype == np.float32 and np.allclose(probs.sum(axis=1), 1, atol=1e-3)
+    assert np.isfinite(pd.read_csv(result.directory / "history.csv")["loss"]).all()
+
+
+def test_an_unknown_training_precision_is_named_with_the_choices():
+    from search.study.spec import spec_from_dict
+
+    with pytest.raises(ConfigError, match=r"'executor.mixed_precision': 'fp8' \(choose one of auto, on, bfloat16, off"):
+        spec_from_dict({"executor": {"mixed_precision": "fp8"}})
+    with pytest.raises(ConfigError, match="mixed_precision='fp8'"):
+        TrialConfig(mixed_precision="fp8")

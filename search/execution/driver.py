@@ -36,6 +36,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "executor": ("executor", "kind"), "workers": ("executor", "workers"), "gpus": ("executor", "gpus"),
     "cpus": ("executor", "cpus"), "address": ("executor", "address"), "data": ("data", "path"),
     "image_size": ("data", "image_size"), "objective": ("algorithm", "objective"),
+    "mixed_precision": ("executor", "mixed_precision"),
 }
 
 

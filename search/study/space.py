@@ -52,6 +52,7 @@ def fixed_fields(spec: StudySpec) -> dict[str, Any]:
         time_budget_s=budget.trial_time_budget_s, tta_views=budget.tta_views,
         train_families=list(robustness.train_families), heldout_families=list(robustness.heldout_families),
         robust_seed=robustness.seed, early_stopping_monitor=early_stopping_monitor(spec.algorithm.objective),
+        mixed_precision=spec.executor.mixed_precision,
     )
 
 

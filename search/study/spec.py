@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from common.errors import ConfigError
 from search.study.goals import OBJECTIVES
+from search.study.trial_config import MIXED_PRECISIONS
 
 if TYPE_CHECKING:
     from search.study.location import StudyLocation
@@ -117,6 +118,7 @@ class ExecutorSpec:
     cpus: int | None = None  # cores (local) or cluster CPUs (ray) this driver takes (None: all)
     gpus_per_trial: float = 1.0
     address: str | None = None  # ray: join an existing cluster
+    mixed_precision: str = "auto"  # auto (float16 on a GPU) | on | bfloat16 | off: search.study.trial_config
 
 
 @dataclass
@@ -225,6 +227,7 @@ def validate_spec(spec: StudySpec, origin: str = "spec") -> None:
         "executor.kind": spec.executor.kind in ("local", "ray"),
         "executor.workers": spec.executor.workers is None or _positive_int(spec.executor.workers),
         "executor.cpus": spec.executor.cpus is None or _positive_int(spec.executor.cpus),
+        "executor.mixed_precision": spec.executor.mixed_precision in MIXED_PRECISIONS,
         "data.image_size": spec.data.image_size is None or _positive_int(spec.data.image_size),
         "data.center_crop": spec.data.center_crop is None or _positive_int(spec.data.center_crop),
         "algorithm.sampler": spec.algorithm.sampler in ("tpe", "random"),
@@ -252,7 +255,8 @@ def validate_spec(spec: StudySpec, origin: str = "spec") -> None:
     for key, ok in checks.items():
         if not ok:
             section, name = key.split(".")
-            hint = f" (choose one of {', '.join(OBJECTIVES)})" if key == "algorithm.objective" else ""
+            choices = {"algorithm.objective": OBJECTIVES, "executor.mixed_precision": MIXED_PRECISIONS}.get(key)
+            hint = f" (choose one of {', '.join(choices)})" if choices else ""
             raise ConfigError(f"{origin}: invalid value for '{key}': {getattr(getattr(spec, section), name)!r}"
                               + hint)
     if spec.algorithm.objective == "multi" and spec.algorithm.pruner != "none":

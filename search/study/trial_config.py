@@ -13,6 +13,11 @@ from common.errors import ConfigError
 OPTIMIZERS = ("adam", "adamw", "lion", "sgd")
 
 
+#: Training precision: "auto" float16 mixed precision when a GPU is present, else float32; "on" float16 mixed
+#: precision; "bfloat16" bfloat16 mixed precision (no loss scaling; on GPUs from Ampere on); "off" float32.
+MIXED_PRECISIONS = ("auto", "on", "bfloat16", "off")
+
+
 @dataclass
 class TrialConfig:
     """Everything needed to train and evaluate one model, JSON-serialisable so any trial can be re-run."""
@@ -61,7 +66,7 @@ class TrialConfig:
     # evaluation and runtime
     tta_views: int = 8
     seed: int = 0
-    mixed_precision: str = "auto"  # auto: on when a GPU is present
+    mixed_precision: str = "auto"  # one of MIXED_PRECISIONS
     jit_compile: str = "auto"  # auto: XLA when a GPU is present
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -81,7 +86,7 @@ class TrialConfig:
             "epochs": self.epochs >= 1,
             "head_epochs": self.head_epochs >= 0,
             "tta_views": self.tta_views in (1, 2, 4, 8),
-            "mixed_precision": self.mixed_precision in ("auto", "on", "off"),
+            "mixed_precision": self.mixed_precision in MIXED_PRECISIONS,
             "jit_compile": self.jit_compile in ("auto", "on", "off"),
             "early_stopping_monitor": self.early_stopping_monitor in ("val_accuracy", "val_robust"),
         }

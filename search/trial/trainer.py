@@ -257,7 +257,11 @@ def _evaluate(model, config: TrialConfig, data: TrialData) -> tuple[dict, dict]:
 def _set_precision(config: TrialConfig) -> None:
     import keras
 
-    keras.mixed_precision.set_global_policy("mixed_float16" if resolve_switch(config.mixed_precision) else "float32")
+    if config.mixed_precision == "bfloat16":
+        policy = "mixed_bfloat16"
+    else:
+        policy = "mixed_float16" if resolve_switch(config.mixed_precision) else "float32"
+    keras.mixed_precision.set_global_policy(policy)
 
 
 def build_trial_model(config: TrialConfig, data: TrialData):
