@@ -420,8 +420,8 @@ def choose_members(options: BuildOptions, candidates: list, rows: ValidationRows
     selection = _select(options, val, rows, budget)
     members = [candidates[i] for i in selection.indices]
     vote_weights = selection.weights if options.method == "greedy" else None
-    choice = _choose_combiner(options, members, rows, vote_weights)
     gated = len(candidates) - 1 if candidates[-1].gated and len(candidates) - 1 not in selection.indices else None
+    choice = _choose_combiner(options, members, rows, vote_weights) if gated is not None or retrain is None else None
     if gated is not None:
         from ensemble.gate import with_gated_member
 
