@@ -72,20 +72,23 @@ def run(backend: str, args: argparse.Namespace, overrides: dict | None = None, e
     return json.loads([line for line in done.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
 
 
+def table_row(label: str, row: dict, extra: tuple[str, ...] = ()) -> str:
+    """A markdown row of `run`'s timings and accuracy, then its `extra` fields and the load average (or the
+    error in the first column)."""
+    load = f"{os.getloadavg()[0]:.1f}"
+    if "error" in row:
+        return f"| {label} | failed: {row['error']} |" + " |" * (4 + len(extra)) + f" {load} |"
+    cells = [f"{row[k]:.1f}" for k in ("first_step_s", "until_epoch1_s", "epoch_s", "trial_s")]
+    return "| " + " | ".join([label, *cells, f"{row['val_accuracy']:.3f}", *(str(row[k]) for k in extra), load]) + " |"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     print(f"cpus={os.cpu_count()}; default study warm start 0, {args.epochs} epochs, one core per trial")
     print("| backend | first_step_s | until_epoch1_s | epoch_s | trial_s | val_accuracy | n_train | load 1m |")
     print("|---|---|---|---|---|---|---|---|")
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
-        row = run(backend, args)
-        load = os.getloadavg()[0]
-        if "error" in row:
-            print(f"| {backend} | failed: {row['error']} | | | | | | {load:.1f} |")
-            continue
-        print(f"| {backend} | {row['first_step_s']:.1f} | {row['until_epoch1_s']:.1f} | {row['epoch_s']:.1f} | "
-              f"{row['trial_s']:.1f} | "
-              f"{row['val_accuracy']:.3f} | {row['n_train']} | {load:.1f} |", flush=True)
+        print(table_row(backend, run(backend, args), ("n_train",)), flush=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_backends import ROOT, run
+from bench_backends import ROOT, run, table_row
 
 sys.path.insert(0, str(ROOT))
 from search.execution.devices import WorkerDevices, pin_environment  # noqa: E402
@@ -45,13 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| run | first_step_s | until_epoch1_s | epoch_s | trial_s | val_accuracy | load 1m |")
     print("|---|---|---|---|---|---|---|")
     for label, overrides, env in rows:
-        row = run("jax", args, overrides, env)
-        load = os.getloadavg()[0]
-        if "error" in row:
-            print(f"| {label} | failed: {row['error']} | | | | | {load:.1f} |", flush=True)
-            continue
-        print(f"| {label} | {row['first_step_s']:.1f} | {row['until_epoch1_s']:.1f} | {row['epoch_s']:.1f} | "
-              f"{row['trial_s']:.1f} | {row['val_accuracy']:.3f} | {load:.1f} |", flush=True)
+        print(table_row(label, run("jax", args, overrides, env)), flush=True)
     files = [f for f in folder.rglob("*") if f.is_file()]
     print(f"cache {cache}: {len(files)} entries, {sum(f.stat().st_size for f in files) / 2**20:.1f} MiB")
 

@@ -58,8 +58,6 @@ def search(args: argparse.Namespace, name: str, minutes: float, workers: int, gp
     return time.time() - started
 
 
-
-
 class GpuSampler:
     """`nvidia-smi` utilisation and memory, one line a second, in the background."""
 

@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 
+from search.execution.devices import gpu_memory_environment
 from search.execution.ray_cluster import (absolute_location, absolute_spec, absolute_storage_url, node_attrs,
                                           plan_resources, ray, start_ray)
 from search.study.spec import StudySpec
@@ -86,8 +87,6 @@ class WorkerPool:
     def __init__(self, spec: StudySpec, storage_url: str, artifacts: str, plan, deadline: float | None) -> None:
         run_id = uuid.uuid4().hex[:8]
         driver = (ray.get_runtime_context().get_node_id(), os.getpid())
-        from search.execution.devices import gpu_memory_environment
-
         options = dict(num_cpus=plan.cpus_per_trial, num_gpus=plan.gpus_per_trial, scheduling_strategy="SPREAD")
         if env := gpu_memory_environment(plan.gpu_memory):  # merged into the job's env_vars (start_ray)
             options["runtime_env"] = {"env_vars": env}
