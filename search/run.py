@@ -40,9 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                    "(default: the spec's)")
     parser.add_argument("--timeout", type=float,
                         help="seconds the whole run may take, report included: no trial starts that could not "
-                             "end in time, and trials still running stop training at an epoch boundary, keep "
-                             "their best epoch and are evaluated and saved as usual (complete unless the "
-                             "pruner stopped them, so ensemble candidates); a trial still running a moment "
+                             "end in time, and trials still running anneal their learning rate to, and stop "
+                             "training at, the last epoch boundary that leaves time to finish, keep their best "
+                             "epoch and are evaluated and saved as usual (complete unless the pruner stopped "
+                             "them, so ensemble candidates); a trial still running a moment "
                              "past the deadline is stopped and queued for the next run; with the spec's "
                              "[robustness] refit, time for the build's retraining is kept too, and a build "
                              "started within the time given ends its retraining by it (default: the spec's, "

@@ -80,19 +80,22 @@ def _evaluated_images(config: TrialConfig, data: TrialData) -> int:
 
 
 def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, epoch_offset: int, epochs: int,
-               started: float, timings: dict, deadline: Deadline | None = None) -> list:
+               started: float, timings: dict, schedule, steps_per_epoch: int, deadline: Deadline | None = None) -> list:
     """The epoch monitor, then early stopping, which watches only the second half of the stage's epochs:
     under the cosine schedule's high learning rate and heavy augmentation, early epochs spike (bench_robust
     v4: a warm start whose twin ran on to 0.940 val_robust stopped at epoch 11 of 24 on a spike at epoch 4,
     and kept that epoch's 0.902)."""
     import keras
 
+    from search.trial.schedule import epochs_that_fit
+
     score_shift = config.early_stopping_monitor == "val_robust"
 
     class Monitor(keras.callbacks.Callback):
         """Scores each epoch (on the held-out-family copy too, when the objective needs it), reports it,
-        stops on NaN, enforces the time budget and the deadline. Runs before EarlyStopping, which reads what
-        it adds. The deadline's evaluation cost is a timed prediction scaled to the images `_evaluate`
+        stops on NaN, enforces the time budget and the deadline, and moves the learning rate's floor to the
+        epoch where they will stop training (logging each epoch's final rate). Runs before EarlyStopping,
+        which reads what it adds. The deadline's evaluation cost is a timed prediction scaled to the images `_evaluate`
         predicts: the held-out-family copy's, which takes `_evaluate`'s path, or else the validation pass,
         whose compiled test step runs faster than predict (x EVALUATE_MARGIN)."""
 
@@ -129,10 +132,29 @@ def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, ep
             timings.setdefault("first_epoch", now - started)
             if config.time_budget_s and now - started > config.time_budget_s:
                 self.model.stop_training = True
+            evaluate_s = 0.0
             if deadline is not None:
                 evaluate_s = timings["evaluate_estimate"] = self.image_s * _evaluated_images(config, data)
                 if not deadline.leaves_room(now - self.epoch_began, evaluate_s):
                     self.model.stop_training = timings["deadline"] = True
+            if epoch and not self.model.stop_training:
+                self.end_schedule_in_time(epoch, now, evaluate_s)
+            if schedule is not None:
+                logs["learning_rate"] = float(keras.ops.convert_to_numpy(schedule((epoch + 1) * steps_per_epoch)))
+
+        def end_schedule_in_time(self, epoch, now, evaluate_s):
+            """Move the learning rate's floor to the last epoch the time budget and the deadline leave (from
+            the second epoch on: the first one's time includes compiling)."""
+            epoch_s, fits = now - self.epoch_began, []
+            if config.time_budget_s:
+                fits.append(epochs_that_fit(config.time_budget_s - (now - started), epoch_s, whole=False))
+            if deadline is not None:
+                room = deadline.at - time.time() - evaluate_s - deadline.overhead_s
+                fits.append(epochs_that_fit(room, epoch_s, whole=True))
+            if fits:
+                last = min(epochs, epoch + 1 + min(fits))
+                schedule.end_at((epoch + 1) * steps_per_epoch, last * steps_per_epoch)
+                timings["schedule_epochs"] = epoch_offset + last
 
     stopper = keras.callbacks.EarlyStopping(
         monitor=config.early_stopping_monitor, mode="max", patience=config.early_stopping_patience,
@@ -144,30 +166,38 @@ def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, ep
 def _optimizer(config: TrialConfig, learning_rate: float, total_steps: int, warmup_steps: int):
     import keras
 
-    schedule = keras.optimizers.schedules.CosineDecay(
+    from search.trial.schedule import AnnealToTime
+
+    schedule = AnnealToTime(
         initial_learning_rate=learning_rate / 100, decay_steps=max(total_steps - warmup_steps, 1),
         warmup_target=learning_rate, warmup_steps=warmup_steps, alpha=0.01,
     )
     decay = config.weight_decay or None
     if config.optimizer == "adam":
-        return keras.optimizers.Adam(schedule)
-    if config.optimizer == "adamw":
-        return keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
-    if config.optimizer == "lion":
-        return keras.optimizers.Lion(schedule, weight_decay=decay)
-    return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, weight_decay=decay)
+        optimizer = keras.optimizers.Adam(schedule)
+    elif config.optimizer == "adamw":
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+    elif config.optimizer == "lion":
+        optimizer = keras.optimizers.Lion(schedule, weight_decay=decay)
+    else:
+        optimizer = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, weight_decay=decay)
+    schedule.track(optimizer)
+    return optimizer, schedule
 
 
-def _compile(model, config: TrialConfig, learning_rate: float, epochs: int, steps_per_epoch: int) -> None:
+def _compile(model, config: TrialConfig, learning_rate: float, epochs: int, steps_per_epoch: int):
+    """Compile `model` for one stage; returns the stage's learning-rate schedule."""
     import keras
 
     warmup = int(config.warmup_epochs * steps_per_epoch) if epochs > 1 else 0
+    optimizer, schedule = _optimizer(config, learning_rate, epochs * steps_per_epoch, warmup)
     model.compile(
-        optimizer=_optimizer(config, learning_rate, epochs * steps_per_epoch, warmup),
+        optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=["accuracy"],
         jit_compile=jit_compile(config.jit_compile),
     )
+    return schedule
 
 
 def _stages(config: TrialConfig, pretrained: bool) -> list[tuple[str, float, int, float]]:
@@ -214,8 +244,8 @@ def _fit(model, config: TrialConfig, data: TrialData, report: ReportFn | None, s
     histories, epoch = [], 0
     for name, fraction, epochs, learning_rate in _stages(config, pretrained):
         set_unfreeze(classifier, fraction)
-        _compile(model, config, learning_rate, epochs, steps)
-        callbacks = _callbacks(config, data, report, epoch, epochs, started, timings, deadline)
+        schedule = _compile(model, config, learning_rate, epochs, steps)
+        callbacks = _callbacks(config, data, report, epoch, epochs, started, timings, schedule, steps, deadline)
         fitted = model.fit(train, validation_data=val, epochs=epochs, class_weight=weights, verbose=0, shuffle=False,
                            callbacks=callbacks)
         frame = pd.DataFrame(fitted.history)
@@ -303,6 +333,7 @@ def train_trial(config: TrialConfig, out_dir: str | Path, report: ReportFn | Non
         epochs_run=len(history), best_epoch=best_epoch, train_seconds=train_seconds,
         seconds_to_first_step=timings.get("first_step"), seconds_to_first_epoch=timings.get("first_epoch"),
         evaluate_estimate_s=timings.get("evaluate_estimate"), stopped_at_deadline=bool(timings.get("deadline")),
+        schedule_epochs=timings.get("schedule_epochs", config.epochs),
         total_seconds=time.perf_counter() - started,
         n_train=len(data.train), n_params=int(model.count_params()), backbone=config.backbone,
     )
