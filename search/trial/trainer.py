@@ -4,7 +4,8 @@ Pretrained backbones train in two stages (the head on a frozen backbone, then fi
 `unfreeze_fraction` of blocks at a lower learning rate); models from scratch train in one stage.
 Artifacts land in the trial folder one atomic file at a time, `metrics.json` last: a folder without it
 is an unfinished trial, whatever else it holds. A `Deadline` (the study's `--timeout`) ends training at an
-epoch boundary, early enough for the trial to be evaluated and published in time.
+epoch boundary, early enough for the trial to be evaluated and published in time; it and the trial's time
+budget move the end of the learning-rate decay to the last epoch they leave (`search.trial.schedule`).
 """
 
 from __future__ import annotations
@@ -95,9 +96,9 @@ def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, ep
         """Scores each epoch (on the held-out-family copy too, when the objective needs it), reports it,
         stops on NaN, enforces the time budget and the deadline, and moves the learning rate's floor to the
         epoch where they will stop training (logging each epoch's final rate). Runs before EarlyStopping,
-        which reads what it adds. The deadline's evaluation cost is a timed prediction scaled to the images `_evaluate`
-        predicts: the held-out-family copy's, which takes `_evaluate`'s path, or else the validation pass,
-        whose compiled test step runs faster than predict (x EVALUATE_MARGIN)."""
+        which reads what it adds. The deadline's evaluation cost is a timed prediction scaled to the images
+        `_evaluate` predicts: the held-out-family copy's, which takes `_evaluate`'s path, or else the
+        validation pass, whose compiled test step runs faster than predict (x EVALUATE_MARGIN)."""
 
         epoch_began = test_began = 0.0
         image_s = 0.0  # seconds per predicted image
