@@ -155,7 +155,7 @@ def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, ep
             if fits:
                 last = min(epochs, epoch + 1 + min(fits))
                 schedule.end_at((epoch + 1) * steps_per_epoch, last * steps_per_epoch)
-                timings["schedule_epochs"] = epoch_offset + last
+                timings["schedule_epochs"] = epoch_offset + round(schedule.end / steps_per_epoch)
 
     stopper = keras.callbacks.EarlyStopping(
         monitor=config.early_stopping_monitor, mode="max", patience=config.early_stopping_patience,
