@@ -42,7 +42,7 @@ def test_defaults_are_shown_and_the_flags_mean_the_same_everywhere(capsys):
     assert "(default: greedy)" in build and "(default: runs)" in build
     assert "the study's own objective" in build
     search = _help(capsys, "search")
-    assert "stop training at an epoch boundary" in search and "{robust,clean,multi}" in search
+    assert "and stop training at, the last epoch boundary" in search and "{robust,clean,multi}" in search
     assert "{robust,clean}" in build
 
 
