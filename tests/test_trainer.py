@@ -46,12 +46,13 @@ def test_early_stopping_neither_stops_on_nor_keeps_a_spike_in_the_first_half():
     spike and end with the best weights of its second half."""
     import keras
 
+    from search.trial.schedule import AnnealToTime
     from search.trial.trainer import _callbacks
 
     config = TrialConfig(**{**QUICK, "early_stopping_monitor": "val_accuracy", "early_stopping_patience": 2})
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
     callbacks = _callbacks(config, data=None, report=None, epoch_offset=0, epochs=12, started=0.0, timings={},
-                           schedule=None, steps_per_epoch=1)
+                           schedule=AnnealToTime(1e-3, decay_steps=12), steps_per_epoch=1)
     model.stop_training = False
     for callback in callbacks:
         callback.set_model(model)

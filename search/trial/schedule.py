@@ -35,7 +35,8 @@ class AnnealToTime(keras.optimizers.schedules.CosineDecay):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.end = self.warmup_steps + self.decay_steps  # the step at which the curve reaches its floor
+        self._curve_end = self.warmup_steps + self.decay_steps  # the step at which the curve reaches its floor
+        self.end = self._curve_end  # the step at which training now reaches it
         self._mapping: tuple | None = None
 
     def track(self, optimizer) -> None:
@@ -50,18 +51,17 @@ class AnnealToTime(keras.optimizers.schedules.CosineDecay):
         anchor, base, stretch = self._mapping
         return super().__call__(base + (ops.cast(step, "float32") - anchor) * stretch)
 
-    def planned_step(self, step: int) -> float:
+    def _curve_step(self, step: int) -> float:
         anchor, base, stretch = (float(np.asarray(variable)) for variable in self._mapping)
         return base + (step - anchor) * stretch
 
     def end_at(self, now: int, end: int) -> None:
         """From step `now` on, reach the curve's floor at step `end` (at most its original end)."""
-        end = min(max(end, now + 1), self.warmup_steps + self.decay_steps)
+        end = min(max(end, now + 1), self._curve_end)
         if end == self.end:
             return
-        planned = self.planned_step(now)
-        for variable, value in zip(self._mapping, (now, planned, (self.warmup_steps + self.decay_steps - planned)
-                                                   / (end - now))):
+        reached = self._curve_step(now)
+        for variable, value in zip(self._mapping, (now, reached, (self._curve_end - reached) / (end - now))):
             variable.assign(value)
         self.end = end
 

@@ -50,9 +50,13 @@ class Deadline:
     at: float
     overhead_s: float = FIRST_OVERHEAD_S
 
+    def seconds_left(self, evaluate_s: float, now: float | None = None) -> float:
+        """Training time left before evaluation (`evaluate_s`) and publication must start to end by `at`."""
+        return self.at - (time.time() if now is None else now) - evaluate_s - self.overhead_s
+
     def leaves_room(self, epoch_s: float, evaluate_s: float, now: float | None = None) -> bool:
         """Whether one more epoch as long as the last one, then evaluation and publication, end by `at`."""
-        return (time.time() if now is None else now) + epoch_s + evaluate_s + self.overhead_s <= self.at
+        return epoch_s <= self.seconds_left(evaluate_s, now)
 
 
 _DEADLINE: ContextVar[Deadline | None] = ContextVar("trial_deadline", default=None)
@@ -140,8 +144,7 @@ def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, ep
                     self.model.stop_training = timings["deadline"] = True
             if epoch and not self.model.stop_training:
                 self.end_schedule_in_time(epoch, now, evaluate_s)
-            if schedule is not None:
-                logs["learning_rate"] = float(keras.ops.convert_to_numpy(schedule((epoch + 1) * steps_per_epoch)))
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(schedule((epoch + 1) * steps_per_epoch)))
 
         def end_schedule_in_time(self, epoch, now, evaluate_s):
             """Move the learning rate's floor to the last epoch the time budget and the deadline leave (from
@@ -150,8 +153,7 @@ def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, ep
             if config.time_budget_s:
                 fits.append(epochs_that_fit(config.time_budget_s - (now - started), epoch_s, whole=False))
             if deadline is not None:
-                room = deadline.at - time.time() - evaluate_s - deadline.overhead_s
-                fits.append(epochs_that_fit(room, epoch_s, whole=True))
+                fits.append(epochs_that_fit(deadline.seconds_left(evaluate_s), epoch_s, whole=True))
             if fits:
                 last = min(epochs, epoch + 1 + min(fits))
                 schedule.end_at((epoch + 1) * steps_per_epoch, last * steps_per_epoch)
