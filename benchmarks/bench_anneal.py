@@ -28,18 +28,14 @@ TRIAL = """
 import json, sys
 import pandas as pd
 from search.execution.devices import configure_backend
-from search.trial.run_trial import trial_config
-from search.study.space import warm_start_trials
-from search.study.spec import load_spec
+from bench_backends import warm_start_config
 
 configure_backend(1)
 if {fixed}:
     from search.trial.schedule import AnnealToTime
     AnnealToTime.end_at = lambda self, now, end: None  # the decay ends where it was planned
-spec = load_spec("default")
-config = trial_config(spec, warm_start_trials(spec)[0][0], 0)
+config = warm_start_config()
 config.time_budget_s, config.seed = {budget}, {seed}
-config.exclude_file = None  # the search cleans once before its trials; a lone trial uses every image
 from search.trial.trainer import train_trial
 folder = sys.argv[1]
 metrics = train_trial(config, folder).metrics
@@ -60,35 +56,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def start(arm: str, args: argparse.Namespace, core: int, folder: Path) -> subprocess.Popen:
+    """The arm's trial on `core`, its output in `folder/<arm>.log` (a pipe nobody drains could stall it)."""
     budget = None if arm == "full" else args.budget
     code = TRIAL.format(fixed=arm == "fixed", budget=budget, seed=args.seed)
-    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    slot = WorkerDevices(cpu_cores=[sorted(cores)[core % len(cores)]], cpu_threads=1)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", **pin_environment(slot)}
-    return subprocess.Popen([sys.executable, "-c", code, str(folder / arm)], env=env, cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")]),
+           "TF_CPP_MIN_LOG_LEVEL": "3", **pin_environment(WorkerDevices(cpu_cores=[core], cpu_threads=1))}
+    with open(folder / f"{arm}.log", "w") as log:
+        return subprocess.Popen([sys.executable, "-c", code, str(folder / arm)], env=env, cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT)
 
 
-def result(process: subprocess.Popen) -> dict:
-    out, err = process.communicate()
+def result(process: subprocess.Popen, log: Path) -> dict:
+    process.wait()
+    lines = log.read_text().strip().splitlines() or ["no output"]
     if process.returncode != 0:
-        return {"error": (err.strip().splitlines() or ["no output"])[-1][:200]}
-    return json.loads([line for line in out.splitlines() if line.startswith("RESULT ")][-1][7:])
+        return {"error": lines[-1][:200]}
+    return json.loads([line for line in lines if line.startswith("RESULT ")][-1][7:])
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="bench_anneal_"))
     arms = ["fixed", "moved"] + (["full"] if args.full else [])
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    print(f"cpus={cores}; default study warm start 0, seed {args.seed}, time budget {args.budget:.0f} s, "
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    print(f"cpus={len(cores)}; default study warm start 0, seed {args.seed}, time budget {args.budget:.0f} s, "
           f"one core per arm, {os.environ.get('KERAS_BACKEND', 'tensorflow')}")
     print("| arm | " + " | ".join(COLUMNS) + " |")
     print("|---" * (len(COLUMNS) + 1) + "|")
-    running = [(arm, start(arm, args, i, folder)) for i, arm in enumerate(arms[:max(2, cores)])]
-    rows = {arm: result(process) for arm, process in running}
+    running = {arm: start(arm, args, cores[i % len(cores)], folder) for i, arm in enumerate(arms[:max(2, len(cores))])}
+    rows = {arm: result(process, folder / f"{arm}.log") for arm, process in running.items()}
     for arm in arms[len(running):]:
-        rows[arm] = result(start(arm, args, 0, folder))
+        rows[arm] = result(start(arm, args, cores[0], folder), folder / f"{arm}.log")
     for arm in arms:
         row = rows[arm]
         cells = [f"failed: {row['error']}"] if "error" in row else [

@@ -27,17 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TRIAL = """
 import json, sys, tempfile, time
 from search.execution.devices import configure_backend
-from search.trial.run_trial import trial_config
-from search.study.space import warm_start_trials
-from search.study.spec import load_spec
+from bench_backends import warm_start_config
 
 configure_backend(1)
-spec = load_spec("default")
-params = {{**warm_start_trials(spec)[0][0], **{overrides}}}
-config = trial_config(spec, params, 0)
+config = warm_start_config({overrides})
 config.epochs = {epochs}
 config.max_train_images = {train_images}
-config.exclude_file = None  # the search cleans once before its trials; a lone trial uses every image
 stamps = []
 started = time.perf_counter()
 from search.trial.trainer import train_trial
@@ -52,6 +47,19 @@ print("RESULT " + json.dumps({{"until_epoch1_s": steps[0], "first_step_s": metri
 """
 
 
+def warm_start_config(overrides: dict | None = None):
+    """The default study's first warm start, with `overrides` of its hyperparameters, as a lone trial's config
+    (every image: the search cleans once before its trials). Call it after `configure_backend`."""
+    from search.study.space import warm_start_trials
+    from search.study.spec import load_spec
+    from search.trial.run_trial import trial_config
+
+    spec = load_spec("default")
+    config = trial_config(spec, {**warm_start_trials(spec)[0][0], **(overrides or {})}, 0)
+    config.exclude_file = None
+    return config
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", default="jax,tensorflow,torch", help="comma-separated Keras backends")
@@ -64,7 +72,7 @@ def run(backend: str, args: argparse.Namespace, overrides: dict | None = None, e
     """The trial in a fresh process under `backend`, with `overrides` of its hyperparameters and `env` added."""
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", "OMP_NUM_THREADS": "1",
            "TF_NUM_INTRAOP_THREADS": "1", "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false",
-           "PYTHONPATH": str(ROOT), **(env or {})}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")]), **(env or {})}
     code = TRIAL.format(epochs=args.epochs, train_images=args.train_images, overrides=repr(overrides or {}))
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
