@@ -135,9 +135,11 @@ def with_gated_member(selection: Selection, base_val: np.ndarray, gated_val: np.
     rows) added at the weight of GATE_WEIGHTS whose mix with the ensemble's own out-of-fold probabilities
     `base_val` (`standalone.mix_gated`, at the temperature `GatedCombiner` fits) scores best on the objective
     among those that raise clean validation accuracy and lose no held-out-family accuracy beyond its noise
-    (`heldout_noise`); the other weights are scaled down. Unchanged, with a log line, when no weight qualifies."""
+    (one standard error of the paired difference, `evaluate.paired_gain`, each image's copies counted as one
+    sample); the other weights are scaled down. Unchanged, with a log line, when no weight qualifies."""
     from common.metrics import accuracy
     from ensemble.combiners import fit_gated_temperature
+    from ensemble.evaluate import paired_gain
     from ensemble.selection import Selection
 
     from ensemble.standalone import mix_gated
@@ -147,7 +149,8 @@ def with_gated_member(selection: Selection, base_val: np.ndarray, gated_val: np.
     mixed = {w: mix_gated(base_val, gated_val, w, temperature) for w in (0.0, *GATE_WEIGHTS)}
     clean = {w: accuracy(p[:n], rows.y[:n]) for w, p in mixed.items()}
     shifted = {w: accuracy(p[n:], rows.y[n:], rows.sample_weight[n:]) for w, p in mixed.items()}
-    noise = {w: heldout_noise(mixed[0.0][n:], p[n:], rows.y[n:], rows.sample_weight[n:]) for w, p in mixed.items()}
+    heldout = rows.heldout()
+    noise = {w: paired_gain(p[n:], mixed[0.0][n:], heldout)[1] for w, p in mixed.items()}
     allowed = [w for w in GATE_WEIGHTS if clean[w] > clean[0.0] and shifted[w] >= shifted[0.0] - noise[w]]
     best = max(allowed, key=lambda w: (clean[w] + shifted[w], -w), default=0.0)
     line = (f"gated candidate {gated} (temperature {temperature:.2f}): clean / held-out-family validation accuracy of "
@@ -158,17 +161,3 @@ def with_gated_member(selection: Selection, base_val: np.ndarray, gated_val: np.
         return Selection(selection.indices, selection.weights, selection.counts, [*selection.log, line + "; left out"])
     return Selection([*selection.indices, gated], [(1 - best) * w for w in selection.weights] + [best],
                      [*selection.counts, 0], [*selection.log, line + f"; added at weight {best:.2f}"])
-
-
-def heldout_noise(base: np.ndarray, mixed: np.ndarray, y: np.ndarray, sample_weight: np.ndarray) -> float:
-    """The standard error of the (weighted) accuracy difference between `mixed` and `base` on the same rows: a
-    change within it is one a second validation sample could reverse, so the gate is not refused for it.
-
-    >>> y = np.array([0, 0, 1, 1])
-    >>> base = np.eye(2)[[0, 0, 1, 0]]
-    >>> heldout_noise(base, base, y, np.ones(4)), round(heldout_noise(base, np.eye(2)[[0, 1, 1, 1]], y, np.ones(4)), 3)
-    (0.0, 0.354)
-    """
-    change = (mixed.argmax(1) == y).astype(float) - (base.argmax(1) == y)
-    share = sample_weight / sample_weight.sum()
-    return float(np.sqrt(np.sum(share ** 2 * (change - share @ change) ** 2)))

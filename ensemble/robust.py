@@ -77,6 +77,13 @@ class ValidationRows:
             raise EnsembleError(f"{len(stacked)} rows of probabilities for {len(self.y)} validation rows")
         return stacked
 
+    def heldout(self) -> "ValidationRows":
+        """The shifted rows alone, each still grouped with the clean image it was made from."""
+        if self.objective != "robust":
+            raise EnsembleError("the clean objective's validation rows have no shifted copy")
+        n = self.n_clean
+        return ValidationRows(self.objective, self.y[n:], 0, self.sample_weight[n:], self.groups[n:])
+
     def scores(self, probs: np.ndarray, prefix: str = "val") -> dict[str, float]:
         """Accuracy and log-loss on the clean rows, the shifted rows and the objective (their mean)."""
         n = self.n_clean

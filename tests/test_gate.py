@@ -134,14 +134,28 @@ def test_a_heldout_loss_within_the_validation_noise_does_not_keep_the_gated_cand
     rows, base, gated = heldout_case(fixed=5, broken=6)  # one shifted row lost among eleven that change
     chosen = with_gated_member(Selection([0], [1.0], [1]), base, gated, rows, 1)
     assert chosen.indices == [0, 1], chosen.log[-1]
-    assert "0.9000 / 0.8750 without it" in chosen.log[-1] and "1.0000 / 0.8500 (noise 0.0828)" in chosen.log[-1]
+    assert "0.9000 / 0.8750 without it" in chosen.log[-1] and "1.0000 / 0.8500 (noise 0.0839)" in chosen.log[-1]
 
 
 def test_a_heldout_loss_beyond_the_validation_noise_keeps_the_gated_candidate_out():
     rows, base, gated = heldout_case(fixed=0, broken=6)
     kept = with_gated_member(Selection([0], [1.0], [1]), base, gated, rows, 1)
     assert kept.indices == [0] and kept.log[-1].endswith("left out")
-    assert "1.0000 / 0.8500 (noise 0.0565)" in kept.log[-1]
+    assert "1.0000 / 0.8500 (noise 0.0572)" in kept.log[-1]
+
+
+def test_the_noise_counts_an_images_held_out_copies_as_one_sample():
+    from ensemble.evaluate import paired_gain
+
+    y = np.arange(40) % 2
+    copies = {"of 20 images": ValidationRows.robust(y[:20], source=np.tile(np.arange(20), 2)),
+              "of 40 images": ValidationRows.robust(y, source=np.arange(40))}
+    base = np.eye(2)[y] * 0.9 + 0.05
+    flipped = base.copy()
+    flipped[[0, 1, 20, 21]] = flipped[[0, 1, 20, 21], ::-1]  # two images' copies both, or four images' one copy
+    noise = {k: paired_gain(flipped, base, rows.heldout())[1] for k, rows in copies.items()}
+    assert np.array_equal(copies["of 20 images"].heldout().y, y)
+    assert noise["of 20 images"] > 1.3 * noise["of 40 images"] > 0
 
 
 def test_a_gated_combiner_mixes_the_last_member_into_the_base_combiner_and_saves_its_numbers():
