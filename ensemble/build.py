@@ -260,7 +260,8 @@ def build_ensemble(study: Any = None, options: BuildOptions | None = None, **set
         from search.execution.driver import REFIT_ATTR
 
         trials.set_user_attr(REFIT_ATTR, refit["seconds"])  # the next timed search keeps it
-    trials.set_user_attr(BUILD_ATTR, time.perf_counter() - started - (refit["seconds"] if refit else 0.0))
+    if not options.rotation:  # a measurement, not part of the build a timed search keeps time for
+        trials.set_user_attr(BUILD_ATTR, time.perf_counter() - started - (refit["seconds"] if refit else 0.0))
     return ens
 
 
@@ -378,7 +379,8 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
         report = _evaluate(options, staging, ens, reference, members, best_position, images, X_test, choice,
                            rows, notes)
         if options.rotation:
-            report.rotation = _rotation(options, store, [members[i] for i in ranking], cache / "rotation", notes)
+            report.rotation = _rotation(options, store, [members[i] for i in ranking], cache / "rotation", notes,
+                                        location.compile_cache_dir)
         if report.rotation is not None:
             report.rotation.to_csv(staging / "report" / "family_rotation.csv", index=False)
         write_ensemble_page(report, ens, reference, images, X_test, f"Ensemble of study {location.name}")
@@ -460,7 +462,8 @@ def _refit(options: BuildOptions, members: list, work: Path, notes: list[str], d
     return refit.members, {"seconds": refit.seconds, "reused": refit.reused}
 
 
-def _rotation(options: BuildOptions, store, ranked: list, work: Path, notes: list[str]) -> pd.DataFrame | None:
+def _rotation(options: BuildOptions, store, ranked: list, work: Path, notes: list[str],
+              compile_cache: Path | None = None) -> pd.DataFrame | None:
     """The family rotation of the best member a refit changes (its folds trained in parallel), against its
     model as searched; None, with a note, when no member's policy can leave each family out in turn."""
     from ensemble.candidates import download
@@ -474,7 +477,7 @@ def _rotation(options: BuildOptions, store, ranked: list, work: Path, notes: lis
         return None
     _say(options, f"family rotation: trial {member.number} retrained once per family left out")
     searched = download(store, member, "model.keras", work / "searched.keras")
-    return rotation_table(member.config, work, searched_model=searched)
+    return rotation_table(member.config, work, searched_model=searched, compile_cache=compile_cache)
 
 
 def _load_members(staging: Path, names: list[str]) -> list:

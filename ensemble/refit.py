@@ -115,7 +115,8 @@ def train_configs(configs: dict[str, TrialConfig], work: Path, what: str, remedy
     """Train each configuration with `python -m search.train_one` into `work/<name>`, one per worker slot (a
     core, or a GPU) at a time, as the search's workers are placed; each one's folder by name. The first failure
     stops the others and raises `EnsembleError` with its last line, `what` failed and the `remedy`. With a
-    `deadline` (unix time), trainings end by it and none starts after it (those are missing from the result)."""
+    `deadline` (unix time), trainings end by it and none starts after it (those are missing from the result).
+    `compile_cache`: a JAX compilation cache folder the trainings share (`devices.pin_environment`)."""
     from search.execution.devices import pin_environment
     from search.execution.devices_plan import default_workers, detect_gpus, plan_workers, usable_cores
 
@@ -208,18 +209,19 @@ def rotation_configs(config: TrialConfig, families: Sequence[str] | None = None)
 
 
 def rotation_table(config: TrialConfig, out_dir: str | Path, families: Sequence[str] | None = None,
-                   searched_model: str | Path | None = None) -> pd.DataFrame:
+                   searched_model: str | Path | None = None, compile_cache: Path | None = None) -> pd.DataFrame:
     """Train every fold of `config` (in parallel, each into `out_dir/<family left out>/`) and return one row per
     family: what the fold trained on, its clean validation accuracy, its accuracy on the validation split
     corrupted by the family left out (TTA as `config` says), the searched member's accuracy on the same copy,
     whether the search trained it on that family, and the fold's gain over it. `searched_model`: the member as
-    the search trained it; None trains it too (`out_dir/searched/`), beside the folds."""
+    the search trained it; None trains it too (`out_dir/searched/`), beside the folds. `compile_cache`: as for
+    `train_configs`."""
     import pandas as pd
 
     searched = dataclasses.replace(config, refit=False)
     folds = rotation_configs(config, families)
     jobs = {**folds, **({"searched": searched} if searched_model is None else {})}
-    folders = train_configs(jobs, Path(out_dir), "rotation fold", "see the fold's log")
+    folders = train_configs(jobs, Path(out_dir), "rotation fold", "see the fold's log", compile_cache=compile_cache)
     rows = []
     for family, fold in folds.items():
         metrics = json.loads((folders[family] / "metrics.json").read_text())

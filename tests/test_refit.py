@@ -109,7 +109,10 @@ def test_a_study_asking_for_the_refit_ships_members_retrained_on_every_family(tm
 
     import optuna
 
+    import pandas as pd
+
     from ensemble import build_ensemble
+    from ensemble.build import BUILD_ATTR
     from search.execution.driver import REFIT_ATTR
     from search_helpers import run_search, write_tiny_spec
 
@@ -142,6 +145,13 @@ def test_a_study_asking_for_the_refit_ships_members_retrained_on_every_family(tm
     assert np.allclose(again.member_proba(images), ens.member_proba(images))  # the same refit members, not retrained
     study = optuna.load_study(study_name="refit", storage=f"sqlite:///{tmp_path / 'runs' / 'refit' / 'study.db'}")
     assert study.user_attrs[REFIT_ATTR] == manifest["refit"]["seconds"]  # a reused refit measures nothing
+    build_seconds = study.user_attrs[BUILD_ATTR]
+    rotated = build_ensemble("refit", pointer=str(tmp_path / "runs" / "last_study.json"), tta=1, quiet=True,
+                             gate=False, progress=False, rotation=True, out=str(tmp_path / "rotated"))
+    table = pd.read_csv(rotated.report_.folder / "report" / "family_rotation.csv")
+    assert sorted(table["heldout_family"]) == sorted(FAMILIES)
+    study = optuna.load_study(study_name="refit", storage=f"sqlite:///{tmp_path / 'runs' / 'refit' / 'study.db'}")
+    assert study.user_attrs[BUILD_ATTR] == build_seconds  # the rotation's folds are not build time to keep
 
 
 def _candidate(config: TrialConfig, folder, number: int = 0, val_accuracy: float | None = None):
