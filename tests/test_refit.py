@@ -171,12 +171,27 @@ def _candidate(config: TrialConfig, folder, number: int = 0, val_accuracy: float
 def test_no_refit_starts_once_the_run_has_ended_and_the_members_stay_as_searched(tmp_path):
     from ensemble.refit import refit_members
 
-    member = types.SimpleNamespace(number=4, config=MEMBER, gated=False, name="trial_00004")  # a Candidate's fields
+    member = types.SimpleNamespace(number=4, config=MEMBER, gated=False, name="trial_00004",
+                                   user_attrs={})  # a Candidate's fields
     started = time.monotonic()
     refit = refit_members([member], tmp_path, 1, say=lambda line: None, deadline=time.time() - 1.0)
     assert time.monotonic() - started < 5.0
     assert refit.members == [member] and refit.reused == []
     assert any("trial(s) 4 kept as searched" in note for note in refit.notes)
+    assert not (tmp_path / "trial_00004").exists()
+
+
+def test_no_refit_starts_without_the_time_to_reach_half_its_searched_epochs_and_evaluate(tmp_path):
+    from ensemble.refit import refit_members, seconds_worth_starting
+
+    searched = {"epochs_run": 10, "seconds_to_first_epoch": 30.0, "train_seconds": 300.0, "evaluate_estimate_s": 20.0}
+    assert seconds_worth_starting(searched) == 30.0 + 4 * 30.0 + 20.0
+    assert seconds_worth_starting({}) == 0.0  # a trial that recorded no timings may always start
+    member = types.SimpleNamespace(number=4, config=MEMBER, gated=False, name="trial_00004", user_attrs=searched)
+    started = time.monotonic()
+    refit = refit_members([member], tmp_path, 1, say=lambda line: None, deadline=time.time() + 150.0)
+    assert time.monotonic() - started < 5.0
+    assert refit.members == [member] and any("trial(s) 4 kept as searched" in note for note in refit.notes)
     assert not (tmp_path / "trial_00004").exists()
 
 
