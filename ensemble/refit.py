@@ -271,7 +271,7 @@ def family_scores(config: TrialConfig, model_file: str | Path, families: Sequenc
     from search.trial.data import load_trial_data
     from search.trial.views import predict_views
 
-    model, val = keras.models.load_model(model_file), load_trial_data(config).val
+    model, val = keras.models.load_model(model_file, compile=False), load_trial_data(config).val
     scores = []
     for family in families:
         if family is None:

@@ -116,6 +116,20 @@ def test_saved_model_reproduces_saved_predictions(quick_trial):
     np.testing.assert_allclose(probs, predictions["test_view_probs"][0, :64], atol=1e-5)
 
 
+def test_the_saved_model_opens_where_only_the_backbones_are_imported(quick_trial):
+    """The trial's model.keras holds no optimizer or learning-rate schedule: a notebook that imports the
+    backbones (their layers) but not the trainer opens it with plain `keras.saving.load_model`."""
+    result, _ = quick_trial
+    script = ("import sys, keras, backbones.preprocessing; "
+              "model = keras.saving.load_model(sys.argv[1]); "
+              "assert 'search.trial.schedule' not in sys.modules; "
+              "print(model.compiled, model.output_shape[-1])")
+    done = subprocess.run([sys.executable, "-c", script, str(result.directory / "model.keras")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["False", "8"]  # the embedded data's 8 classes
+
+
 class Boom(RuntimeError):
     pass
 

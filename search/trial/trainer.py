@@ -11,6 +11,7 @@ budget move the end of the learning-rate decay to the last epoch they leave (`se
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -342,9 +343,20 @@ def train_trial(config: TrialConfig, out_dir: str | Path, report: ReportFn | Non
     )
     atomic_write_with(out_dir / "history.csv", lambda p: history.to_csv(p, index=False))
     atomic_write_with(out_dir / "predictions.npz", lambda p: np.savez_compressed(p, **arrays))
-    atomic_write_with(out_dir / "model.keras", model.save)
+    atomic_write_with(out_dir / "model.keras", functools.partial(_save_for_inference, model))
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     return TrialResult(out_dir, metrics)
+
+
+def _save_for_inference(model, path: Path) -> None:
+    """Save `model` without its optimizer and compile settings: the artifact is for prediction, and its
+    learning-rate schedule (`AnnealToTime`) would otherwise make `keras.saving.load_model` need the trainer
+    imported to open it."""
+    compiled, model.compiled = model.compiled, False  # Keras saves the compile config of compiled models only
+    try:
+        model.save(path)
+    finally:
+        model.compiled = compiled
 
 
 def is_complete(trial_dir: str | Path) -> bool:
