@@ -136,7 +136,7 @@ def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, ep
                 report(epoch_offset + epoch, {k: float(v) for k, v in logs.items() if k.startswith("val_")})
             now = time.perf_counter()
             timings.setdefault("first_epoch", now - started)
-            if config.time_budget_s and now - started > config.time_budget_s:
+            if config.time_budget_s and now - started > config.time_budget_s and self.annealed(epoch):
                 self.model.stop_training = True
             evaluate_s = 0.0
             if deadline is not None:
@@ -147,12 +147,18 @@ def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, ep
                 self.end_schedule_in_time(epoch, now, evaluate_s)
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(schedule((epoch + 1) * steps_per_epoch)))
 
+        def annealed(self, epoch) -> bool:
+            """Whether `epoch` ran the schedule's last step: a trial past its time budget stops there, so an
+            epoch slower than planned costs one more epoch, not the annealing (the first one's time includes
+            compiling, and no plan exists yet)."""
+            return epoch == 0 or schedule.end <= (epoch + 1) * steps_per_epoch
+
         def end_schedule_in_time(self, epoch, now, evaluate_s):
             """Move the learning rate's floor to the last epoch the time budget and the deadline leave (from
-            the second epoch on: the first one's time includes compiling)."""
+            the second epoch on: the first one's time includes compiling); the budget leaves at least one."""
             epoch_s, fits = now - self.epoch_began, []
             if config.time_budget_s:
-                fits.append(epochs_that_fit(config.time_budget_s - (now - started), epoch_s, whole=False))
+                fits.append(max(1, epochs_that_fit(config.time_budget_s - (now - started), epoch_s, whole=False)))
             if deadline is not None:
                 fits.append(epochs_that_fit(deadline.seconds_left(evaluate_s), epoch_s, whole=True))
             if fits:
