@@ -17,6 +17,17 @@ collect_ignore = ["cellsearch/__main__.py", "benchmarks"]
 
 @pytest.hookimpl
 def pytest_xdist_auto_num_workers(config) -> int:
-    """`-n auto` (the default): two test processes, one per core of the 2-core CI machine (14.7 against about
-    21 minutes serially); more would multiply the training processes the search tests start themselves."""
+    """`-n auto` (the default): two test processes, one per core of the 2-core CI machine (15 against about
+    21 minutes serially, in one hour); more would multiply the training processes the search tests start themselves."""
     return min(2, os.cpu_count() or 1)
+
+
+# The files that run searches and builds in subprocesses, longest first (tests' durations on the CI machine): the
+# two test processes take them before the short files, so that neither ends the run alone on one of them.
+LONGEST_FIRST = ("test_api.py", "test_interrupt.py", "test_search_local.py", "test_trainer.py",
+                 "test_ensemble_study.py", "test_ensemble_robust.py", "test_ray_executor.py", "test_timeout.py")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests stay in order
