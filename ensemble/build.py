@@ -257,7 +257,7 @@ def build_ensemble(study: Any = None, options: BuildOptions | None = None, **set
         ens = _build(options, location, store, out, candidates, notes, rows, budget, Path(cache),
                      refit_deadline(trials) if options.refit else None)
     refit = ens.manifest_.get("refit")
-    if refit and not refit["reused"]:
+    if refit and not refit["reused"] and not refit["unstarted"]:  # else the time measured is not what it needs
         from search.execution.driver import REFIT_ATTR
 
         trials.set_user_attr(REFIT_ATTR, refit["seconds"])  # the next timed search keeps it
@@ -452,7 +452,7 @@ def _choose_combiner(options: BuildOptions, members: list, rows: ValidationRows,
 def _refit(options: BuildOptions, members: list, work: Path, notes: list[str], deadline: float | None,
            compile_cache: Path | None = None) -> tuple[list, dict]:
     """The members retrained on every family (ensemble.refit), by `deadline` if given, their notes added, and
-    the seconds it took and the trials it reused, for the manifest."""
+    the seconds it took, the trials it reused and those it had no time to start, for the manifest."""
     from ensemble.refit import refit_members
 
     refit = refit_members(members, work, options.tta, say=lambda line: _say(options, line), deadline=deadline,
@@ -460,7 +460,7 @@ def _refit(options: BuildOptions, members: list, work: Path, notes: list[str], d
     for note in refit.notes:
         _say(options, f"  note: {note}")
     notes.extend(refit.notes)
-    return refit.members, {"seconds": refit.seconds, "reused": refit.reused}
+    return refit.members, {"seconds": refit.seconds, "reused": refit.reused, "unstarted": list(refit.unstarted)}
 
 
 def _rotation(options: BuildOptions, store, ranked: list, work: Path, notes: list[str],

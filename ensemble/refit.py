@@ -51,12 +51,14 @@ def rotates(config: TrialConfig) -> bool:
 
 class Refit(NamedTuple):
     """What `refit_members` returns: the members to ship, notes for the report, the trial numbers reused
-    from an earlier build's refit rather than trained now, and the seconds the refit took."""
+    from an earlier build's refit rather than trained now, the seconds the refit took, and the trial numbers
+    whose retraining the time left was too short to start."""
 
     members: list
     notes: list[str]
     reused: list[int]
     seconds: float = 0.0
+    unstarted: tuple[int, ...] = ()
 
 
 def refit_members(members: Sequence[Candidate], work: Path, tta_views: int, say: Callable[[str], None] = print,
@@ -89,8 +91,8 @@ def refit_members(members: Sequence[Candidate], work: Path, tta_views: int, say:
     folders = {**reused, **train_configs(todo, work, "refit", "build without --refit to ship the searched members",
                                          deadline, compile_cache, needs)}
     refit = {m.number: _refit_candidate(m, folders[name], tta_views) for name, m in jobs.items() if name in folders}
-    kept = [n for n, candidate in refit.items() if candidate is None] + [m.number for n, m in jobs.items()
-                                                                         if n not in folders]
+    unstarted = tuple(m.number for n, m in jobs.items() if n not in folders)
+    kept = [n for n, candidate in refit.items() if candidate is None] + list(unstarted)
     if kept:
         notes.append(f"refit: trial(s) {', '.join(map(str, kept))} kept as searched: the run's time ended their "
                      "retraining below their searched clean validation accuracy, or was too short to start it")
@@ -100,7 +102,7 @@ def refit_members(members: Sequence[Candidate], work: Path, tta_views: int, say:
         notes.append(f"refit: trial(s) {', '.join(map(str, shipped))} retrained on every family in {seconds:.0f} s; "
                      "the held-out-family scores are no longer on unseen families (the family rotation measures that)")
     return Refit([m if m.gated else refit.get(m.number) or m for m in members], notes,
-                 [jobs[name].number for name in reused], seconds)
+                 [jobs[name].number for name in reused], seconds, unstarted)
 
 
 def seconds_worth_starting(trial_attrs: dict) -> float:
