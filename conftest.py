@@ -15,10 +15,10 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 collect_ignore = ["cellsearch/__main__.py", "benchmarks"]
 
 
-@pytest.hookimpl
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest would reject it where xdist is not installed
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto` (the default): two test processes, one per core of the 2-core CI machine (15 against about
-    21 minutes serially, in one hour); more would multiply the training processes the search tests start themselves."""
+    21 minutes serially, in one hour); more would multiply the training processes the search tests start."""
     return min(2, os.cpu_count() or 1)
 
 
