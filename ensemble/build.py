@@ -460,7 +460,7 @@ def _refit(options: BuildOptions, members: list, work: Path, notes: list[str], d
     for note in refit.notes:
         _say(options, f"  note: {note}")
     notes.extend(refit.notes)
-    return refit.members, {"seconds": refit.seconds, "reused": refit.reused, "unstarted": list(refit.unstarted)}
+    return refit.members, {"seconds": refit.seconds, "reused": list(refit.reused), "unstarted": list(refit.unstarted)}
 
 
 def _rotation(options: BuildOptions, store, ranked: list, work: Path, notes: list[str],

@@ -56,7 +56,7 @@ class Refit(NamedTuple):
 
     members: list
     notes: list[str]
-    reused: list[int]
+    reused: tuple[int, ...]
     seconds: float = 0.0
     unstarted: tuple[int, ...] = ()
 
@@ -76,7 +76,7 @@ def refit_members(members: Sequence[Candidate], work: Path, tta_views: int, say:
     notes = [f"refit: trial {m.number} kept as searched ({m.config.augment_policy} draws from no other family)"
              for m in members if not changes_in_refit(m.config) and not m.gated]
     if not jobs:
-        return Refit(list(members), notes, [])
+        return Refit(list(members), notes, ())
     started = time.perf_counter()
     configs = {name: dataclasses.replace(m.config, refit=True) for name, m in jobs.items()}
     reused = {name: work / name for name, config in configs.items() if _trained(config, work / name)}
@@ -102,7 +102,7 @@ def refit_members(members: Sequence[Candidate], work: Path, tta_views: int, say:
         notes.append(f"refit: trial(s) {', '.join(map(str, shipped))} retrained on every family in {seconds:.0f} s; "
                      "the held-out-family scores are no longer on unseen families (the family rotation measures that)")
     return Refit([m if m.gated else refit.get(m.number) or m for m in members], notes,
-                 [jobs[name].number for name in reused], seconds, unstarted)
+                 tuple(jobs[name].number for name in reused), seconds, unstarted)
 
 
 def seconds_worth_starting(trial_attrs: dict) -> float:

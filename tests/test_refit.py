@@ -176,7 +176,7 @@ def test_no_refit_starts_once_the_run_has_ended_and_the_members_stay_as_searched
     started = time.monotonic()
     refit = refit_members([member], tmp_path, 1, say=lambda line: None, deadline=time.time() - 1.0)
     assert time.monotonic() - started < 5.0
-    assert refit.members == [member] and refit.reused == [] and refit.unstarted == (4,)
+    assert refit.members == [member] and refit.reused == () and refit.unstarted == (4,)
     assert any("trial(s) 4 kept as searched" in note for note in refit.notes)
     assert not (tmp_path / "trial_00004").exists()
 
