@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 
-from search.execution.devices import gpu_memory_environment
+from search.execution.devices import gpu_memory_environment, malloc_environment
 from search.execution.ray_cluster import (absolute_location, absolute_spec, absolute_storage_url, node_attrs,
                                           plan_resources, ray, start_ray)
 from search.study.spec import StudySpec
@@ -88,8 +88,8 @@ class WorkerPool:
         run_id = uuid.uuid4().hex[:8]
         driver = (ray.get_runtime_context().get_node_id(), os.getpid())
         options = dict(num_cpus=plan.cpus_per_trial, num_gpus=plan.gpus_per_trial, scheduling_strategy="SPREAD")
-        if env := gpu_memory_environment(plan.gpu_memory):  # merged into the job's env_vars (start_ray)
-            options["runtime_env"] = {"env_vars": env}
+        if env := {**gpu_memory_environment(plan.gpu_memory), **malloc_environment(plan.cpu_threads)}:
+            options["runtime_env"] = {"env_vars": env}  # merged into the job's env_vars (start_ray)
         self.labels = [f"{run_id}:{index}" for index in range(plan.workers)]
         self.actors = [StudyWorker.options(**options).remote(label, driver) for label in self.labels]
         self.loops = {actor.run.remote(spec, storage_url, artifacts, index, deadline, plan.cpu_threads): index
