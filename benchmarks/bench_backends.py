@@ -47,14 +47,14 @@ print("RESULT " + json.dumps({{"until_epoch1_s": steps[0], "first_step_s": metri
 """
 
 
-def warm_start_config(overrides: dict | None = None):
-    """The default study's first warm start, with `overrides` of its hyperparameters, as a lone trial's config
+def warm_start_config(overrides: dict | None = None, study: str = "default"):
+    """The first warm start of preset `study`, with `overrides` of its hyperparameters, as a lone trial's config
     (every image: the search cleans once before its trials). Call it after `configure_backend`."""
     from search.study.space import warm_start_trials
     from search.study.spec import load_spec
     from search.trial.run_trial import trial_config
 
-    spec = load_spec("default")
+    spec = load_spec(study)
     config = trial_config(spec, {**warm_start_trials(spec)[0][0], **(overrides or {})}, 0)
     config.exclude_file = None
     return config

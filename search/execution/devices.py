@@ -70,8 +70,8 @@ def malloc_environment(cpu_threads: int | None = None) -> dict[str, str]:
     """glibc settings that keep freed tensor memory for the next step, in `cpu_threads` arenas (glibc's default
     number without it). By default each activation above glibc's mmap threshold is mapped and unmapped every
     step, and faulting its pages in again took 31% of a one-core CPU trial's time in the kernel; with these a
-    trial used 28% less CPU time (docs/benchmarks.md). Linux only; nothing over the user's own MALLOC_* settings,
-    since glibc reads them only when a process starts."""
+    trial used 25-28% less CPU time (`benchmarks/bench_malloc.py`). Linux only; nothing over the user's own
+    MALLOC_* settings, since glibc reads them only when a process starts."""
     if not sys.platform.startswith("linux") or any(name.startswith("MALLOC_") for name in os.environ):
         return {}
     env = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2 ** 20), "MALLOC_TRIM_THRESHOLD_": str(2 ** 30),
