@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def start(arm: str, epochs: int, core: int, folder: Path) -> tuple[subprocess.Popen, float]:
     """The arm's trial on `core` (output in `folder`, so no undrained pipe stalls it) and its start time."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env = dict(os.environ)
     env.update(pin_environment(WorkerDevices(cpu_cores=(core,), cpu_threads=1)),
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")]), TF_CPP_MIN_LOG_LEVEL="3")
     if arm == ARMS[0]:
@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not sys.platform.startswith("linux"):
         sys.exit("bench_malloc: glibc's malloc settings are Linux-only")
+    if mine := sorted(k for k in os.environ if k.startswith("MALLOC_")):
+        sys.exit(f"bench_malloc: unset {', '.join(mine)} first: workers then keep their own, and both arms would match")
     folder = Path(tempfile.mkdtemp(prefix="bench_malloc_"))
     cores = sorted(os.sched_getaffinity(0))
     together = not args.alone and len(cores) >= 2

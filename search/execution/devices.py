@@ -43,9 +43,10 @@ class WorkerDevices:
 def pin_environment(devices: WorkerDevices, compile_cache: Path | None = None) -> dict[str, str]:
     """Environment for a worker subprocess: the Keras backend, CUDA_VISIBLE_DEVICES pinning one GPU (or hiding
     all), JAX allocating GPU memory as needed rather than 75% up front and, when workers share the GPU, up to
-    its `gpu_memory` share (unless the user set a fraction), CELLSEARCH_CPU_CORES the worker's cores, and
-    under JAX its persistent compilation cache in `compile_cache` (unless JAX_COMPILATION_CACHE_DIR names one
-    already), so a graph one trial compiled loads from disk in the next (`benchmarks/bench_compile_cache.py`)."""
+    its `gpu_memory` share (unless the user set a fraction), CELLSEARCH_CPU_CORES the worker's cores, glibc's
+    malloc settings (`malloc_environment`), and under JAX its persistent compilation cache in `compile_cache`
+    (unless JAX_COMPILATION_CACHE_DIR names one already), so a graph one trial compiled loads from disk in the
+    next (`benchmarks/bench_compile_cache.py`)."""
     env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"), "KERAS_BACKEND": backend_name(),
            "XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false")}
     if compile_cache is not None and env["KERAS_BACKEND"] == "jax":
