@@ -98,13 +98,12 @@ def clean_specialist(candidates: list[Candidate], rows: ValidationRows) -> Candi
 def gated_candidate(specialist: Candidate, model_file: Path, work: Path, tta_views: int) -> tuple[Candidate, str]:
     """`specialist` behind a gate fitted on its study's clean split, as a candidate with the gated model's
     predictions on the validation split, its held-out-family copy and the test split; and a note saying how
-    much of each the gate lets through."""
+    much of each the gate lets through. The gate decides alike for every dihedral view, so those predictions are
+    the specialist's saved ones where it lets an image through and the uniform vote elsewhere, with nothing
+    predicted again."""
     from backbones import load_model
     from common.errors import EnsembleError
     from search.trial.data import load_trial_data
-    from search.trial.views import predict_views
-
-    from ensemble.standalone import abstains
 
     data = load_trial_data(specialist.config)
     same = (np.array_equal(data.val.ids.astype(str), specialist.val_ids)
@@ -119,8 +118,10 @@ def gated_candidate(specialist: Candidate, model_file: Path, work: Path, tta_vie
     path = work / f"{gated.name}.keras"
     model.save(path)
     images = {"val": data.val.images, "shifted": data.val_shifted.images, "test": data.test.images}
-    probs = {k: predict_views(model, v, tta_views).mean(axis=0).astype(np.float64) for k, v in images.items()}
-    share = {k: 1.0 - float(abstains(v).mean()) for k, v in probs.items()}  # as the saved model decided
+    saved = {"val": specialist.val_probs, "shifted": specialist.shifted_probs, "test": specialist.test_probs}
+    lets = {k: inside(gate, v) for k, v in images.items()}
+    probs = {k: np.where(lets[k][:, None], saved[k], 1.0 / saved[k].shape[1]) for k in images}
+    share = {k: float(v.mean()) for k, v in lets.items()}
     note = (f"gate: trial {specialist.number} ({specialist.config.backbone}, {specialist.config.augment_policy}; the "
             f"best clean validation accuracy) joins the candidates gated: it votes on {share['val']:.0%} of the "
             f"clean validation images, {share['shifted']:.0%} of their held-out-family copy and "

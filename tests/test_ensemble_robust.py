@@ -187,3 +187,22 @@ def test_the_gate_is_offered_by_default_under_the_robust_objective_and_ships_onl
                            progress=False)
     assert not any(n.startswith("gate:") for n in plain.report_.notes)
     assert not any(name.endswith("_gated") for name in load_ensemble(tmp_path / "plain").member_names)
+
+
+def test_the_gated_candidate_carries_what_its_saved_model_predicts(candidates, location, tmp_path):  # noqa: F811
+    """Built from the specialist's saved predictions and the gate's statistics, without predicting again."""
+    from backbones import load_model
+    from ensemble.candidates import artifact_store, download
+    from ensemble.gate import gated_candidate
+    from ensemble.standalone import abstains
+    from search.trial.data import load_trial_data
+    from search.trial.views import predict_views
+
+    specialist = candidates[0]
+    model_file = download(artifact_store(location), specialist, "model.keras", tmp_path / "model.keras")
+    gated, _ = gated_candidate(specialist, model_file, tmp_path / "gate", 8)
+    model, data = load_model(gated.model_file, compile=False), load_trial_data(specialist.config)
+    for images, probs in ((data.val.images, gated.val_probs), (data.val_shifted.images, gated.shifted_probs),
+                          (data.test.images, gated.test_probs)):
+        np.testing.assert_allclose(probs, predict_views(model, images, 8).mean(axis=0), atol=1e-4)
+    assert 0 < abstains(gated.shifted_probs).mean() < 1 and abstains(gated.val_probs).mean() < 0.2
