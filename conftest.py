@@ -1,16 +1,20 @@
 """The whole test run: tests/ and, through --doctest-modules, the docstring examples of the packages.
 
 Keras' backend and TensorFlow's log level are set here, before any module is imported, so the tests and the
-docstring examples run alike. `collect_ignore` leaves out what acts when imported: `python -m cellsearch`'s
-entry module exits the process, and the benchmarks are programs run by hand.
+docstring examples run alike; so are the search workers' malloc settings, for the test processes started after
+this file runs, which train and predict in-process. `collect_ignore` leaves out what acts when imported:
+`python -m cellsearch`'s entry module exits the process, and the benchmarks are programs run by hand.
 """
 
 import os
 
 import pytest
 
+from search.execution.devices import malloc_environment
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.update(malloc_environment(os.cpu_count()))
 
 collect_ignore = ["cellsearch/__main__.py", "benchmarks"]
 
