@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from search.execution.devices import malloc_environment
+from common.malloc import malloc_environment
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")

@@ -1,4 +1,4 @@
-"""What a worker's glibc malloc settings (`search.execution.devices.malloc_environment`) buy: one CPU trial with
+"""What a worker's glibc malloc settings (`common.malloc.malloc_environment`) buy: one CPU trial with
 glibc's defaults and one with the settings, each on its own core as the search's workers run, both at once
 (`--alone`: one after the other, nothing else running). Each row: wall seconds, CPU seconds in user space and
 in the kernel, minor page faults (from `os.wait4`), and the trial's own training seconds and first epoch.
@@ -23,7 +23,8 @@ from pathlib import Path
 from bench_backends import ROOT
 
 sys.path.insert(0, str(ROOT))
-from search.execution.devices import WorkerDevices, malloc_environment, pin_environment  # noqa: E402
+from common.malloc import malloc_environment  # noqa: E402
+from search.execution.devices import WorkerDevices, pin_environment  # noqa: E402
 
 TRIAL = """
 import json, sys

@@ -78,11 +78,15 @@ def set_verbosity(verbosity: int) -> None:
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run a command's `main`; every `CellsearchError` becomes `error: <message>` and exit code 2. Without
-    `-v`, TensorFlow's C++ log lines are filtered out of stderr (common.native_log)."""
+    `-v`, TensorFlow's C++ log lines are filtered out of stderr (common.native_log). The command's own process
+    keeps freed tensor memory as the search's workers do (`common.malloc`): builds, predictions and single
+    trainings run in it."""
     from contextlib import nullcontext
 
+    from common.malloc import keep_freed_memory
     from common.native_log import native_log_filtered
 
+    keep_freed_memory(os.cpu_count())
     quiet_tensorflow()
     verbose = any(a in ("-v", "--verbose") for a in (sys.argv[1:] if argv is None else argv))
     with nullcontext() if verbose else native_log_filtered():

@@ -153,30 +153,51 @@ def test_a_worker_is_pinned_to_its_cores():
     assert out.stdout.strip() == str(list(device.cpu_cores))
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
-def test_a_worker_keeps_freed_tensor_memory_instead_of_faulting_it_in_again(monkeypatch):
-    """Steps that allocate and free a compute thread's activations: a worker keeps their pages mapped."""
-    for name in [name for name in os.environ if name.startswith("MALLOC_")]:  # conftest.py's, or the user's own
+# Steps that allocate a compute thread's activations (28x28, a 128-image batch), alive together, then freed
+STEPS = ("import resource, threading, numpy as np\n{setup}\n"
+         "def steps():\n"
+         "    for _ in range(20):\n"
+         "        alive = [np.ones(n, np.uint8) for n in (12849152, 6426624, 3215360, 28000256, 12849152, 6426624, "
+         "1208320, 22130688)]\n"
+         "        del alive\n"
+         "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+         "thread = threading.Thread(target=steps); thread.start(); thread.join()\n"
+         "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
+
+
+def page_faults(env: dict, setup: str = "") -> int:
+    """Minor page faults of the steps in a fresh process."""
+    return int(subprocess.run([sys.executable, "-c", STEPS.format(setup=setup)], env=env, capture_output=True,
+                              text=True, check=True).stdout)
+
+
+@pytest.fixture
+def plain_malloc(monkeypatch) -> dict:
+    """The environment without MALLOC_* variables (conftest.py's, or the user's own)."""
+    for name in [name for name in os.environ if name.startswith("MALLOC_")]:
         monkeypatch.delenv(name)
-    code = ("import resource, threading, numpy as np\n"
-            "def steps():\n"
-            "    for _ in range(20):  # 28x28 activations of a 128-image batch, alive together, then freed\n"
-            "        alive = [np.ones(n, np.uint8) for n in (12849152, 6426624, 3215360, 28000256, 12849152, "
-            "6426624, 1208320, 22130688)]\n"
-            "        del alive\n"
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-            "thread = threading.Thread(target=steps); thread.start(); thread.join()\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
-    plain = dict(os.environ)
-    worker = {**plain, **pin_environment(WorkerDevices(cpu_threads=1))}
-    faults = {name: int(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                                       check=True).stdout) for name, env in (("plain", plain), ("worker", worker))}
+    return dict(os.environ)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_a_worker_keeps_freed_tensor_memory_instead_of_faulting_it_in_again(plain_malloc):
+    worker = {**plain_malloc, **pin_environment(WorkerDevices(cpu_threads=1))}
+    faults = {"plain": page_faults(plain_malloc), "worker": page_faults(worker)}
     assert worker["MALLOC_ARENA_MAX"] == "1" and faults["worker"] < faults["plain"] / 3, faults
     assert "MALLOC_ARENA_MAX" not in pin_environment(WorkerDevices())  # glibc's default number of arenas
-    own = subprocess.run([sys.executable, "-c", "from search.execution.devices import malloc_environment; "
-                          "print(malloc_environment(1))"], env={**plain, "MALLOC_ARENA_MAX": "4"},
+    own = subprocess.run([sys.executable, "-c", "from common.malloc import malloc_environment; "
+                          "print(malloc_environment(1))"], env={**plain_malloc, "MALLOC_ARENA_MAX": "4"},
                          capture_output=True, text=True, check=True)
     assert own.stdout.strip() == "{}"  # the user's own settings stand
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_a_command_keeps_freed_tensor_memory_in_its_own_process(plain_malloc):
+    """Every command runs through run_cli, which applies the workers' settings to its own process."""
+    command = "from common.cli_errors import run_cli\nrun_cli(lambda argv: 0, [])"
+    faults = {"plain": page_faults(plain_malloc), "command": page_faults(plain_malloc, command),
+              "own": page_faults({**plain_malloc, "MALLOC_TOP_PAD_": "0"}, command)}
+    assert faults["command"] < faults["plain"] / 3 and faults["own"] > faults["plain"] / 2, faults
 
 
 def test_a_jax_worker_compiles_into_the_studys_cache_and_keeps_a_cache_the_user_named(tmp_path):

@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.malloc import malloc_environment
+
 
 #: Environment variable naming the CPU cores a worker is pinned to ("0,1"); the CPU analogue of
 #: CUDA_VISIBLE_DEVICES.
@@ -44,7 +46,7 @@ def pin_environment(devices: WorkerDevices, compile_cache: Path | None = None) -
     """Environment for a worker subprocess: the Keras backend, CUDA_VISIBLE_DEVICES pinning one GPU (or hiding
     all), JAX allocating GPU memory as needed rather than 75% up front and, when workers share the GPU, up to
     its `gpu_memory` share (unless the user set a fraction), CELLSEARCH_CPU_CORES the worker's cores, glibc's
-    malloc settings (`malloc_environment`), and under JAX its persistent compilation cache in `compile_cache`
+    malloc settings (`common.malloc`), and under JAX its persistent compilation cache in `compile_cache`
     (unless JAX_COMPILATION_CACHE_DIR names one already), so a graph one trial compiled loads from disk in the
     next (`benchmarks/bench_compile_cache.py`)."""
     env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"), "KERAS_BACKEND": backend_name(),
@@ -65,19 +67,6 @@ def pin_environment(devices: WorkerDevices, compile_cache: Path | None = None) -
         env[CORES_VARIABLE] = ",".join(str(c) for c in devices.cpu_cores)
     env.update(malloc_environment(devices.cpu_threads))
     return env
-
-
-def malloc_environment(cpu_threads: int | None = None) -> dict[str, str]:
-    """glibc settings that keep freed tensor memory for the next step, in `cpu_threads` arenas (glibc's default
-    number without it). By default each activation above glibc's mmap threshold is mapped and unmapped every
-    step, and faulting its pages in again took 31% of a one-core CPU trial's time in the kernel; with these a
-    trial used 25-28% less CPU time (`benchmarks/bench_malloc.py`). Linux only; nothing over the user's own
-    MALLOC_* settings, since glibc reads them only when a process starts."""
-    if not sys.platform.startswith("linux") or any(name.startswith("MALLOC_") for name in os.environ):
-        return {}
-    env = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2 ** 20), "MALLOC_TRIM_THRESHOLD_": str(2 ** 30),
-           "MALLOC_TOP_PAD_": str(256 * 2 ** 20)}
-    return {**env, "MALLOC_ARENA_MAX": str(cpu_threads)} if cpu_threads else env
 
 
 def gpu_memory_environment(share: float | None) -> dict[str, str]:

@@ -31,7 +31,8 @@ import threading
 import time
 import uuid
 
-from search.execution.devices import gpu_memory_environment, malloc_environment
+from common.malloc import malloc_environment
+from search.execution.devices import gpu_memory_environment
 from search.execution.ray_cluster import (absolute_location, absolute_spec, absolute_storage_url, node_attrs,
                                           plan_resources, ray, start_ray)
 from search.study.spec import StudySpec
