@@ -1,4 +1,5 @@
-"""Tiny real study specs for the search tests: small data, one or two epochs, fast models."""
+"""Tiny real study specs for the search tests: small data (a subset of the embedded set, so a trial's predictions
+on the validation and test splits take a fraction of a second), one or two epochs, fast models."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ name = "{name}"
 out = "{out}"
 
 [data]
+path = "{data}"
 max_train_images = {train_images}
 
 [space]
@@ -53,12 +55,35 @@ max_retry = 1
 """
 
 
+SMALL = {"train": 1200, "val": 240, "test": 320}  # images per split of `small_data`
+
+
+def small_data(path: Path, sizes: dict[str, int] = SMALL) -> Path:
+    """A stratified-enough random subset of the embedded data in MedMNIST layout (with file ids)."""
+    import numpy as np
+
+    from data_pipeline.loaders import default_data_path
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    with np.load(default_data_path()) as full:
+        for split, size in sizes.items():
+            keep = np.sort(rng.choice(len(full[f"{split}_labels"]), size, replace=False))
+            for key in ("images", "labels", "files"):
+                arrays[f"{split}_{key}"] = full[f"{split}_{key}"][keep]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return path
+
+
 def write_tiny_spec(folder: Path, name: str = "tiny", trials: int = 2, min_epochs: int = 1, max_epochs: int = 2,
-                    pruner: str = "none", extra: str = "", train_images: int = 320) -> Path:
+                    pruner: str = "none", extra: str = "", train_images: int = 320, data: Path | None = None) -> Path:
+    """The spec file of a tiny study on `data` (default: `small_data` written into `folder`)."""
+    data = data or small_data(folder / "small_cells.npz")
     path = folder / f"{name}.toml"
     path.write_text(TINY_SPEC.format(name=name, out=folder / "runs", trials=trials, min_epochs=min_epochs,
-                                     max_epochs=max_epochs, pruner=pruner,
-                                     train_images=train_images) + extra)
+                                     max_epochs=max_epochs, pruner=pruner, train_images=train_images,
+                                     data=data.as_posix()) + extra)
     return path
 
 

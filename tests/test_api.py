@@ -16,6 +16,7 @@ import pytest
 from optuna.trial import TrialState
 
 import cellsearch as cs
+from search_helpers import small_data
 from search.trial.objective import Objective
 from search.execution.data_check import load_and_clean
 from search.study.reseed import RESEED_ATTR
@@ -37,6 +38,7 @@ TINY = {
 def tiny_spec(tmp_path: Path, **sections) -> dict:
     spec = json.loads(json.dumps(TINY))
     spec["out"] = str(tmp_path / "runs")
+    spec["data"]["path"] = str(small_data(tmp_path / "small_cells.npz"))
     for section, values in sections.items():
         spec[section] = {**spec.get(section, {}), **values} if isinstance(values, dict) else values
     return spec
@@ -99,7 +101,8 @@ def test_bad_options_and_unknown_policies_fail_before_any_worker(tmp_path):
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
     folder = tmp_path_factory.mktemp("api")
-    study = cs.search(tiny_spec(folder, budget={"trials": 1}), workers=1, progress=False)
+    # the embedded set itself, with its real duplicates for the cleaning to remove
+    study = cs.search(tiny_spec(folder, data={"path": ""}, budget={"trials": 1}), workers=1, progress=False)
     return study
 
 

@@ -18,24 +18,9 @@ import pandas as pd
 import pytest
 
 from common.errors import EnsembleError
-from search_helpers import run_search, write_tiny_spec
+from search_helpers import run_search, small_data, write_tiny_spec
 
 SIZES = {"train": 600, "val": 240, "test": 320}
-
-
-def small_data(path: Path) -> Path:
-    """A stratified-enough random subset of the embedded data in MedMNIST layout (with file ids)."""
-    from data_pipeline.loaders import default_data_path
-
-    rng = np.random.default_rng(0)
-    arrays = {}
-    with np.load(default_data_path()) as full:
-        for split, size in SIZES.items():
-            keep = np.sort(rng.choice(len(full[f"{split}_labels"]), size, replace=False))
-            for key in ("images", "labels", "files"):
-                arrays[f"{split}_{key}"] = full[f"{split}_{key}"][keep]
-    np.savez(path, **arrays)
-    return path
 
 
 def tiny_study(tmp_path_factory) -> tuple[Path, Path]:
@@ -45,10 +30,8 @@ def tiny_study(tmp_path_factory) -> tuple[Path, Path]:
     if (folder / "done").is_file():
         return folder, data
     folder.mkdir(exist_ok=True)
-    small_data(data)
-    spec = write_tiny_spec(folder, name="enstiny", trials=3, train_images=600)
-    spec.write_text(spec.read_text().replace("tta_views = 1", "tta_views = 8")
-                    .replace("[data]\n", f'[data]\npath = "{data.as_posix()}"\n'))
+    spec = write_tiny_spec(folder, name="enstiny", trials=3, train_images=600, data=small_data(data, SIZES))
+    spec.write_text(spec.read_text().replace("tta_views = 1", "tta_views = 8"))
     done = run_search("--study", str(spec))
     assert done.returncode == 0, done.stderr[-3000:]
     (folder / "done").touch()

@@ -366,8 +366,7 @@ def test_study_page_shows_the_data_what_cleaning_removed_and_the_corruptions(tmp
     from search_helpers import write_tiny_spec
 
     data = planted_data(tmp_path / "cells.npz")
-    path = write_tiny_spec(tmp_path, name="paged")
-    path.write_text(path.read_text().replace("[data]\n", f'[data]\npath = "{data.as_posix()}"\n'))
+    path = write_tiny_spec(tmp_path, name="paged", data=data)
     spec = load_spec(str(path))
     prepared = load_and_clean(spec)  # the real cleaning, as search.run does it before any trial
     report = pd.read_csv(prepared.report_file).query("not kept")
