@@ -76,6 +76,12 @@ def seconds_until_no_worker(folder: Path, limit: float) -> float:
     return time.monotonic() - start
 
 
+def worker_logs(spec_path: Path, tail: int = 3000) -> str:
+    """The end of each worker's log: what a failed assertion about the workers shows."""
+    logs = sorted(load_spec(str(spec_path)).location.logs_dir.glob("worker_*.log"))
+    return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-tail:]}" for log in logs)
+
+
 def finished(all_trials) -> list:
     return [t for t in all_trials if t.state in FINISHED]
 
@@ -126,9 +132,66 @@ def test_killed_driver_takes_its_workers_with_it(tmp_path):
     assert seconds_until_no_worker(tmp_path, STOP_WITHIN_S) < STOP_WITHIN_S, "workers kept training unseen"
     by_number = {t.number: t for t in trials(spec_path)}
     for trial in interrupted:  # each worker recorded its own trial on the way out
-        assert by_number[trial.number].state == TrialState.FAIL
+        assert by_number[trial.number].state == TrialState.FAIL, worker_logs(spec_path)
         assert by_number[trial.number].user_attrs[FAIL_REASON] == INTERRUPTED
         assert any(t.user_attrs.get(RETRY_ATTR) == trial.number for t in by_number.values())
+
+
+STUCK_WORKER = """
+import ctypes, os, sys, time
+import optuna
+from search.execution import lifecycle
+from search.execution.storage import open_storage
+
+lifecycle.WORKER_GRACE_S, lifecycle.LAST_WORDS_S = 3, 1
+url = sys.argv[1]
+study = optuna.create_study(study_name="stuck", storage=open_storage(url, heartbeat_interval=None))
+trial = study.ask()
+trial.suggest_int("x", 0, 9)
+trial.set_user_attr("worker", lifecycle.worker_id())
+signals = lifecycle.WorkerSignals().install()
+signals.record_when_stuck(study, url)
+if sys.argv[2] == "recording_hangs":
+    signals.last_words = lambda: time.sleep(60)
+
+def stuck_in_native_code():
+    with signals.interruptible(False):  # the signal lands where it must not cut in
+        print("ready", flush=True)
+        while not signals.requested:
+            time.sleep(0.01)
+    ctypes.CDLL(None).sleep(60)  # then a long native call that no signal handler interrupts
+
+stuck_in_native_code()
+"""
+
+
+@pytest.mark.parametrize("case", ["recorded", "recording_hangs"])
+def test_a_worker_stuck_in_native_code_records_its_trial_and_exits_in_its_grace_period(tmp_path, case):
+    """A signal handler waits for the main thread; a worker stuck in native code past part of its grace period
+    (TensorFlow optimising a graph under load) records its trial from another thread and exits, and says where
+    its threads were; should even that hang, it still exits within the grace period."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    worker = subprocess.Popen([sys.executable, "-c", STUCK_WORKER, url, case], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline().strip() == "ready"
+        worker.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        _, err = worker.communicate(timeout=STOP_WITHIN_S)
+        took = time.monotonic() - start
+    finally:
+        worker.kill()
+    assert "stuck_in_native_code" in err
+    assert took < 3 + 1
+    if case == "recording_hangs":
+        assert worker.returncode == 1 and "Timeout" in err, err
+        return
+    assert worker.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM did not stop the trial in 2 s: recorded as interrupted" in err
+    stuck, retry = optuna.load_study(study_name="stuck", storage=open_storage(url, heartbeat_interval=None)).trials
+    assert stuck.state == TrialState.FAIL and stuck.user_attrs[FAIL_REASON] == INTERRUPTED
+    assert retry.state == TrialState.WAITING and retry.user_attrs[RETRY_ATTR] == 0
+    assert retry.system_attrs["fixed_params"] == stuck.params  # what an enqueued trial will be given
 
 
 @pytest.mark.parametrize("backend", [pytest.param("sqlite", marks=pytest.mark.slow), "postgresql"])

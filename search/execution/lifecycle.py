@@ -4,9 +4,10 @@
   workers, fails their unfinished trials with `fail_reason` = "interrupted" and queues each configuration
   again (user attribute `retry_of`); a second signal exits at once.
 - Worker: SIGINT/SIGTERM interrupts the trial in progress the same way, or stops the worker before its next
-  trial; a worker whose driver dies, even by SIGKILL, gets SIGTERM (`exit_with_parent`) and so never trains
-  on unseen. A Ray worker actor is no child of the driver: it watches the driver's pid, records its trial as
-  interrupted and exits (`exit_with_driver`).
+  trial; one stuck in native code meanwhile records its trial from another thread (`WorkerSignals`). A worker
+  whose driver dies, even by SIGKILL, gets SIGTERM (`exit_with_parent`) and so never trains on unseen. A Ray
+  worker actor is no child of the driver: it watches the driver's pid, records its trial as interrupted and
+  exits (`exit_with_driver`).
 - A trial whose process died without a word (OOM killer, power cut) keeps its heartbeat only for the grace
   period; then Optuna's `fail_stale_trials` fails it and `RetryHeartbeatStaleTrialCallback` queues it again,
   at most `storage.max_retry` times. Fresh heartbeats belong to live workers (perhaps of another driver)
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import faulthandler
 import io
 import os
 import shlex
@@ -43,6 +45,7 @@ INTERRUPTED = "interrupted"
 RETRY_ATTR = "retry_of"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 WORKER_GRACE_S = 6  # a stopping worker gets this long to record its trial, then it is killed
+LAST_WORDS_S = 2  # the end of it, for recording from a thread when the main thread is stuck (WorkerSignals)
 FAILURES_IN_A_ROW = 5
 _PR_SET_PDEATHSIG = 1
 _STORAGE_MODULES = ("sqlalchemy", "optuna.storages", "sqlite3", "psycopg2")
@@ -102,12 +105,14 @@ class WorkerSignals:
 
     Between trials (Optuna asking, telling, sampling) a signal only sets `requested`, so no storage write
     is cut in half; `interruptible()` marks the stretch where the signal raises `Interrupted` at once, or as
-    soon as a storage write in progress (a trial's attribute, say) has finished. The first signal also arms an
-    alarm: a worker never outlives a stop request by more than WORKER_GRACE_S.
+    soon as a storage write in progress (a trial's attribute, say) has finished. The first signal also arms a
+    watchdog: a worker never outlives a stop request by more than WORKER_GRACE_S, and one that would writes
+    where every thread of it was (its log) before it exits.
     """
 
     def __init__(self) -> None:
         self.requested: int | None = None  # the signal, once one came
+        self.last_words: Callable[[], int] = lambda: 0  # records a stuck worker's trials (`record_when_stuck`)
         self._raised = False
         self._interruptible = True
 
@@ -119,8 +124,7 @@ class WorkerSignals:
     def _handle(self, signum: int, frame) -> None:
         if self.requested is None:
             self.requested = signum
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)
-            signal.alarm(WORKER_GRACE_S)
+            self._end_within_grace(signum)
         elif self._raised:
             return
         if not self._interruptible:
@@ -130,6 +134,29 @@ class WorkerSignals:
             return
         self._raised = True
         raise Interrupted(signum)
+
+    def record_when_stuck(self, study: optuna.Study, storage_url: str) -> None:
+        """Past its grace period, this process fails its RUNNING trials of `study` as interrupted, queued again."""
+        self.last_words = lambda: fail_interrupted(study, storage_url, trials_of_workers(study, [os.getpid()]))
+
+    def _end_within_grace(self, signum: int) -> None:
+        """Outlive the stop request by WORKER_GRACE_S at most. A signal handler runs only between two Python
+        steps of the main thread, so one stuck in native code (TensorFlow optimising a graph under load) cannot
+        act on it: a thread then records the trials still running (`last_words`), says where each thread was,
+        and exits; an interpreter-level timer ends the process should that not be done in time."""
+        _exit_after(WORKER_GRACE_S)
+
+        def overrun() -> None:
+            time.sleep(WORKER_GRACE_S - LAST_WORDS_S)
+            with contextlib.suppress(Exception):
+                if self.last_words():
+                    print(f"{signal.Signals(signum).name} did not stop the trial in {WORKER_GRACE_S - LAST_WORDS_S} s: "
+                          "recorded as interrupted from another thread; where each thread was:", file=sys.stderr,
+                          flush=True)
+                    faulthandler.dump_traceback(file=sys.__stderr__)
+            os._exit(128 + signum)
+
+        threading.Thread(target=overrun, daemon=True, name="stop-overrun").start()
 
     @contextlib.contextmanager
     def interruptible(self, allowed: bool = True) -> Iterator[None]:
@@ -160,6 +187,16 @@ class WorkerSignals:
                 raise
 
         return run
+
+
+def _exit_after(seconds: int) -> None:
+    """End this process in `seconds`, from a thread of the interpreter's own that runs whatever Python does, after
+    writing every thread's stack to stderr; without a stderr file, SIGALRM ends it silently."""
+    try:
+        faulthandler.dump_traceback_later(seconds, exit=True, file=sys.__stderr__)
+    except (AttributeError, ValueError, OSError):
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(seconds)
 
 
 def _in_storage_call(frame) -> bool:
@@ -269,10 +306,11 @@ def start_reaper(match: str, delay_s: float):
 
 # ----------------------------------------------------------------------------------------- trials
 def requeue_interrupted(trial: optuna.Trial) -> None:
-    """Record that the RUNNING `trial` was interrupted and queue its configuration again; its own process
-    then fails it. Interrupted trials are not at fault, so `storage.max_retry` does not limit this."""
-    trial.set_user_attr(FAIL_REASON, INTERRUPTED)
+    """Queue the RUNNING `trial`'s configuration again, then record that it was interrupted (so the mark means
+    "queued"); its own process then fails it. Interrupted trials are not at fault: `storage.max_retry` does not
+    limit this."""
     _queue_again(trial.study, _frozen(trial.study, trial.number))
+    trial.set_user_attr(FAIL_REASON, INTERRUPTED)
 
 
 def _frozen(study: optuna.Study, number: int) -> FrozenTrial:
@@ -291,13 +329,15 @@ def fail_interrupted(study: optuna.Study, storage_url: str, trials: Iterable[Fro
     study_id = storage.get_study_id_from_name(study.study_name)
     for trial in trials:
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        queued = storage.get_trial(trial_id).user_attrs.get(FAIL_REASON) == INTERRUPTED  # by requeue_interrupted
         try:
             storage.set_trial_user_attr(trial_id, FAIL_REASON, INTERRUPTED)
             if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
                 continue
         except UpdateFinishedTrialError:  # its own process finished it meanwhile
             continue
-        _queue_again(study, storage.get_trial(trial_id))
+        if not queued:
+            _queue_again(study, storage.get_trial(trial_id))
         failed += 1
     return failed
 

@@ -82,6 +82,7 @@ def work(spec: StudySpec, storage_url: str, artifacts: str, signals: WorkerSigna
     objective = with_attrs(Objective(spec, artifact_store), trial_attrs or {})
     with storage_failures(storage_url), signals.interruptible(False), trials_end_by(trial_deadline):
         study = open_study(spec, storage, worker_index=index)
+        signals.record_when_stuck(study, storage_url)
         if finished_count(study) >= spec.budget.trials:
             return
         study.optimize(signals.objective(objective), timeout=timeout, catch=(Exception,), callbacks=callbacks,
