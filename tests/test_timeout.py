@@ -18,17 +18,21 @@ from search.execution.driver import (FIRST_REFIT_SHARE, FIRST_WRAP_UP_S, REFIT_A
 from search.execution.worker import DeadlineGuard
 from search.study.spec import load_spec
 from search.study.trial_config import TrialConfig
-from search.trial.trainer import Deadline, is_complete, train_trial, trials_end_by
+from search.trial.trainer import DEADLINE_MARGIN, Deadline, is_complete, train_trial, trials_end_by
 from search_helpers import run_search, write_tiny_spec
 
 TINY = dict(backbone="compact_cnn", epochs=40, batch_size=64, learning_rate=3e-3, max_train_images=320,
             augment_policy="none", tta_views=1, seed=0)
 
 
-def test_the_deadline_rule_counts_the_next_epoch_evaluation_and_publication():
+def test_the_deadline_rule_counts_the_next_epoch_evaluation_and_publication_with_a_margin():
     deadline = Deadline(at=100.0, overhead_s=5.0)
-    assert deadline.leaves_room(epoch_s=10.0, evaluate_s=5.0, now=80.0)
-    assert not deadline.leaves_room(epoch_s=10.0, evaluate_s=5.0, now=80.1)
+    latest = 100.0 - 5.0 - (1 + DEADLINE_MARGIN) * (10.0 + 5.0)  # publication; the epoch and evaluation, longer
+    assert latest < 100.0 - 5.0 - (10.0 + 5.0)
+    assert deadline.leaves_room(epoch_s=10.0, evaluate_s=5.0, now=latest - 0.01)
+    assert not deadline.leaves_room(epoch_s=10.0, evaluate_s=5.0, now=latest + 0.1)
+    assert deadline.epochs_left(epoch_s=10.0, evaluate_s=5.0, now=latest - 0.01) == 1
+    assert deadline.epochs_left(epoch_s=10.0, evaluate_s=5.0, now=latest - 11.1) == 2
     assert not Deadline(at=100.0, overhead_s=25.0).leaves_room(epoch_s=0.0, evaluate_s=0.0, now=80.0)
 
 

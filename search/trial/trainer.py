@@ -40,6 +40,9 @@ ReportFn = Callable[[int, dict], None]  # (epoch, validation scores of that epoc
 ARTIFACT_FILES = ("config.json", "history.csv", "predictions.npz", "model.keras", "metrics.json")
 EVALUATE_MARGIN = 1.5  # predict's cost per image over the validation pass's (compact_cnn_d2, 1 core: 1.45)
 FIRST_OVERHEAD_S = 5.0  # finishing overhead assumed until a finished trial has measured it
+# A deadline's plan takes the next epoch and the evaluation as this much longer than measured: on a shared
+# machine they can overrun the last epoch's pace by more than the backstop's slack (2% of the timeout).
+DEADLINE_MARGIN = 0.1
 
 
 @dataclass
@@ -52,12 +55,19 @@ class Deadline:
     overhead_s: float = FIRST_OVERHEAD_S
 
     def seconds_left(self, evaluate_s: float, now: float | None = None) -> float:
-        """Training time left before evaluation (`evaluate_s`) and publication must start to end by `at`."""
-        return self.at - (time.time() if now is None else now) - evaluate_s - self.overhead_s
+        """Training time left before evaluation (`evaluate_s`, with the margin) and publication must start to end
+        by `at`."""
+        return self.at - (time.time() if now is None else now) - (1 + DEADLINE_MARGIN) * evaluate_s - self.overhead_s
+
+    def epochs_left(self, epoch_s: float, evaluate_s: float, now: float | None = None) -> int:
+        """Whole epochs as long as the last one (with the margin) that still leave evaluation and publication."""
+        from search.trial.schedule import epochs_that_fit
+
+        return epochs_that_fit(self.seconds_left(evaluate_s, now), (1 + DEADLINE_MARGIN) * epoch_s, whole=True)
 
     def leaves_room(self, epoch_s: float, evaluate_s: float, now: float | None = None) -> bool:
         """Whether one more epoch as long as the last one, then evaluation and publication, end by `at`."""
-        return epoch_s <= self.seconds_left(evaluate_s, now)
+        return (1 + DEADLINE_MARGIN) * epoch_s <= self.seconds_left(evaluate_s, now)
 
 
 _DEADLINE: ContextVar[Deadline | None] = ContextVar("trial_deadline", default=None)
@@ -160,7 +170,7 @@ def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, ep
             if config.time_budget_s:
                 fits.append(max(1, epochs_that_fit(config.time_budget_s - (now - started), epoch_s, whole=False)))
             if deadline is not None:
-                fits.append(epochs_that_fit(deadline.seconds_left(evaluate_s), epoch_s, whole=True))
+                fits.append(deadline.epochs_left(epoch_s, evaluate_s))
             if fits:
                 last = min(epochs, epoch + 1 + min(fits))
                 schedule.end_at((epoch + 1) * steps_per_epoch, last * steps_per_epoch)
