@@ -324,7 +324,7 @@ def _with_gate(options: BuildOptions, candidates: list, rows: ValidationRows, bu
         return candidates
     try:
         model_file = specialist.model_file or download(store, specialist, "model.keras", cache / "specialist.keras")
-        gated, note = gated_candidate(specialist, model_file, cache / "gate", options.tta)
+        gated, note = gated_candidate(specialist, model_file, cache / "gate")
     except CellsearchError as exc:  # the study's data moved or changed: build without the gate, and say why
         notes.append(f"gate: not added ({exc})")
         return candidates

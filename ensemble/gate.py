@@ -95,7 +95,7 @@ def clean_specialist(candidates: list[Candidate], rows: ValidationRows) -> Candi
     return None if best_clean == best_robust else candidates[best_clean]
 
 
-def gated_candidate(specialist: Candidate, model_file: Path, work: Path, tta_views: int) -> tuple[Candidate, str]:
+def gated_candidate(specialist: Candidate, model_file: Path, work: Path) -> tuple[Candidate, str]:
     """`specialist` behind a gate fitted on its study's clean split, as a candidate with the gated model's
     predictions on the validation split, its held-out-family copy and the test split; and a note saying how
     much of each the gate lets through. The gate decides alike for every dihedral view, so those predictions are
@@ -127,7 +127,7 @@ def gated_candidate(specialist: Candidate, model_file: Path, work: Path, tta_vie
             f"clean validation images, {share['shifted']:.0%} of their held-out-family copy and "
             f"{share['test']:.0%} of the test images")
     return dataclasses.replace(gated, val_probs=probs["val"], shifted_probs=probs["shifted"], test_probs=probs["test"],
-                               saved_views=tta_views, model_file=path), note
+                               model_file=path), note
 
 
 def with_gated_member(selection: Selection, base_val: np.ndarray, gated_val: np.ndarray, rows: ValidationRows,

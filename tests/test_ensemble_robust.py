@@ -200,7 +200,7 @@ def test_the_gated_candidate_carries_what_its_saved_model_predicts(candidates, l
 
     specialist = candidates[0]
     model_file = download(artifact_store(location), specialist, "model.keras", tmp_path / "model.keras")
-    gated, _ = gated_candidate(specialist, model_file, tmp_path / "gate", 8)
+    gated, _ = gated_candidate(specialist, model_file, tmp_path / "gate")
     model, data = load_model(gated.model_file, compile=False), load_trial_data(specialist.config)
     for images, probs in ((data.val.images, gated.val_probs), (data.val_shifted.images, gated.shifted_probs),
                           (data.test.images, gated.test_probs)):

@@ -329,15 +329,15 @@ def fail_interrupted(study: optuna.Study, storage_url: str, trials: Iterable[Fro
     study_id = storage.get_study_id_from_name(study.study_name)
     for trial in trials:
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-        queued = storage.get_trial(trial_id).user_attrs.get(FAIL_REASON) == INTERRUPTED  # by requeue_interrupted
+        current = storage.get_trial(trial_id)
         try:
             storage.set_trial_user_attr(trial_id, FAIL_REASON, INTERRUPTED)
             if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
                 continue
         except UpdateFinishedTrialError:  # its own process finished it meanwhile
             continue
-        if not queued:
-            _queue_again(study, storage.get_trial(trial_id))
+        if current.user_attrs.get(FAIL_REASON) != INTERRUPTED:  # else requeue_interrupted queued it already
+            _queue_again(study, current)
         failed += 1
     return failed
 
