@@ -236,6 +236,24 @@ def test_the_fold_seed_reaches_the_splitter_and_keeps_classes_in_every_fold():
     assert len(folds(rare)) == 5
 
 
+def test_folds_are_the_splitters_own_computed_once_and_read_only():
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from ensemble.combiners import folds
+
+    _, y = noisy_members(90, seed=6)
+    names = np.array([f"cell-{i % 90}" for i in range(180)])  # any group labels: an image and its copy
+    rows_y = y[np.arange(180) % 90]
+    splitter = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=7)
+    expected = [test.tolist() for _, test in splitter.split(np.zeros(180), rows_y, names)]
+    first = folds(rows_y, names, random_state=7)
+    assert [test.tolist() for _, test in first] == expected
+    again = folds(rows_y, names, random_state=7)
+    assert all(a[1] is b[1] for a, b in zip(first, again))  # the same arrays, not a second search
+    with pytest.raises(ValueError, match="read-only"):
+        first[0][1][0] = 0
+
+
 def test_robust_scores_are_the_mean_of_clean_and_shifted():
     from ensemble.robust import ValidationRows
 
