@@ -95,7 +95,7 @@ def load_study(name: str | None = None, *, out: str = "runs", storage: str | Non
 
 
 def build_ensemble(study: Study | StudyLocation | str | None = None, *, top: int = 5, method: str = "greedy",
-                   combiner: str = "auto", tta: int = 8, objective: str | None = None,
+                   combiner: str = "auto", tta: int | None = None, objective: str | None = None,
                    clean_tolerance: float = 0.005, calibrate: bool = True, out: str | None = None,
                    heldout_eval: bool = True, min_images_per_s: float | None = None, precision: str = "float32",
                    adapt_bn: bool = False, bn_prior: float = 16.0, seed: int = 0, greedy_iterations: int = 25,
@@ -108,8 +108,8 @@ def build_ensemble(study: Study | StudyLocation | str | None = None, *, top: int
     `study`: a `Study` (what `search` returns), a `StudyLocation`, a study name, or None for the study run
     last. The keywords are the fields of `ensemble.build.BuildOptions` (documented there), with the same
     defaults: `top` members at most, chosen by `method` ("greedy" or "topk"), combined by `combiner`
-    ("auto", "vote", "weighted", "stacking"), `tta` views, `objective` ("robust", "clean"; None: the
-    study's own), `out` the artifact folder, `refit` to retrain the members on every corruption family
+    ("auto", "vote", "weighted", "stacking"), `tta` views and `objective` ("robust", "clean"; None for
+    either: the study's own), `out` the artifact folder, `refit` to retrain the members on every corruption family
     (None: the study's spec), `rotation` to measure that refit by family rotation, `gate` to add the most
     accurate clean candidate behind the shift gate (None: with the robust objective and no budget).
 

@@ -66,7 +66,8 @@ class BuildOptions:
     """Settings of `build_ensemble` (each also a keyword argument of it, and a CLI flag).
 
     top: at most this many distinct members. method: "greedy" or "topk". combiner: "auto", "vote",
-    "weighted" or "stacking". tta: TTA views 1, 2, 4 or 8 (of the ones trials saved). objective: "robust"
+    "weighted" or "stacking". tta: TTA views 1, 2, 4 or 8 (of the ones trials saved); None: the study's own
+    (`study_tta`). objective: "robust"
     or "clean" (ensemble.robust); None: the study's own (`study_objective`). clean_tolerance: clean
     validation accuracy `auto` may give up for the objective (ensemble.evaluate.choose_row). calibrate:
     temperature scaling. out: artifact folder (None: <out>/<study>/ensemble, the study's `ensemble_dir`).
@@ -85,7 +86,7 @@ class BuildOptions:
     top: int = 5
     method: str = "greedy"
     combiner: str = "auto"
-    tta: int = 8
+    tta: int | None = None
     objective: str | None = None
     clean_tolerance: float = CLEAN_TOLERANCE
     calibrate: bool = True
@@ -109,7 +110,7 @@ class BuildOptions:
 
     def validate(self) -> None:
         choices = (("method", METHODS), ("combiner", COMBINER_CHOICES), ("objective", (None, *OBJECTIVES)),
-                   ("precision", PRECISIONS), ("tta", tuple(sorted(VIEW_SETS))))
+                   ("precision", PRECISIONS), ("tta", (None, *sorted(VIEW_SETS))))
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise EnsembleError(f"--{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -134,6 +135,11 @@ class BuildOptions:
 def study_refit(study) -> bool:
     """Whether the study's recorded spec asks for the final refit (`[robustness] refit`)."""
     return bool(study.user_attrs.get("spec", {}).get("robustness", {}).get("refit", False))
+
+
+def study_tta(study) -> int:
+    """The TTA views the study's trials saved and were scored with (its recorded spec's `[budget] tta_views`)."""
+    return int(study.user_attrs.get("spec", {}).get("budget", {}).get("tta_views", 8))
 
 
 def study_objective(study) -> str:
@@ -245,6 +251,7 @@ def build_ensemble(study: Any = None, options: BuildOptions | None = None, **set
     trials = open_study(location)
     options.objective = options.objective or study_objective(trials)
     options.refit = study_refit(trials) if options.refit is None else options.refit
+    options.tta = options.tta or study_tta(trials)
     out = Path(options.out) if options.out else location.ensemble_dir
     with tempfile.TemporaryDirectory(prefix="ensemble-cache-") as cache:
         candidates, notes = load_candidates(trials, store, Path(cache), options.tta)
@@ -671,7 +678,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="greedy: Caruana selection with replacement on validation log-loss; topk: the best K")
     parser.add_argument("--combiner", choices=COMBINER_CHOICES, default="auto",
                         help="auto: the best out-of-fold score under the objective; vote, weighted or stacking")
-    parser.add_argument("--tta", type=int, choices=sorted(VIEW_SETS), default=8, help="test-time augmentation views")
+    parser.add_argument("--tta", type=int, choices=sorted(VIEW_SETS),
+                        help="test-time augmentation views (default: the study's own, [budget] tta_views)")
     parser.add_argument("--objective", choices=OBJECTIVES,
                         help="robust: mean of clean and held-out-family validation scores; clean (default: the "
                              "study's own objective, robust for multi)")

@@ -51,20 +51,20 @@ def test_three_line_flow_in_a_fresh_process(tmp_path, embedded):
         import json, numpy as np
         import cellsearch as cs
         study = cs.search({tiny_spec(tmp_path)!r}, workers=2, progress=False)
-        ens = cs.build_ensemble(study, top=2, tta=2)
+        ens = cs.build_ensemble(study, top=2)  # the views the study saved (its spec: 2)
         ens.save({str(tmp_path / "my_ensemble")!r}); again = cs.load_ensemble({str(tmp_path / "my_ensemble")!r})
         images = np.load({str(tmp_path / "images.npy")!r})
         labels, proba = again.predict(images), again.predict_proba(images)
         print(json.dumps({{"labels": np.asarray(labels).tolist(), "proba": np.asarray(proba).shape,
                           "same": bool(np.allclose(proba, ens.predict_proba(images), atol=1e-5)),
-                          "best": study.best_trial.number}}))
+                          "best": study.best_trial.number, "views": ens.get_params()["tta_views"]}}))
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["proba"] == [16, 8] and len(result["labels"]) == 16 and result["same"]
-    assert result["best"] in (0, 1)
+    assert result["best"] in (0, 1) and result["views"] == 2
 
 
 def _bad_npz(tmp_path: Path, images: np.ndarray, labels: np.ndarray) -> str:

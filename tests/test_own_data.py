@@ -290,11 +290,12 @@ def test_five_classes_by_the_commands(tmp_path, embedded):
     done = run_search("--study", str(spec), "--data", str(data), "--workers", "1")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "5 classes (alpha, beta, delta, epsilon, gamma)" in done.stdout
-    built = subprocess.run([sys.executable, "-m", "ensemble.build", "--top", "2", "--tta", "1", "--no-progress"],
+    built = subprocess.run([sys.executable, "-m", "ensemble.build", "--top", "2", "--no-progress"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
     ensemble = tmp_path / "runs" / "five" / "ensemble"
-    assert json.loads((ensemble / "manifest.json").read_text())["class_names"] == list(SORTED)
+    manifest = json.loads((ensemble / "manifest.json").read_text())
+    assert manifest["class_names"] == list(SORTED) and manifest["tta_views"] == 1  # the study's own views
     np.savez(tmp_path / "new.npz", images=images[::25], labels=order[::25])
     predicted = subprocess.run([sys.executable, "-m", "ensemble.predict", "--ensemble", str(ensemble), "--input",
                                 str(tmp_path / "new.npz"), "--output", str(tmp_path / "p.csv"), "--no-progress"],
