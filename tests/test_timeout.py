@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from common.errors import ConfigError
 from data_pipeline.loaders import DEFAULT_DATA
+from search.execution.lifecycle import PUBLISHED_BY
 from search.execution.driver import (FIRST_REFIT_SHARE, FIRST_WRAP_UP_S, REFIT_ATTR, RUN_ENDS_ATTR, WRAP_UP_ATTR,
                                      Deadlines, apply_overrides)
 from search.execution.worker import DeadlineGuard
@@ -39,9 +40,14 @@ def test_the_deadline_rule_counts_the_next_epoch_evaluation_and_publication_with
 def test_a_trial_stops_at_an_epoch_boundary_in_time_to_be_evaluated(tmp_path):
     started = time.time()
     endless = {**TINY, "epochs": 1000, "early_stopping_patience": 1000}  # neither ends it before the deadline
+    announced = []
     with trials_end_by(Deadline(started + 25.0)):
-        result = train_trial(TrialConfig(**endless), tmp_path)
+        result = train_trial(TrialConfig(**endless), tmp_path,
+                             trained=lambda seconds: announced.append((time.time(), seconds)))
     assert time.time() <= started + 25.0
+    [(trained_at, finishing_s)] = announced  # once, when training ended, with the time planned for the rest
+    assert trained_at == pytest.approx(started + result.metrics["train_seconds"], abs=0.5)
+    assert finishing_s == pytest.approx((1 + DEADLINE_MARGIN) * result.metrics["evaluate_estimate_s"] + 5.0)
     assert result.metrics["stopped_at_deadline"] is True
     assert 1 <= result.metrics["epochs_run"] < endless["epochs"]
     assert is_complete(tmp_path)
@@ -81,6 +87,24 @@ def test_workers_end_before_the_wrap_up_the_last_run_measured():
     assert first.workers == 1100.0 - FIRST_WRAP_UP_S and first.backstop == first.workers + 2.0
     study.set_user_attr(WRAP_UP_ATTR, 7.0)
     assert Deadlines.plan(study, 1000.0, 100.0).workers == 1093.0
+
+
+def test_the_backstop_waits_for_trained_trials_to_be_published_never_past_the_last_resort():
+    study = optuna.create_study()
+    deadlines = Deadlines.plan(study, 1000.0, 100.0)
+    assert (deadlines.backstop, deadlines.last_resort) == (deadlines.workers + 2.0, deadlines.workers + 5.0)
+    assert not deadlines.passed(study, now=deadlines.backstop - 0.1)
+    assert deadlines.passed(study, now=deadlines.backstop)  # nothing running
+    evaluating, training = study.ask(), study.ask()
+    evaluating.set_user_attr(PUBLISHED_BY, deadlines.backstop + 2.0)
+    assert deadlines.passed(study, now=deadlines.backstop)  # one trial still trains: stop both
+    study.tell(training, 0.5)
+    assert not deadlines.passed(study, now=deadlines.backstop + 1.0)  # only a trained one: wait for it
+    assert deadlines.passed(study, now=deadlines.backstop + 2.0)
+    evaluating.set_user_attr(PUBLISHED_BY, deadlines.last_resort + 10.0)
+    assert deadlines.passed(study, now=deadlines.last_resort)  # never past the last resort
+    study.tell(evaluating, 0.5)
+    assert deadlines.passed(study, now=deadlines.backstop + 0.5)
 
 
 def test_a_study_that_refits_keeps_time_for_the_refit_the_last_build_measured():
@@ -130,7 +154,9 @@ def test_a_timed_study_ends_within_five_percent_with_its_trials_recorded(tmp_pat
     assert wall <= 63.0, f"{wall:.1f} s for --timeout 60"
     study = optuna.load_study(study_name="timed", storage=f"sqlite:///{tmp_path / 'runs' / 'timed' / 'study.db'}")
     assert {t.state for t in study.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
-    assert study.trials[-1].user_attrs["stopped_at_deadline"] is True  # 40 epochs do not fit: the last one stopped
+    last = study.trials[-1]
+    assert last.user_attrs["stopped_at_deadline"] is True  # 40 epochs do not fit: the last one stopped
+    assert abs(last.user_attrs[PUBLISHED_BY] - last.datetime_complete.timestamp()) < 15.0  # announced when trained
     build = subprocess.run([sys.executable, "-m", "ensemble.build", "--study", "timed", "--out", str(tmp_path / "runs"),
                             "--tta", "1"], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stdout + build.stderr

@@ -28,6 +28,7 @@ REFIT_ATTR = "refit_seconds"  # study attribute: the last refit build's retraini
 FIRST_REFIT_SHARE = 0.25  # of the timeout, kept for the build's refit until a build of the study has measured it
 RUN_ENDS_ATTR = "run_ends_at"  # study attribute: the unix time the last timed run gave search and build; None untimed
 BACKSTOP_FRACTION = 0.02  # of the timeout: how long past their deadline workers may run before being stopped
+LAST_RESORT_FRACTION = 0.05  # of the timeout: how long past it a worker may finish a trained trial
 
 #: Keyword overrides of `run_study`/`cellsearch.search` and the spec key each one sets.
 OVERRIDES: dict[str, tuple[str, str]] = {
@@ -72,10 +73,26 @@ def _plan_reseeds(spec: StudySpec, study: optuna.Study, top: int, say) -> None:
 @dataclass(frozen=True)
 class Deadlines:
     """A timed run's unix times: `workers`, by which trials end; `backstop`, after which workers still
-    running are stopped."""
+    running are stopped, unless every trial still running has trained and announced when its evaluation and
+    publication end (`PUBLISHED_BY`): those are waited for until then, never past `last_resort`. A trial
+    stopped while it evaluates loses its whole training."""
 
     workers: float
     backstop: float
+    last_resort: float
+
+    def passed(self, study: optuna.Study, now: float | None = None) -> bool:
+        """Whether workers still running are to be stopped now."""
+        from optuna.trial import TrialState
+
+        from search.execution.lifecycle import PUBLISHED_BY
+
+        now = time.time() if now is None else now
+        if now < self.backstop or now >= self.last_resort:
+            return now >= self.last_resort
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        ends = [trial.user_attrs.get(PUBLISHED_BY) for trial in running]
+        return None in ends or now >= max(ends, default=now)
 
     @classmethod
     def plan(cls, study: optuna.Study, started_at: float, timeout_s: float | None,
@@ -87,7 +104,7 @@ class Deadlines:
         workers = started_at + timeout_s - study.user_attrs.get(WRAP_UP_ATTR, FIRST_WRAP_UP_S)
         if refit:
             workers -= refit_reserve(study, timeout_s)
-        return cls(workers, workers + BACKSTOP_FRACTION * timeout_s)
+        return cls(workers, workers + BACKSTOP_FRACTION * timeout_s, workers + LAST_RESORT_FRACTION * timeout_s)
 
 
 def refit_reserve(study: optuna.Study, timeout_s: float) -> float:
@@ -119,7 +136,7 @@ def _execute(spec: StudySpec, study: optuna.Study, show_progress: bool, say, sta
     if deadlines and spec.robustness.refit:
         say(f"timeout: about {refit_reserve(study, spec.budget.timeout_s):.0f} s kept for the build's refit "
             f"([robustness] refit)")
-    deadline, stop_at = (deadlines.workers, deadlines.backstop) if deadlines else (None, None)
+    deadline = deadlines.workers if deadlines else None
     if deadline is not None and time.time() >= deadline:
         report_s = started_at + spec.budget.timeout_s - deadline
         say(f"timeout: no time left for a trial: {spec.budget.timeout_s:g} s given, {time.time() - started_at:.0f} s "
@@ -129,16 +146,14 @@ def _execute(spec: StudySpec, study: optuna.Study, show_progress: bool, say, sta
     if spec.executor.kind == "ray":
         from search.execution.ray_executor import run_ray
 
-        run_ray(spec, location.storage, location.artifacts, gpus, deadline, show_progress=show_progress,
-                stop_at=stop_at)
+        run_ray(spec, location.storage, location.artifacts, gpus, deadlines, show_progress=show_progress)
         return
     from search.execution.local import run_local
 
     remaining = max(spec.budget.trials - finished_count(study), 1)
     devices = plan_workers(gpus, spec.executor.workers, usable_cores(spec.executor.cpus))[:remaining]
     say(f"{len(devices)} worker(s): " + ", ".join(_describe(d) for d in devices))
-    run_local(spec, study, location.storage, location.artifacts, devices, deadline, show_progress=show_progress,
-              stop_at=stop_at)
+    run_local(spec, study, location.storage, location.artifacts, devices, deadlines, show_progress=show_progress)
 
 
 def run_study(spec: StudySpec, *, reseed_top: int | None = None, show_progress: bool = True,

@@ -41,6 +41,7 @@ from search.study.reseed import RESEED_ATTR
 from search.execution.storage import first_line, open_storage, redact
 
 FAIL_REASON = "fail_reason"
+PUBLISHED_BY = "published_by"  # a trial trained under a deadline: the unix time its evaluation and publication end
 INTERRUPTED = "interrupted"
 RETRY_ATTR = "retry_of"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -15,6 +15,7 @@ import optuna
 from common.atomic import atomic_write_text
 from common.errors import Interrupted, WorkerFailed
 from search.execution.devices import WorkerDevices, pin_environment
+from search.execution.driver import Deadlines
 from search.execution.lifecycle import (driver_signals, fail_interrupted, probe_artifact_store, stop_processes,
                                         storage_failures, trials_of_workers)
 from search.execution.progress import print_interrupted, watch
@@ -61,9 +62,9 @@ def last_error(log: Path) -> str:
     return lines[-1][len("error: "):] if lines else f"see {log}"
 
 
-def until(stop_at: float | None, is_running: Callable[[], bool]) -> Callable[[], bool]:
-    """`is_running`, false from unix time `stop_at` on (the deadline's backstop, when there is one)."""
-    return lambda: is_running() and (stop_at is None or time.time() < stop_at)
+def until(deadlines: Deadlines | None, study: optuna.Study, is_running: Callable[[], bool]) -> Callable[[], bool]:
+    """`is_running`, false once the deadlines' backstop has passed (`Deadlines.passed`), when there are any."""
+    return lambda: is_running() and (deadlines is None or not deadlines.passed(study))
 
 
 def stop_workers(study: optuna.Study, storage_url: str, processes: list[subprocess.Popen]) -> None:
@@ -74,23 +75,22 @@ def stop_workers(study: optuna.Study, storage_url: str, processes: list[subproce
 
 
 def run_local(spec: StudySpec, study: optuna.Study, storage_url: str, artifacts: str,
-              devices: list[WorkerDevices], deadline: float | None, show_progress: bool = True,
-              stop_at: float | None = None) -> dict:
-    """Run workers to the end of the budget or the `deadline` (unix time) by which their trials end.
+              devices: list[WorkerDevices], deadlines: Deadlines | None, show_progress: bool = True) -> dict:
+    """Run workers to the end of the budget or the `deadlines.workers` (unix time) by which their trials end.
 
     Ctrl-C or SIGTERM stops them within seconds: their unfinished trials fail as interrupted and are queued
-    again, one line says how to resume, and `Interrupted` propagates. Workers still running at `stop_at` are
-    stopped the same way. A worker stopping on an error the study shares stops the others and raises its
+    again, one line says how to resume, and `Interrupted` propagates. Workers still running past the deadlines'
+    backstop are stopped the same way. A worker stopping on an error the study shares stops the others and raises its
     line (WorkerFailed)."""
     from search.execution.storage import open_artifact_store
 
     probe_artifact_store(open_artifact_store(artifacts), artifacts)
     started = time.time()
     with driver_signals():
-        processes = start_workers(spec, storage_url, artifacts, devices, deadline)
+        processes = start_workers(spec, storage_url, artifacts, devices, deadlines and deadlines.workers)
         try:
             with storage_failures(storage_url):
-                watch(study, spec.budget.trials, until(stop_at, lambda: workers_alive(spec, processes)),
+                watch(study, spec.budget.trials, until(deadlines, study, lambda: workers_alive(spec, processes)),
                       show=show_progress)
         except BaseException as stop:
             stop_workers(study, storage_url, processes)

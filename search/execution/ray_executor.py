@@ -33,6 +33,7 @@ import uuid
 
 from common.malloc import malloc_environment
 from search.execution.devices import gpu_memory_environment
+from search.execution.driver import Deadlines
 from search.execution.ray_cluster import (absolute_location, absolute_spec, absolute_storage_url, node_attrs,
                                           plan_resources, ray, start_ray)
 from search.study.spec import StudySpec
@@ -120,14 +121,14 @@ class WorkerPool:
         self.loops.clear()
 
 
-def run_ray(spec: StudySpec, storage_url: str, artifacts: str, gpus: list[str], deadline: float | None,
-            show_progress: bool = True, stop_at: float | None = None) -> dict:
+def run_ray(spec: StudySpec, storage_url: str, artifacts: str, gpus: list[str], deadlines: Deadlines | None,
+            show_progress: bool = True) -> dict:
     """Run the study's missing trials on Ray worker actors; returns a summary (workers, trials this run added).
 
     Ctrl-C or SIGTERM stops every actor; their unfinished trials fail as interrupted and are queued again, one
-    line says how to resume, and `Interrupted` propagates (see search.execution.lifecycle). Actors still running at
-    `stop_at` are stopped the same way, without that line. An error the study shares stops every actor and raises
-    its line (WorkerFailed)."""
+    line says how to resume, and `Interrupted` propagates (see search.execution.lifecycle). Actors still running
+    past the deadlines' backstop (`Deadlines.passed`) are stopped the same way, without that line. An error the
+    study shares stops every actor and raises its line (WorkerFailed)."""
     from common.errors import Interrupted
     from search.execution.lifecycle import (driver_signals, fail_interrupted, probe_artifact_store, running_trials,
                                             start_reaper, storage_failures)
@@ -136,6 +137,7 @@ def run_ray(spec: StudySpec, storage_url: str, artifacts: str, gpus: list[str], 
     from search.execution.storage import open_artifact_store, open_storage
     from search.study.optuna_study import finished_count, create_or_load_study
 
+    deadline = deadlines and deadlines.workers
     spec = absolute_spec(spec)
     storage_url, artifacts = absolute_storage_url(storage_url), absolute_location(artifacts)
     storage = open_storage(storage_url, heartbeat_interval=spec.storage.heartbeat_interval,
@@ -155,7 +157,7 @@ def run_ray(spec: StudySpec, storage_url: str, artifacts: str, gpus: list[str], 
             print(plan.describe(), flush=True)
             pool = WorkerPool(spec, storage_url, artifacts, plan, deadline)
             with storage_failures(storage_url):
-                watch(study, spec.budget.trials, until(stop_at, pool.alive), show=show_progress)
+                watch(study, spec.budget.trials, until(deadlines, study, pool.alive), show=show_progress)
             return {"workers": plan.workers, "trials": len(study.get_trials(deepcopy=False)) - before}
     except KeyboardInterrupt:  # ours, or the plain one Ray re-raises for it
         raise Interrupted(received[0] if received else signal.SIGINT) from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--driver-pid", type=int, default=None, help="exit when this process dies")
     args = parser.parse_args(argv)
     exit_with_parent(args.driver_pid)
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("search.trial").setLevel(logging.INFO)
     with open(args.spec_file) as handle:
         spec = spec_from_dict(json.load(handle), origin=args.spec_file)
     try:

@@ -23,7 +23,7 @@ from typing import Protocol
 import numpy as np
 import optuna
 
-from search.execution.lifecycle import FAIL_REASON, worker_id
+from search.execution.lifecycle import FAIL_REASON, PUBLISHED_BY, worker_id
 from search.study.trial_config import TrialConfig
 from search.study.goals import get_objective
 from search.study.reseed import is_protected
@@ -112,7 +112,8 @@ def run_trial(channel: TrialChannel, spec: StudySpec) -> TrialOutcome:
             channel.report(epoch, scores[objective.epoch_key], may_prune)
 
     try:
-        result = train_trial(config, work_dir, report=report)
+        result = train_trial(config, work_dir, report=report,
+                             trained=lambda seconds: channel.set_user_attr(PUBLISHED_BY, time.time() + seconds))
         _write_plots(result)
         channel.set_user_attr("finished_at", time.time())
         _publish(channel, result)

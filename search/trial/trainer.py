@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ from common.metrics import accuracy
 from search.trial.views import predict_views
 from search.trial.data import TrialData, load_trial_data
 
+log = logging.getLogger(__name__)  # a worker writes its INFO lines, each epoch's deadline plan, to its log
 ReportFn = Callable[[int, dict], None]  # (epoch, validation scores of that epoch)
 ARTIFACT_FILES = ("config.json", "history.csv", "predictions.npz", "model.keras", "metrics.json")
 EVALUATE_MARGIN = 1.5  # predict's cost per image over the validation pass's (compact_cnn_d2, 1 core: 1.45)
@@ -54,10 +56,13 @@ class Deadline:
     at: float
     overhead_s: float = FIRST_OVERHEAD_S
 
+    def finishing_s(self, evaluate_s: float) -> float:
+        """The time planned for a trained trial's evaluation (`evaluate_s`, with the margin) and publication."""
+        return (1 + DEADLINE_MARGIN) * evaluate_s + self.overhead_s
+
     def seconds_left(self, evaluate_s: float, now: float | None = None) -> float:
-        """Training time left before evaluation (`evaluate_s`, with the margin) and publication must start to end
-        by `at`."""
-        return self.at - (time.time() if now is None else now) - (1 + DEADLINE_MARGIN) * evaluate_s - self.overhead_s
+        """Training time left before evaluation and publication must start to end by `at`."""
+        return self.at - (time.time() if now is None else now) - self.finishing_s(evaluate_s)
 
     def epochs_left(self, epoch_s: float, evaluate_s: float, now: float | None = None) -> int:
         """Whole epochs as long as the last one (with the margin) that still leave evaluation and publication."""
@@ -153,6 +158,9 @@ def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, ep
                 evaluate_s = timings["evaluate_estimate"] = self.image_s * _evaluated_images(config, data)
                 if not deadline.leaves_room(now - self.epoch_began, evaluate_s):
                     self.model.stop_training = timings["deadline"] = True
+                log.info("epoch %d took %.1f s; evaluation about %.1f s; %.1f s left to train%s", epoch_offset + epoch,
+                         now - self.epoch_began, evaluate_s, deadline.seconds_left(evaluate_s),
+                         ": stops at the deadline" if timings.get("deadline") else "")
             if epoch and not self.model.stop_training:
                 self.end_schedule_in_time(epoch, now, evaluate_s)
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(schedule((epoch + 1) * steps_per_epoch)))
@@ -323,7 +331,7 @@ def build_trial_model(config: TrialConfig, data: TrialData):
 
 
 def train_trial(config: TrialConfig, out_dir: str | Path, report: ReportFn | None = None,
-                deadline: Deadline | None = None) -> TrialResult:
+                deadline: Deadline | None = None, trained: Callable[[float], None] | None = None) -> TrialResult:
     """Train `config`, evaluate with and without TTA, and write the trial's artifacts to `out_dir`.
 
     `report(epoch, scores)` is called after every epoch with that epoch's validation scores
@@ -331,6 +339,8 @@ def train_trial(config: TrialConfig, out_dir: str | Path, report: ReportFn | Non
     an exception it raises (a pruning signal) stops the trial before anything but the config is written.
     `deadline` (default: the one `trials_end_by` set) stops training before an epoch that would leave no
     time to evaluate and publish; the trial then keeps its best epoch, and `stopped_at_deadline` is true.
+    Under a deadline, `trained(seconds)` is called when training ends, with the time planned for evaluating
+    and publishing (the driver waits that long for a trained trial past the deadline's backstop).
     """
     import keras
 
@@ -345,10 +355,18 @@ def train_trial(config: TrialConfig, out_dir: str | Path, report: ReportFn | Non
     data = load_trial_data(config)
     model = build_trial_model(config, data)
     timings: dict = {}
+    deadline = deadline or _DEADLINE.get()
     history, best_epoch = _fit(model, config, data, report, started, timings, get_backbone(config.backbone).pretrained,
-                               deadline or _DEADLINE.get())
+                               deadline)
     train_seconds = time.perf_counter() - started
+    if deadline is not None:
+        finishing_s = deadline.finishing_s(timings.get("evaluate_estimate", 0.0))
+        log.info("trained %d epochs in %.1f s; evaluation and publication planned %.1f s", len(history),
+                 train_seconds, finishing_s)
+        if trained is not None:
+            trained(finishing_s)
     metrics, arrays = _evaluate(model, config, data)
+    log.info("evaluated in %.1f s", time.perf_counter() - started - train_seconds)
     metrics.update(
         epochs_run=len(history), best_epoch=best_epoch, train_seconds=train_seconds,
         seconds_to_first_step=timings.get("first_step"), seconds_to_first_epoch=timings.get("first_epoch"),
