@@ -43,8 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "end in time, and trials still running anneal their learning rate to, and stop "
                              "training at, the last epoch boundary that leaves time to finish, keep their best "
                              "epoch and are evaluated and saved as usual (complete unless the pruner stopped "
-                             "them, so ensemble candidates); a trial still running a moment "
-                             "past the deadline is stopped and queued for the next run; with the spec's "
+                             "them, so ensemble candidates); a trial still training a moment past the "
+                             "deadline is stopped and queued for the next run, one already evaluating is "
+                             "waited for (at most 5%% of the time given past the deadline); with the spec's "
                              "[robustness] refit, time for the build's retraining is kept too, and a build "
                              "started within the time given ends its retraining by it (default: the spec's, "
                              "none)")
