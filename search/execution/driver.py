@@ -88,8 +88,10 @@ class Deadlines:
         from search.execution.lifecycle import PUBLISHED_BY
 
         now = time.time() if now is None else now
-        if now < self.backstop or now >= self.last_resort:
-            return now >= self.last_resort
+        if now < self.backstop:
+            return False
+        if now >= self.last_resort:
+            return True
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         ends = [trial.user_attrs.get(PUBLISHED_BY) for trial in running]
         return None in ends or now >= max(ends, default=now)

@@ -80,8 +80,8 @@ def run_local(spec: StudySpec, study: optuna.Study, storage_url: str, artifacts:
 
     Ctrl-C or SIGTERM stops them within seconds: their unfinished trials fail as interrupted and are queued
     again, one line says how to resume, and `Interrupted` propagates. Workers still running past the deadlines'
-    backstop are stopped the same way. A worker stopping on an error the study shares stops the others and raises its
-    line (WorkerFailed)."""
+    backstop (`Deadlines.passed`) are stopped the same way. A worker stopping on an error the study shares stops
+    the others and raises its line (WorkerFailed)."""
     from search.execution.storage import open_artifact_store
 
     probe_artifact_store(open_artifact_store(artifacts), artifacts)
