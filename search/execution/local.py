@@ -9,17 +9,20 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 
 from common.atomic import atomic_write_text
 from common.errors import Interrupted, WorkerFailed
 from search.execution.devices import WorkerDevices, pin_environment
-from search.execution.driver import Deadlines
 from search.execution.lifecycle import (driver_signals, fail_interrupted, probe_artifact_store, stop_processes,
                                         storage_failures, trials_of_workers)
 from search.execution.progress import print_interrupted, watch
 from search.study.spec import StudySpec
+
+if TYPE_CHECKING:
+    from search.execution.driver import Deadlines
 
 USER_ERROR_EXIT = 2  # run_cli's exit code: the worker printed `error: ...` as its last line
 

@@ -30,13 +30,16 @@ import signal
 import threading
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 from common.malloc import malloc_environment
 from search.execution.devices import gpu_memory_environment
-from search.execution.driver import Deadlines
 from search.execution.ray_cluster import (absolute_location, absolute_spec, absolute_storage_url, node_attrs,
                                           plan_resources, ray, start_ray)
 from search.study.spec import StudySpec
+
+if TYPE_CHECKING:
+    from search.execution.driver import Deadlines
 
 ACTOR_RESTARTS = 4  # per slot: a slot lost with its node starts again elsewhere, a crashing one gives up
 STOP_GRACE_S = 3  # an actor whose driver died gets this long to record its trial as interrupted
