@@ -110,9 +110,10 @@ class BatchStream(keras.utils.PyDataset):
         """The row order of pass `epoch` (the same for every pass when not shuffling)."""
         if not self.shuffle:
             return np.arange(len(self.images))
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.images)))
-        return self._order[1]
+        order = self._order  # read once: worker threads may replace it
+        if order is None or order[0] != epoch:
+            order = self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.images)))
+        return order[1]
 
 
 def make_stream(images: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int, *,

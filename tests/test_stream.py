@@ -116,6 +116,29 @@ def test_stream_trains_a_keras_model_on_soft_labels(subset):
     assert model.predict(make_eval_stream(images, 64), verbose=0).shape == (len(images), N_CLASSES)
 
 
+def test_fit_trains_the_same_with_the_trainers_stream_threads_as_with_one(subset):
+    """The trainer's streams may prepare batches in threads: the model must see the same batches, in order."""
+    import keras
+
+    from search.trial.trainer import stream_workers
+
+    images, labels = subset
+
+    def trained(workers):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((28, 28, 3)), keras.layers.Rescaling(1 / 255),
+                                  keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(N_CLASSES, "softmax")])
+        model.compile(keras.optimizers.SGD(0.5), "categorical_crossentropy")
+        stream = make_stream(images, labels, N_CLASSES, 32, seed=4, workers=workers,
+                             augmenter=build_augmenter("corrupt", 0.8, N_CLASSES, seed=2))
+        model.fit(stream, epochs=3, verbose=0, shuffle=False)
+        return [ops.convert_to_numpy(w) for w in model.weights], stream.epoch
+
+    (one, one_epochs), (two, two_epochs) = trained(1), trained(stream_workers())
+    assert one_epochs == two_epochs >= 3  # the same passes, so the same shuffles and augmentation keys
+    assert all(np.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(one, two))
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda im, lab: (im[..., 0], lab), "rank 3"),
     (lambda im, lab: (im[..., :1], lab), "3 colour channels"),
