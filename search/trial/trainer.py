@@ -253,7 +253,8 @@ def _training_arrays(config: TrialConfig, data: TrialData) -> tuple[np.ndarray, 
 def stream_workers() -> int:
     """Threads preparing the trainer's batches: two under TensorFlow, where Keras then queues them itself instead of
     through tf.data's autotuned prefetch, whose iterator took 9-23 s to shut down at the end of a fit on a busy
-    CPU (epochs no slower; docs/benchmarks.md); one elsewhere, where Keras's queue sees other batches."""
+    CPU (epochs no slower; docs/benchmarks.md); one elsewhere: under JAX, Keras's queue prepares a pass it never
+    trains on, so the model would see other batches than the seed gives with one worker."""
     import keras
 
     return 2 if keras.backend.backend() == "tensorflow" else 1
