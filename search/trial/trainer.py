@@ -273,10 +273,10 @@ def _fit(model, config: TrialConfig, data: TrialData, report: ReportFn | None, s
     consistency = config.augment_policy in CONSISTENCY_POLICIES
     augmenter = build_augmenter(config.augment_policy, config.augment_strength, n_classes, seed=config.seed,
                                 families=config.augment_families(), stack_views=consistency)
+    workers = stream_workers()
     train = make_stream(images, labels, n_classes, config.batch_size, augmenter=augmenter, seed=config.seed,
-                        workers=stream_workers())
-    val = make_stream(data.val.images, data.val.labels, n_classes, config.batch_size, shuffle=False,
-                      workers=stream_workers())
+                        workers=workers)
+    val = make_stream(data.val.images, data.val.labels, n_classes, config.batch_size, shuffle=False, workers=workers)
     weights = class_weights(labels, n_classes) if config.class_weighting else None
     steps = math.ceil(len(labels) / config.batch_size)
     classifier = model
