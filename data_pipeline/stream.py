@@ -56,6 +56,25 @@ def _check_augmenter(augmenter: Any, num_classes: int) -> None:
         raise DataError(f"augmenter was built for {augmenter.num_classes} classes, stream has {num_classes}")
 
 
+AUTO_WORKERS = "auto"
+
+
+def auto_workers() -> int:
+    """Threads preparing batches when `make_stream(workers="auto")`: two under TensorFlow, where Keras then queues
+    them itself instead of through tf.data's autotuned prefetch, whose iterator took 9-23 s to shut down at the end
+    of a fit on a busy CPU (epochs no slower; docs/benchmarks.md); one elsewhere: under JAX, Keras's queue prepares
+    a pass it never trains on, so a threaded stream would feed other batches than the seed gives with one."""
+    return 2 if keras.backend.backend() == "tensorflow" else 1
+
+
+def _check_workers(workers: Any) -> int:
+    if workers == AUTO_WORKERS:
+        return auto_workers()
+    if isinstance(workers, str):
+        raise DataError(f"workers must be an integer >= 1 or {AUTO_WORKERS!r}, got {workers!r}")
+    return _check_int(workers, "workers", 1)
+
+
 def steps_per_epoch(n: int, batch_size: int, drop_remainder: bool = False) -> int:
     """Batches in one pass over `n` examples (what `fit(steps_per_epoch=...)` needs with repeat=True)."""
     return n // batch_size if drop_remainder else math.ceil(n / batch_size)
@@ -119,7 +138,7 @@ class BatchStream(keras.utils.PyDataset):
 def make_stream(images: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int, *,
                 augmenter: Callable[..., Any] | None = None, shuffle: bool = True, seed: int = 0,
                 cache: bool = True, repeat: bool = False, drop_remainder: bool = False,
-                sample_weights: np.ndarray | None = None, workers: int = 1) -> BatchStream:
+                sample_weights: np.ndarray | None = None, workers: int | str = AUTO_WORKERS) -> BatchStream:
     """Batches `(images float32 (B,H,W,3) in 0..255, one-hot float32 (B,C)[, weights float32 (B,)])`.
 
     `augmenter`: an `Augmenter` (deterministic, keyed per batch) or any `(images, labels) -> (images,
@@ -127,14 +146,15 @@ def make_stream(images: np.ndarray, labels: np.ndarray, num_classes: int, batch_
     CutMix/MixUp: a mixed image keeps the weight of the image it was pasted onto.
     `cache`: accepted for compatibility; the arrays are in memory and gathered per batch either way.
     `repeat`: loop forever (reshuffling each pass); use `steps_per_epoch()` to size an epoch.
-    `workers`: threads preparing batches ahead of the model (1: batches are made when asked for).
+    `workers`: threads preparing batches ahead of the model (1: batches are made when asked for; "auto":
+    `auto_workers()`, the count under which `fit` ends on time and trains on the seed's batches).
     """
     images = validate_images(images, "stream images")
     num_classes = _check_int(num_classes, "num_classes", 2)
     labels = validate_labels(labels, len(images), num_classes, "stream labels")
     batch_size = _check_int(batch_size, "batch_size", 1)
     seed = check_seed(seed)
-    workers = _check_int(workers, "workers", 1)
+    workers = _check_workers(workers)
     _check_augmenter(augmenter, num_classes)
     weights = None if sample_weights is None else _check_sample_weights(sample_weights, len(images))
     one_hot = np.eye(num_classes, dtype=np.float32)[labels]

@@ -116,14 +116,14 @@ def test_stream_trains_a_keras_model_on_soft_labels(subset):
     assert model.predict(make_eval_stream(images, 64), verbose=0).shape == (len(images), N_CLASSES)
 
 
-def test_fit_trains_the_same_with_the_trainers_stream_threads_as_with_one(subset):
-    """The trainer's streams may prepare batches in threads: the model must see the same batches, in order."""
+def test_fit_trains_the_same_with_the_default_stream_threads_as_with_one(subset):
+    """A default stream may prepare batches in threads: the model must see the same batches, in order."""
     import keras
 
-    from search.trial.trainer import stream_workers
+    from data_pipeline.stream import auto_workers
 
-    if stream_workers() == 1:
-        pytest.skip(f"the trainer streams with one worker under {keras.backend.backend()}")
+    if auto_workers() == 1:
+        pytest.skip(f"streams default to one worker under {keras.backend.backend()}")
     images, labels = subset
 
     def trained(workers):
@@ -136,7 +136,7 @@ def test_fit_trains_the_same_with_the_trainers_stream_threads_as_with_one(subset
         model.fit(stream, epochs=3, verbose=0, shuffle=False)
         return [ops.convert_to_numpy(w) for w in model.weights], stream.epoch
 
-    (one, one_epochs), (two, two_epochs) = trained(1), trained(stream_workers())
+    (one, one_epochs), (two, two_epochs) = trained(1), trained("auto")
     assert one_epochs == two_epochs >= 3  # the same passes, so the same shuffles and augmentation keys
     assert all(np.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(one, two))
 
@@ -166,6 +166,7 @@ def test_bad_arrays_raise_data_error(subset, change, message):
     ({"augmenter": "five classes"}, "built for 5 classes"),
     ({"seed": -1}, "seed"),
     ({"workers": 0}, "workers"),
+    ({"workers": "many"}, "workers must be an integer >= 1 or 'auto'"),
 ])
 def test_bad_settings_raise_data_error(subset, kwargs, message):
     images, labels = subset

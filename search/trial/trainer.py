@@ -250,16 +250,6 @@ def _training_arrays(config: TrialConfig, data: TrialData) -> tuple[np.ndarray, 
     return images, labels
 
 
-def stream_workers() -> int:
-    """Threads preparing the trainer's batches: two under TensorFlow, where Keras then queues them itself instead of
-    through tf.data's autotuned prefetch, whose iterator took 9-23 s to shut down at the end of a fit on a busy
-    CPU (epochs no slower; docs/benchmarks.md); one elsewhere: under JAX, Keras's queue prepares a pass it never
-    trains on, so the model would see other batches than the seed gives with one worker."""
-    import keras
-
-    return 2 if keras.backend.backend() == "tensorflow" else 1
-
-
 def _fit(model, config: TrialConfig, data: TrialData, report: ReportFn | None, started: float,
          timings: dict, pretrained: bool, deadline: Deadline | None) -> tuple[pd.DataFrame, int]:
     """Every stage's history, and the epoch whose weights the model ends with (early stopping restores the
@@ -273,10 +263,8 @@ def _fit(model, config: TrialConfig, data: TrialData, report: ReportFn | None, s
     consistency = config.augment_policy in CONSISTENCY_POLICIES
     augmenter = build_augmenter(config.augment_policy, config.augment_strength, n_classes, seed=config.seed,
                                 families=config.augment_families(), stack_views=consistency)
-    workers = stream_workers()
-    train = make_stream(images, labels, n_classes, config.batch_size, augmenter=augmenter, seed=config.seed,
-                        workers=workers)
-    val = make_stream(data.val.images, data.val.labels, n_classes, config.batch_size, shuffle=False, workers=workers)
+    train = make_stream(images, labels, n_classes, config.batch_size, augmenter=augmenter, seed=config.seed)
+    val = make_stream(data.val.images, data.val.labels, n_classes, config.batch_size, shuffle=False)
     weights = class_weights(labels, n_classes) if config.class_weighting else None
     steps = math.ceil(len(labels) / config.batch_size)
     classifier = model
