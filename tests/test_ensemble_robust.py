@@ -19,10 +19,13 @@ from test_ensemble_study import SIZES, candidates, study, test_split  # noqa: F4
 
 
 @pytest.fixture(scope="module")
-def location(study):  # noqa: F811
+def location(study, tmp_path_factory):  # noqa: F811
+    """The study in a copy of its own: test_ensemble_study.py may be building from the original at the same time."""
     from search.study.location import StudyLocation
 
-    return StudyLocation("enstiny", out=str(study[0] / "runs"))
+    runs = tmp_path_factory.mktemp("robust_study") / "runs"
+    shutil.copytree(study[0] / "runs", runs)
+    return StudyLocation("enstiny", out=str(runs))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Ensembles of a real tiny study (3 compact_cnn trials, 8 TTA views, on a small MedMNIST-layout subset of the
 embedded cells): build CLI, combiners, no test leakage, TTA symmetry, reload, tampering, predict CLI, export.
 
-The study is made once per test session (`tiny_study`) and shared with tests/test_ensemble_robust.py."""
+The study is made once per test run (`tiny_study`) and shared with tests/test_ensemble_robust.py."""
 
 from __future__ import annotations
 
@@ -24,17 +24,23 @@ SIZES = {"train": 600, "val": 240, "test": 320}
 
 
 def tiny_study(tmp_path_factory) -> tuple[Path, Path]:
-    """(folder, data): the study `enstiny` under folder/runs, searched on the first call of the session."""
-    folder = tmp_path_factory.getbasetemp() / "ens_study"
+    """(folder, data): the study `enstiny` under folder/runs, searched by the first test process that asks while
+    the others wait (pytest-xdist's processes share the base folder's parent). Only this module builds into it;
+    tests/test_ensemble_robust.py builds from a copy."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
+    folder = shared / "ens_study"
     data = folder / "cells.npz"
-    if (folder / "done").is_file():
-        return folder, data
-    folder.mkdir(exist_ok=True)
-    spec = write_tiny_spec(folder, name="enstiny", trials=3, train_images=600, data=small_data(data, SIZES))
-    spec.write_text(spec.read_text().replace("tta_views = 1", "tta_views = 8"))
-    done = run_search("--study", str(spec))
-    assert done.returncode == 0, done.stderr[-3000:]
-    (folder / "done").touch()
+    with FileLock(shared / "ens_study.lock"):
+        if not (folder / "done").is_file():
+            folder.mkdir(exist_ok=True)
+            spec = write_tiny_spec(folder, name="enstiny", trials=3, train_images=600, data=small_data(data, SIZES))
+            spec.write_text(spec.read_text().replace("tta_views = 1", "tta_views = 8"))
+            done = run_search("--study", str(spec))
+            assert done.returncode == 0, done.stderr[-3000:]
+            (folder / "done").touch()
     return folder, data
 
 
