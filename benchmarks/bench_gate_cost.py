@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for pointer in map(Path, args.pointers):
         pointer = pointer.resolve()
+        if not pointer.is_file():
+            raise SystemExit(f"bench_gate_cost: no study pointer at {pointer} (a run folder's runs/last_study.json)")
         os.chdir(pointer.parent.parent)
         rows.append(gate_cost(pointer))
     print("accuracy on the clean test split: all (let through by the gate / rejected)")
