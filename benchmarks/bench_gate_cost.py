@@ -39,17 +39,18 @@ def gate_cost(pointer: Path) -> dict:
     location = StudyLocation.find(pointer=pointer)
     ens = load_ensemble(location.ensemble_dir)
     members = ens.manifest_["members"]
-    gated = [m for m in members if m["file"].endswith("_gated.keras")]
-    if not gated:
+    gated = [m["file"].endswith("_gated.keras") for m in members]
+    if not any(gated):
         return {"study": str(pointer), "note": "no gated member"}
-    found, _ = load_candidates(open_study(location), artifact_store(location), Path(tempfile.mkdtemp()),
-                               ens.manifest_["tta_views"])
+    with tempfile.TemporaryDirectory() as cache:
+        found, _ = load_candidates(open_study(location), artifact_store(location), Path(cache),
+                                   ens.manifest_["tta_views"])
     by_number = {c.number: c for c in found}
     trials = [by_number[int(m["trial"])] for m in members]
-    data = load_trial_data(trials[-1].config)
+    data = load_trial_data(trials[gated.index(True)].config)
     lets = inside(fit_gate(data.train.images, data.val.images), data.test.images)
-    probs = np.stack([np.where(lets[:, None] | (i < len(trials) - 1), t.test_probs, 1.0 / t.test_probs.shape[1])
-                      for i, t in enumerate(trials)], axis=1)
+    probs = np.stack([np.where(lets[:, None] | (not g), t.test_probs, 1.0 / t.test_probs.shape[1])
+                      for g, t in zip(gated, trials)], axis=1)
     y = trials[0].test_labels
     right = {"ensemble": ens.combiner_.predict_proba(probs).argmax(1) == y,
              "plain average": np.mean([t.test_probs for t in trials], axis=0).argmax(1) == y,
