@@ -23,6 +23,7 @@ from bench_backends import ROOT
 
 sys.path.insert(0, str(ROOT))
 from search.execution.devices import WorkerDevices, pin_environment  # noqa: E402
+from search.execution.devices_plan import usable_cores  # noqa: E402
 
 TRIAL = """
 import json, sys
@@ -55,15 +56,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def start(arm: str, args: argparse.Namespace, core: int, folder: Path) -> subprocess.Popen:
-    """The arm's trial on `core`, its output in `folder/<arm>.log` (a pipe nobody drains could stall it)."""
-    budget = None if arm == "full" else args.budget
-    code = TRIAL.format(fixed=arm == "fixed", budget=budget, seed=args.seed)
+def start_pinned(code: str, core: int, folder: Path, name: str) -> subprocess.Popen:
+    """`code` in a fresh process on `core` with one thread, as a search worker runs, given `folder/<name>` as its
+    argument and its output in `folder/<name>.log` (a pipe nobody drains could stall it)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")]),
            "TF_CPP_MIN_LOG_LEVEL": "3", **pin_environment(WorkerDevices(cpu_cores=[core], cpu_threads=1))}
-    with open(folder / f"{arm}.log", "w") as log:
-        return subprocess.Popen([sys.executable, "-c", code, str(folder / arm)], env=env, cwd=ROOT,
+    with open(folder / f"{name}.log", "w") as log:
+        return subprocess.Popen([sys.executable, "-c", code, str(folder / name)], env=env, cwd=ROOT,
                                 stdout=log, stderr=subprocess.STDOUT)
+
+
+def start(arm: str, args: argparse.Namespace, core: int, folder: Path) -> subprocess.Popen:
+    """The arm's trial on `core`, its output in `folder/<arm>.log`."""
+    budget = None if arm == "full" else args.budget
+    return start_pinned(TRIAL.format(fixed=arm == "fixed", budget=budget, seed=args.seed), core, folder, arm)
 
 
 def result(process: subprocess.Popen, log: Path) -> dict:
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="bench_anneal_"))
     arms = ["fixed", "moved"] + (["full"] if args.full else [])
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = usable_cores()
     print(f"cpus={len(cores)}; default study warm start 0, seed {args.seed}, time budget {args.budget:.0f} s, "
           f"one core per arm, {os.environ.get('KERAS_BACKEND', 'tensorflow')}")
     print("| arm | " + " | ".join(COLUMNS) + " |")

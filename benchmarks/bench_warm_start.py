@@ -13,16 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from bench_anneal import result
-from bench_backends import ROOT
+from bench_anneal import result, start_pinned  # it also puts the repository on sys.path
 
-sys.path.insert(0, str(ROOT))
-from search.execution.devices import WorkerDevices, pin_environment  # noqa: E402
+from search.execution.devices_plan import usable_cores
 
 TRIAL = """
 import json, sys
@@ -60,28 +56,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def start(overrides: dict, args: argparse.Namespace, core: int, folder: Path, name: str) -> subprocess.Popen:
-    """The arm's trial on `core`, its output in `folder/<name>.log`."""
-    code = TRIAL.format(overrides=repr(overrides), study=args.study, budget=args.budget, seed=args.seed)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")]),
-           "TF_CPP_MIN_LOG_LEVEL": "3", **pin_environment(WorkerDevices(cpu_cores=[core], cpu_threads=1))}
-    with open(folder / f"{name}.log", "w") as log:
-        return subprocess.Popen([sys.executable, "-c", code, str(folder / name)], env=env, cwd=ROOT,
-                                stdout=log, stderr=subprocess.STDOUT)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     arms = {text: parse_override(text) for text in args.arms}
     folder = Path(tempfile.mkdtemp(prefix="bench_warm_start_"))
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = usable_cores()
     if len(arms) > len(cores):
         raise SystemExit(f"bench_warm_start: {len(arms)} arms need as many cores; this machine has {len(cores)}")
     print(f"{args.study} warm start 0, seed {args.seed}, time budget {args.budget:.0f} s, one core per arm, "
           f"{os.environ.get('KERAS_BACKEND', 'tensorflow')}")
     print("| arm | " + " | ".join(COLUMNS) + " |")
     print("|---" * (len(COLUMNS) + 1) + "|")
-    running = {text: start(overrides, args, cores[i], folder, f"arm{i}")
+    running = {text: start_pinned(TRIAL.format(overrides=repr(overrides), study=args.study, budget=args.budget,
+                                               seed=args.seed), cores[i], folder, f"arm{i}")
                for i, (text, overrides) in enumerate(arms.items())}
     for i, (text, process) in enumerate(running.items()):
         row = result(process, folder / f"arm{i}.log")
