@@ -194,6 +194,48 @@ def test_a_worker_stuck_in_native_code_records_its_trial_and_exits_in_its_grace_
     assert retry.system_attrs["fixed_params"] == stuck.params  # what an enqueued trial will be given
 
 
+MANGLING_WORKER = """
+import sys, time
+import optuna
+from search.execution import lifecycle
+from search.execution.storage import open_storage
+
+lifecycle.WORKER_GRACE_S = 8
+url = sys.argv[1]
+study = optuna.create_study(study_name="mangled", storage=open_storage(url, heartbeat_interval=None))
+signals = lifecycle.WorkerSignals().install()
+
+def objective(trial):
+    trial.suggest_int("x", 0, 9)
+    print("ready", flush=True)
+    try:
+        while True:
+            time.sleep(0.01)
+    except KeyboardInterrupt:  # what TensorFlow's native code made of it: a bare TypeError
+        raise TypeError() from None
+
+study.optimize(signals.objective(objective), n_trials=1, catch=(Exception,))
+"""
+
+
+def test_an_interruption_native_code_turned_into_another_error_is_still_recorded_as_interrupted(tmp_path):
+    """A signal that lands inside TensorFlow can come out of the trial as a TypeError: the trial is still
+    interrupted and queued again, not failed as the user's error."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    worker = subprocess.Popen([sys.executable, "-c", MANGLING_WORKER, url], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline().strip() == "ready"
+        worker.send_signal(signal.SIGINT)
+        _, err = worker.communicate(timeout=STOP_WITHIN_S)
+    finally:
+        worker.kill()
+    assert "Interrupted: SIGINT" in err, err[-2000:]
+    cut, retry = optuna.load_study(study_name="mangled", storage=open_storage(url, heartbeat_interval=None)).trials
+    assert cut.state == TrialState.FAIL and cut.user_attrs[FAIL_REASON] == INTERRUPTED, err[-2000:]
+    assert retry.state == TrialState.WAITING and retry.user_attrs[RETRY_ATTR] == 0
+
+
 @pytest.mark.parametrize("backend", [pytest.param("sqlite", marks=pytest.mark.slow), "postgresql"])
 def test_two_drivers_share_one_study(tmp_path, backend):
     storage = None

@@ -174,7 +174,9 @@ class WorkerSignals:
 
     def objective(self, objective: Callable[[optuna.Trial], float]) -> Callable[[optuna.Trial], float]:
         """`objective`, interruptible; an interrupted trial is recorded and queued again before Optuna
-        fails it (a finished trial takes no more attributes)."""
+        fails it (a finished trial takes no more attributes). Native code the signal cut into may turn the
+        `Interrupted` it raised into another error (TensorFlow: a bare TypeError); once raised, any error is
+        the interruption's."""
 
         def run(trial: optuna.Trial) -> float:
             try:
@@ -186,6 +188,12 @@ class WorkerSignals:
                 with self.interruptible(False):
                     requeue_interrupted(trial)
                 raise
+            except Exception as error:
+                if not self._raised:
+                    raise
+                with self.interruptible(False):
+                    requeue_interrupted(trial)
+                raise Interrupted(self.requested) from error
 
         return run
 
