@@ -34,30 +34,34 @@ def short(name: str, chars: int = CAPTION_CHARS, keep_end: bool = False) -> str:
 
 def image_grid_png(rows: Sequence[Row], path: str | Path, title: str = "", cell_inches: float = 0.9,
                    label_inches: float = 1.6) -> None:
-    """One figure of `rows`; row labels saying HELD_OUT are drawn in red."""
+    """One figure of `rows`; row labels saying HELD_OUT are drawn in red. Every cell is drawn into one Axes
+    laid out in inches: an Axes per cell made a 126-cell grid take a second."""
     columns = max(len(cells) for _, cells in rows)
     lines = [max(caption.count("\n") + 1 if caption else 0 for _, caption in cells) for _, cells in rows]
     below = max(lines[1:], default=0)  # caption lines between rows; the first row's sit under the title
-    used = label_inches + cell_inches * columns
+    pitch = cell_inches * 1.08  # a cell and the gap to the next
+    used = label_inches + pitch * columns
     width = max(used, MIN_WIDTH_INCHES)  # room for the title; the cells stay on the left
     top, gap = (0.3 if title else 0.05) + 0.13 * lines[0], 0.05 + 0.13 * below
     height = top + 0.1 + len(rows) * cell_inches + (len(rows) - 1) * gap
-    figure, axes = new_figure(width, height, columns=columns, rows=len(rows))
-    axes = axes.reshape(len(rows), columns)
+    figure, (axis,) = new_figure(width, height)
+    axis.set_position((0, 0, 1, 1))
+    axis.axis("off")
     for r, (label, cells) in enumerate(rows):
-        for c in range(columns):
-            image, caption = cells[c] if c < len(cells) else (None, "")
-            axis = axes[r, c]
-            axis.axis("off")
+        y = top + r * (cell_inches + gap)  # the row's upper edge, from the figure's top
+        for c, (image, caption) in enumerate(cells):
+            x = label_inches + c * pitch
             if image is not None:
-                axis.imshow(image, interpolation="nearest")
-            axis.set_title(caption, fontsize=7, pad=2)
-        axes[r, 0].annotate(label, xy=(-0.12, 0.5), xycoords="axes fraction", ha="right", va="center", fontsize=8,
-                            color="tab:red" if HELD_OUT in label else "black")
+                axis.imshow(image, extent=(x, x + cell_inches, y + cell_inches, y), interpolation="nearest",
+                            aspect="auto")
+            if caption:
+                axis.text(x + cell_inches / 2, y - 0.03, caption, fontsize=7, ha="center", va="bottom")
+        axis.text(label_inches - 0.12 * cell_inches, y + cell_inches / 2, label, fontsize=8, ha="right",
+                  va="center", color="tab:red" if HELD_OUT in label else "black")
+    axis.set_xlim(0, width)
+    axis.set_ylim(height, 0)
     if title:
         figure.suptitle(title, fontsize=10, y=1 - 0.06 / height, va="top")
-    figure.subplots_adjust(left=label_inches / width, right=used / width - 0.01, top=1 - top / height,
-                           bottom=0.1 / height, wspace=0.08, hspace=gap / cell_inches)
     save_png(figure, path, tight=False)
 
 
