@@ -18,7 +18,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import optuna
@@ -29,7 +29,9 @@ from search.study.goals import get_objective
 from search.study.reseed import is_protected
 from search.study.space import config_from_params
 from search.study.spec import StudySpec
-from search.trial.trainer import ARTIFACT_FILES, TrialResult, train_trial
+
+if TYPE_CHECKING:  # the trainer imports Keras: a study's report reads this module's names without it
+    from search.trial.trainer import TrialResult
 
 ARTIFACT_ATTR_PREFIX = "artifact:"
 PLOT_FILES = ("training_curves.png", "confusion_matrix.png")  # shown inline by optuna-dashboard
@@ -81,6 +83,8 @@ def _write_plots(result: TrialResult) -> None:
 
 
 def _publish(channel: TrialChannel, result: TrialResult) -> None:
+    from search.trial.trainer import ARTIFACT_FILES
+
     for key, value in result.metrics.items():
         channel.set_user_attr(key, value)
     for name in (*ARTIFACT_FILES, *PLOT_FILES):
@@ -99,6 +103,8 @@ def run_trial(channel: TrialChannel, spec: StudySpec) -> TrialOutcome:
     Reseeded copies and warm starts marked `prune = false` were chosen, not sampled: they report every epoch
     but are never pruned.
     """
+    from search.trial.trainer import train_trial
+
     objective = get_objective(spec.algorithm.objective)
     config = trial_config(spec, channel.params, channel.number)
     for key, value in {"seed": config.seed, "device": device_label(),
