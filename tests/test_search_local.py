@@ -218,6 +218,7 @@ def test_unreachable_storage_is_one_clear_line(tmp_path):
     assert "secret" not in done.stderr
 
 
+@pytest.mark.slow  # test_interrupt.py's two drivers run a whole study on PostgreSQL in the default run
 def test_postgresql_storage_runs_a_study(tmp_path):
     url = require_postgres()
     name = f"pg_{os.getpid()}_{int(time.time())}"
