@@ -1,5 +1,6 @@
 """One trial end to end on the embedded real data: accuracy, artifacts, atomicity, CLI, errors."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from search.study.trial_config import TrialConfig
 from search.trial.trainer import ARTIFACT_FILES, is_complete, train_trial
 
 QUICK = dict(backbone="compact_cnn", epochs=4, batch_size=128, learning_rate=3e-3, max_train_images=4000,
-             augment_policy="light", augment_strength=0.3, tta_views=8, seed=1, early_stopping_monitor="val_robust")
+             augment_policy="light", augment_strength=0.3, tta_views=4, seed=1, early_stopping_monitor="val_robust")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_trial_is_scored_on_the_heldout_families(quick_trial):
     result, _ = quick_trial
     saved = np.load(result.directory / "predictions.npz")
     views, source = saved["shifted_view_probs"], saved["shifted_source"]
-    assert views.shape == (8, 2 * len(saved["val_labels"]), 8)
+    assert views.shape == (QUICK["tta_views"], 2 * len(saved["val_labels"]), 8)
     assert set(saved["shifted_family"]) == {"acquisition", "artefact"}
     assert set(saved["shifted_severity"]) == {1, 2, 3, 4, 5}
     correct = views.mean(axis=0).argmax(axis=1) == saved["val_labels"][source]
@@ -96,7 +97,7 @@ def test_artifacts_are_complete_and_consistent(quick_trial):
     assert {"epoch", "stage", "loss", "val_accuracy"} <= set(history.columns)
     predictions = np.load(folder / "predictions.npz")
     views = predictions["test_view_probs"]
-    assert views.shape == (8, 2734, 8)
+    assert views.shape == (QUICK["tta_views"], 2734, 8)
     np.testing.assert_allclose(views.sum(axis=2), 1.0, atol=1e-4)
     accuracy = np.mean(views.mean(axis=0).argmax(axis=1) == predictions["test_labels"])
     assert accuracy == pytest.approx(result.metrics["test_accuracy_tta"])
@@ -144,8 +145,15 @@ def test_exception_mid_training_leaves_no_complete_looking_artifact(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
 
 
-def test_two_stage_finetuning_of_a_pretrained_family(tmp_path):
-    config = TrialConfig(backbone="mobilenet_v3_small", weights=None, head_epochs=1, epochs=1,
+@pytest.mark.parametrize("backbone", [pytest.param("mobilenet_v3_small", marks=pytest.mark.slow),
+                                      "compact_cnn_as_pretrained"])  # the same stages, traced in a fifth of the time
+def test_two_stage_finetuning_of_a_pretrained_family(tmp_path, monkeypatch, backbone):
+    from backbones import registry
+
+    stand_in = dataclasses.replace(registry.get_backbone("compact_cnn"), name="compact_cnn_as_pretrained",
+                                   pretrained=True)
+    monkeypatch.setitem(registry._REGISTRY, stand_in.name, stand_in)
+    config = TrialConfig(backbone=backbone, weights=None, head_epochs=1, epochs=1,
                          unfreeze_fraction=0.5, max_train_images=256, tta_views=1, batch_size=64)
     result = train_trial(config, tmp_path)
     history = pd.read_csv(tmp_path / "history.csv")
