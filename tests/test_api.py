@@ -196,6 +196,18 @@ def test_progress_shows_each_running_trials_epoch_and_score():
     assert (counts["running"], counts["complete"], counts["best"]) == (2, 1, 0.9)
 
 
+def test_progress_ends_when_the_workers_do_not_at_its_next_refresh():
+    from search.execution.progress import watch
+
+    study = optuna.create_study(direction="maximize")
+    study.tell(study.ask(), 0.5)
+    ends = time.monotonic() + 0.3
+    started = time.monotonic()
+    counts = watch(study, 1, lambda: time.monotonic() < ends, interval=60, show=False)
+    assert counts["complete"] == 1
+    assert time.monotonic() - started < 30  # half the refresh interval: it did not wait for the refresh
+
+
 @pytest.mark.slow  # tests/test_reports.py checks the Pareto-front report by default; this twin trains
 def test_multi_objective_study_reports_its_pareto_front(tmp_path):
     """`multi`: clean and held-out accuracy as two objectives, no per-epoch reports, a Pareto front."""

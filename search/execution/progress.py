@@ -56,9 +56,9 @@ def _epoch_of(trial: optuna.trial.FrozenTrial, head_epochs: int = 0) -> str:
 
 
 def watch(study: optuna.Study, total: int, is_running: Callable[[], bool], interval: float = 2.0,
-          show: bool = True) -> dict:
-    """Refresh a progress bar (hidden unless `show`) until `is_running()` turns false; tqdm estimates the ETA
-    from the rate."""
+          show: bool = True, check: float = 0.25) -> dict:
+    """Refresh a progress bar (hidden unless `show`) every `interval` s until `is_running()`, asked every `check`
+    s so that the run ends with its workers, turns false; tqdm estimates the ETA from the rate."""
     start = study_counts(study)["finished"]
     with tqdm(total=total, initial=min(start, total), desc=f"study {study.study_name}", unit="trial",
               dynamic_ncols=True, disable=not show) as bar:
@@ -72,7 +72,13 @@ def watch(study: optuna.Study, total: int, is_running: Callable[[], bool], inter
             bar.refresh()
             if not alive:
                 return counts
-            time.sleep(interval)
+            _sleep_while(is_running, interval, check)
+
+
+def _sleep_while(is_running: Callable[[], bool], seconds: float, check: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and is_running():
+        time.sleep(min(check, max(deadline - time.monotonic(), 0)))
 
 
 def print_interrupted(study: optuna.Study, total: int, since: float) -> None:
