@@ -15,6 +15,7 @@ horizontal flip; view 0 is the identity. Every other form (index maps for gather
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -38,6 +39,15 @@ SHIFT_GATE_LAYER_NAME = "cellsearch>ShiftGate"
 
 
 # ---------------------------------------------------------------------------------------------- views
+
+def cpu_has_bfloat16() -> bool:
+    """True on x86 CPUs with native bfloat16 dot products (AVX512_BF16 or AMX); Linux /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
 
 def view_indices(n_views: int) -> tuple[int, ...]:
     """The dihedral views averaged for `n_views` TTA views (1, 2, 4 or 8)."""

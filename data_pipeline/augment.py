@@ -86,6 +86,7 @@ from data_pipeline.policies import (CONSISTENCY_POLICIES, MIXING_POLICIES, OP_FA
                                      check_policy, check_policy_families, policy_families)
 from data_pipeline.stain import hed_jitter
 from common.inference import dihedral_index_maps
+from common.precision import dtype_policy
 
 JSD_VIEWS = 2                  # augmented views next to the clean one (AugMix paper)
 
@@ -458,19 +459,6 @@ def _make_stain_jitter(strength: float, stream: _SeedStream) -> Callable[[Any], 
     return apply
 
 
-@contextmanager
-def _float32_layers() -> Iterator[None]:
-    """Build layers as float32 even under a global mixed_float16 policy (set by the trainer on GPUs):
-    0..255 pixels lose precision in float16, and Keras' composite layers (RandomColorJitter, ...) do not
-    pass `dtype` on to their sub-layers, so the policy has to be float32 while they are created."""
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float32")
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
 _ENGINES: dict[tuple, "Augmenter"] = {}
 
 
@@ -515,7 +503,9 @@ class Augmenter:
         self._engine = _ENGINES.get(self._engine_key())
         if self._engine is None:  # the first augmenter of a configuration builds and compiles it for all
             if not self.is_identity:
-                with _float32_layers():
+                # float32 under a mixed global policy (the trainer's): 0..255 pixels lose precision in float16, and
+                # Keras' composite layers (RandomColorJitter, ...) do not pass `dtype` on to their sub-layers.
+                with dtype_policy("float32"):
                     self._policy_fn = _POLICY_BUILDERS[self.policy](self)
             self._compiled = compile_function(self._step)
             self._engine = _ENGINES[self._engine_key()] = self

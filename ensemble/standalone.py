@@ -54,7 +54,7 @@ if not __package__:  # loaded as the export's top-level model.py: its copy of co
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common.errors import EnsembleError  # noqa: E402
-from common.inference import VIEW_SETS, check_images, custom_layers, stack_views  # noqa: E402
+from common.inference import VIEW_SETS, check_images, cpu_has_bfloat16, custom_layers, stack_views  # noqa: E402
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -239,15 +239,6 @@ def load_member_models(folder: str | os.PathLike, manifest: dict[str, Any], cust
             raise EnsembleError(f"cannot load member {member['file']}: {type(exc).__name__}: {exc}") from None
         models.append(model)
     return models
-
-
-def cpu_has_bfloat16() -> bool:
-    """True on x86 CPUs with native bfloat16 dot products (AVX512_BF16 or AMX); Linux /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def usable_precision(precision: str) -> str:

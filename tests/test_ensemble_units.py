@@ -358,7 +358,8 @@ def test_bfloat16_inference_is_close_to_float32_and_stays_scoped():
     """bfloat16 under TensorFlow where the CPU has it (this project's CPU has AVX512_BF16), float32 elsewhere;
     either way float32 calls before and after give the same numbers: the graph option is switched per call."""
     from backbones import build_classifier
-    from ensemble.standalone import TTARunner, cpu_has_bfloat16, usable_precision
+    from common.inference import cpu_has_bfloat16
+    from ensemble.standalone import TTARunner, usable_precision
 
     import keras
 

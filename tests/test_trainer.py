@@ -188,7 +188,9 @@ def test_train_one_cli_reports_bad_input_in_one_line(tmp_path):
     assert done.stderr.strip().count("\n") == 0 and "unknown backbone 'vgg99'" in done.stderr
 
 
-def test_a_bfloat16_trial_trains_in_bfloat16_and_saves_float32_probabilities(tmp_path, embedded):
+def test_a_bfloat16_trial_trains_in_bfloat16_and_is_evaluated_and_saved_in_float32(tmp_path, embedded):
+    """Mixed precision is a training speed-up: the trial's predictions come from a float32 copy of the trained
+    model, the saved model is that copy, and the process gets its own dtype policy back."""
     import keras
 
     from search.study.spec import spec_from_dict
@@ -197,16 +199,25 @@ def test_a_bfloat16_trial_trains_in_bfloat16_and_saves_float32_probabilities(tmp
     assert fixed_fields(spec_from_dict({"executor": {"mixed_precision": "bfloat16"}}))["mixed_precision"] == "bfloat16"
     config = TrialConfig(**{**QUICK, "epochs": 1, "max_train_images": 400, "tta_views": 1,
                             "mixed_precision": "bfloat16"})
-    try:
-        result = train_trial(config, tmp_path)
-        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-    model = keras.saving.load_model(result.directory / "model.keras", compile=False)
-    assert any(layer.compute_dtype == "bfloat16" for layer in model._flatten_layers())
-    probs = keras.ops.convert_to_numpy(model(embedded.images[:16].astype("float32")))
-    assert probs.dtype == np.float32 and np.allclose(probs.sum(axis=1), 1, atol=1e-3)
+    result = train_trial(config, tmp_path)
+    assert keras.config.dtype_policy().name == "float32"
+    assert result.metrics["precision"] == "mixed_bfloat16"
     assert np.isfinite(pd.read_csv(result.directory / "history.csv")["loss"]).all()
+    model = keras.saving.load_model(result.directory / "model.keras", compile=False)
+    assert {layer.compute_dtype for layer in model._flatten_layers()} == {"float32"}
+    test = embedded.split("test")
+    probs = model.predict(test.images[:64].astype(np.float32), verbose=0)
+    recorded = np.load(result.directory / "predictions.npz")["test_view_probs"][0, :64]
+    np.testing.assert_allclose(probs, recorded, atol=1e-5)
+
+
+def test_auto_precision_is_bfloat16_on_a_cpu_that_has_it_under_tensorflow():
+    from common.inference import cpu_has_bfloat16
+    from search.execution.devices import backend_name, has_gpu, training_policy
+
+    assert training_policy("off") == "float32" and training_policy("bfloat16") == "mixed_bfloat16"
+    native = backend_name() == "tensorflow" and cpu_has_bfloat16() and not has_gpu()
+    assert training_policy("auto") == ("mixed_float16" if has_gpu() else "mixed_bfloat16" if native else "float32")
 
 
 def test_an_unknown_training_precision_is_named_with_the_choices():

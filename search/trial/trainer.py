@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -27,11 +27,12 @@ import pandas as pd
 
 from common.errors import TrainingDiverged
 from common.atomic import atomic_write_text, atomic_write_with
+from common.precision import dtype_policy
 from data_pipeline.augment import build_augmenter
 from data_pipeline.imbalance import class_weights, oversample_indices
 from data_pipeline.stream import make_stream
 from search.study.trial_config import TrialConfig
-from search.execution.devices import jit_compile, resolve_switch
+from search.execution.devices import jit_compile, training_policy
 from search.study.goals import robust_score
 from common.metrics import accuracy
 from search.trial.views import predict_views
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)  # a worker writes its INFO lines, each epoch'
 ReportFn = Callable[[int, dict], None]  # (epoch, validation scores of that epoch)
 ARTIFACT_FILES = ("config.json", "history.csv", "predictions.npz", "model.keras", "metrics.json")
 EVALUATE_MARGIN = 1.5  # predict's cost per image over the validation pass's (compact_cnn_d2, 1 core: 1.45)
+FLOAT32_OVER_MIXED = 2.0  # float32 predict's cost per image over mixed precision's (compact_cnn_d2, 1 core: 1.94)
 FIRST_OVERHEAD_S = 5.0  # finishing overhead assumed until a finished trial has measured it
 # A deadline's plan takes the next epoch and the evaluation as this much longer than measured: on a shared
 # machine they can overrun the last epoch's pace by more than the backstop's slack (2% of the timeout).
@@ -118,7 +120,8 @@ def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, ep
         epoch where they will stop training (logging each epoch's final rate). Runs before EarlyStopping,
         which reads what it adds. The deadline's evaluation cost is a timed prediction scaled to the images
         `_evaluate` predicts: the held-out-family copy's, which takes `_evaluate`'s path, or else the
-        validation pass, whose compiled test step runs faster than predict (x EVALUATE_MARGIN)."""
+        validation pass, whose compiled test step runs faster than predict (x EVALUATE_MARGIN); a model
+        trained in mixed precision is evaluated in float32 (x FLOAT32_OVER_MIXED)."""
 
         epoch_began = test_began = 0.0
         image_s = 0.0  # seconds per predicted image
@@ -155,7 +158,8 @@ def _callbacks(config: TrialConfig, data: TrialData, report: ReportFn | None, ep
                 self.model.stop_training = True
             evaluate_s = 0.0
             if deadline is not None:
-                evaluate_s = timings["evaluate_estimate"] = self.image_s * _evaluated_images(config, data)
+                evaluate_s = timings["evaluate_estimate"] = self.image_s * _evaluated_images(config, data) * (
+                    1.0 if self.model.compute_dtype == "float32" else FLOAT32_OVER_MIXED)  # evaluated in float32
                 if not deadline.leaves_room(now - self.epoch_began, evaluate_s):
                     self.model.stop_training = timings["deadline"] = True
                 log.info("epoch %d took %.1f s; evaluation about %.1f s; %.1f s left to train%s", epoch_offset + epoch,
@@ -312,16 +316,6 @@ def _evaluate(model, config: TrialConfig, data: TrialData) -> tuple[dict, dict]:
     return metrics, arrays
 
 
-def _set_precision(config: TrialConfig) -> None:
-    import keras
-
-    if config.mixed_precision == "bfloat16":
-        policy = "mixed_bfloat16"
-    else:
-        policy = "mixed_float16" if resolve_switch(config.mixed_precision) else "float32"
-    keras.mixed_precision.set_global_policy(policy)
-
-
 def build_trial_model(config: TrialConfig, data: TrialData):
     from backbones import build_classifier
 
@@ -344,18 +338,23 @@ def train_trial(config: TrialConfig, out_dir: str | Path, report: ReportFn | Non
     """
     import keras
 
-    from backbones import get_backbone
-
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.json", json.dumps(config.to_dict(), indent=2))
     keras.utils.set_random_seed(config.seed)
-    _set_precision(config)
+    precision = training_policy(config.mixed_precision)
+    with dtype_policy(precision):
+        return _train(config, out_dir, report, deadline or _DEADLINE.get(), trained, started, precision)
+
+
+def _train(config: TrialConfig, out_dir: Path, report: ReportFn | None, deadline: Deadline | None,
+           trained: Callable[[float], None] | None, started: float, precision: str) -> TrialResult:
+    from backbones import get_backbone
+
     data = load_trial_data(config)
     model = build_trial_model(config, data)
     timings: dict = {}
-    deadline = deadline or _DEADLINE.get()
     history, best_epoch = _fit(model, config, data, report, started, timings, get_backbone(config.backbone).pretrained,
                                deadline)
     train_seconds = time.perf_counter() - started
@@ -365,6 +364,8 @@ def train_trial(config: TrialConfig, out_dir: str | Path, report: ReportFn | Non
                  train_seconds, finishing_s)
         if trained is not None:
             trained(finishing_s)
+    if precision != "float32":
+        model = _float32_copy(model, config, data)
     metrics, arrays = _evaluate(model, config, data)
     log.info("evaluated in %.1f s", time.perf_counter() - started - train_seconds)
     metrics.update(
@@ -373,13 +374,23 @@ def train_trial(config: TrialConfig, out_dir: str | Path, report: ReportFn | Non
         evaluate_estimate_s=timings.get("evaluate_estimate"), stopped_at_deadline=bool(timings.get("deadline")),
         schedule_epochs=timings.get("schedule_epochs", config.epochs),
         total_seconds=time.perf_counter() - started,
-        n_train=len(data.train), n_params=int(model.count_params()), backbone=config.backbone,
+        n_train=len(data.train), n_params=int(model.count_params()), backbone=config.backbone, precision=precision,
     )
     atomic_write_with(out_dir / "history.csv", lambda p: history.to_csv(p, index=False))
     atomic_write_with(out_dir / "predictions.npz", lambda p: np.savez_compressed(p, **arrays))
     atomic_write_with(out_dir / "model.keras", functools.partial(_save_for_inference, model))
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     return TrialResult(out_dir, metrics)
+
+
+def _float32_copy(model, config: TrialConfig, data: TrialData):
+    """The trained model rebuilt in float32: mixed precision speeds up training, while the trial's predictions and
+    saved model are float32, so the saved model reproduces the predictions the ensemble is fitted on, on any
+    machine, and the ensemble picks the inference precision for the machine it runs on."""
+    with dtype_policy("float32"):
+        copy = build_trial_model(replace(config, weights=None), data)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def _save_for_inference(model, path: Path) -> None:
