@@ -64,8 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                  "take, split between them (default: all)")
     parser.add_argument("--address", help="ray: address of an existing Ray cluster (default: start one)")
     parser.add_argument("--mixed-precision", choices=MIXED_PRECISIONS,
-                        help="training precision: auto (float16 mixed precision on a GPU, else float32), on, "
-                             "bfloat16 or off (default: the spec's executor.mixed_precision, auto)")
+                        help="training precision: auto (float16 mixed precision on a GPU, bfloat16 on a CPU with "
+                             "native bfloat16 under TensorFlow, else float32), on, bfloat16 or off (default: the "
+                             "spec's executor.mixed_precision, auto); trials are evaluated and saved in float32")
     parser.add_argument("--reseed-top", type=int, metavar="K",
                         help="instead of searching, train the K best configurations once more with new seeds "
                              "(extra ensemble members)")

@@ -118,7 +118,7 @@ class ExecutorSpec:
     cpus: int | None = None  # cores (local) or cluster CPUs (ray) this driver takes (None: all)
     gpus_per_trial: float = 1.0
     address: str | None = None  # ray: join an existing cluster
-    mixed_precision: str = "auto"  # auto (float16 on a GPU) | on | bfloat16 | off: search.study.trial_config
+    mixed_precision: str = "auto"  # auto | on | bfloat16 | off: search.execution.devices.training_policy
 
 
 @dataclass
