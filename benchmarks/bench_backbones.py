@@ -30,15 +30,13 @@ def bench_case(name: str, size: int, *, batch: int, steps: int, warmup: int, jit
     import numpy as np
 
     import backbones
+    from common.precision import dtype_policy
 
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (batch, size, size, 3)).astype("float32")
     y = keras.utils.to_categorical(rng.integers(0, 8, batch), 8)
-    keras.mixed_precision.set_global_policy(precision)
-    try:
+    with dtype_policy(precision):
         model = backbones.build_classifier(name, input_shape=(size, size, 3), num_classes=8)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
     model.compile(keras.optimizers.AdamW(1e-3), "categorical_crossentropy", jit_compile=jit)
     for _ in range(warmup):
         model.train_on_batch(x, y)

@@ -128,13 +128,11 @@ def test_float32_output_under_a_global_mixed_float16_policy(batch):
     """The trainer sets mixed_float16 on GPUs; augmentation layers must still compute in float32."""
     import keras
 
+    from common.precision import dtype_policy
+
     images, labels = batch
-    previous = keras.config.dtype_policy()
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
+    with dtype_policy("mixed_float16"):
         augmenter = build_augmenter("light", 1.0, N_CLASSES)
-    finally:
-        keras.config.set_dtype_policy(previous)
     out_images, _ = augmenter(images, labels, seed=1)
     assert keras.backend.standardize_dtype(out_images.dtype) == "float32"
 

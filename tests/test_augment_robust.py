@@ -167,10 +167,10 @@ def test_jsd_trainer_under_mixed_precision(batch):
 
     from search.trial.jsd import JSDTrainer
 
+    from common.precision import dtype_policy
+
     images, labels = batch
-    previous = keras.config.dtype_policy()
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
+    with dtype_policy("mixed_float16"):
         classifier = keras.Sequential([keras.Input((28, 28, 3)), keras.layers.Rescaling(1 / 255),
                                        keras.layers.Flatten(), keras.layers.Dense(N_CLASSES),
                                        keras.layers.Activation("softmax", dtype="float32")])
@@ -180,8 +180,6 @@ def test_jsd_trainer_under_mixed_precision(batch):
         stream = make_stream(images, labels.argmax(axis=1), N_CLASSES, 16, augmenter=augmenter)
         before = [w.copy() for w in classifier.get_weights()]
         history = trainer.fit(stream, validation_data=(images, labels), epochs=1, verbose=0, shuffle=False)
-    finally:
-        keras.config.set_dtype_policy(previous)
     assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
     assert np.isfinite(history.history["loss"][0]) and "val_accuracy" in history.history
     assert any(not np.array_equal(a, b) for a, b in zip(before, classifier.get_weights()))

@@ -18,6 +18,7 @@ import pytest
 
 import backbones as B
 from common.errors import BackboneError, UnknownBackboneError
+from common.precision import dtype_policy
 
 keras = pytest.importorskip("keras")
 
@@ -456,11 +457,8 @@ def test_imagenet_offline_fails_fast_with_clear_message(tmp_path, monkeypatch):
 
 @pytest.fixture(params=["mixed_float16", "mixed_bfloat16"])
 def mixed_precision(request):
-    keras.mixed_precision.set_global_policy(request.param)
-    try:
+    with dtype_policy(request.param):
         yield request.param
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
 
 
 @pytest.mark.parametrize("name", ["small_resnet", "mobilenet_v3_small", "resnet50"])
