@@ -190,7 +190,8 @@ class EnsembleReport:
         """The printed summary: combiners, clean vs held-out metrics, held-out accuracy by family/severity."""
         number = lambda v: f"{v:.4f}"  # noqa: E731
         parts = [f"objective: {self.objective}",
-                 "combiners (out-of-fold validation scores under the objective; no test data):",
+                 "combiners (out-of-fold validation scores of the members as searched, under the objective; no test "
+                 "data):",
                  self.combiners.to_string(index=False, float_format=number), "",
                  self.metrics[["model", "split", "accuracy", "balanced_accuracy", "macro_f1", "ece", "log_loss"]]
                  .to_string(index=False, float_format=number)]
@@ -359,9 +360,10 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
     reference = candidates[0]
     retrain = functools.partial(_refit, options, work=location.refit_dir, notes=notes, deadline=refit_deadline,
                                 compile_cache=location.compile_cache_dir) if options.refit else None
-    selection, members, choice, combiner, refit = choose_members(options, candidates, rows, budget, retrain)
+    selection, members, searched, choice, combiner, refit = choose_members(options, candidates, rows, budget,
+                                                                           retrain)
     member_val = [rows.stack(m.val_probs, m.shifted_probs) for m in members]
-    X_val = np.stack(member_val, axis=1)
+    X_val = np.stack([rows.stack(m.val_probs, m.shifted_probs) for m in searched], axis=1)
     ranked = len(members) - isinstance(combiner, GatedCombiner)  # the gate's member is never the best single
     ranking = rank_candidates(member_val[:ranked], rows.y, rows.sample_weight)
     best_position = ranking[0]
@@ -406,11 +408,13 @@ def _build(options, location, store, out: Path, candidates, notes, rows: Validat
 
 class Chosen(NamedTuple):
     """What `choose_members` decides: the selection (with the gated candidate's weight, if it joined), the members
-    to ship (the gated one last, if it joined), the combiner choice and the combiner for them (unfitted), and
-    the refit's manifest entry (None without a refit)."""
+    to ship (the gated one last, if it joined), the same members as searched (what the combiner is fitted on),
+    the combiner choice and the combiner for them (unfitted), and the refit's manifest entry (None without a
+    refit)."""
 
     selection: Any
     members: list
+    searched: list
     choice: Any
     combiner: Any
     refit: dict | None
@@ -418,12 +422,12 @@ class Chosen(NamedTuple):
 
 def choose_members(options: BuildOptions, candidates: list, rows: ValidationRows, budget=None,
                    retrain: Callable[[list], tuple[list, dict]] | None = None) -> Chosen:
-    """Select the members, decide the gated candidate's weight (`ensemble.gate.with_gated_member`; the gated
-    candidate, if any, is the last), then `retrain` the members (the refit) and choose their combiner.
+    """Select the members, choose their combiner, decide the gated candidate's weight (`ensemble.gate.
+    with_gated_member`; the gated candidate, if any, is the last), then `retrain` the members (the refit).
 
-    The gate is decided on the members as searched: once retrained on every family, held-out ones included,
-    they have seen every validation family, and the held-out rows could no longer tell what the gated member
-    costs on a shift nobody trained for."""
+    Everything is decided on the members as searched, and the combiner is fitted on them too: once retrained on
+    every family, held-out ones included, the members have seen every validation family, so their held-out rows
+    would favour whatever leans on the refit members, for a gain no unseen shift would show."""
     from ensemble.combiners import GatedCombiner, make_combiner
 
     val = [rows.stack(c.val_probs, c.shifted_probs) for c in candidates]
@@ -431,20 +435,20 @@ def choose_members(options: BuildOptions, candidates: list, rows: ValidationRows
     members = [candidates[i] for i in selection.indices]
     vote_weights = selection.weights if options.method == "greedy" else None
     gated = len(candidates) - 1 if candidates[-1].gated and len(candidates) - 1 not in selection.indices else None
-    choice = _choose_combiner(options, members, rows, vote_weights) if gated is not None or retrain is None else None
+    choice = _choose_combiner(options, members, rows, vote_weights)
     if gated is not None:
         from ensemble.gate import with_gated_member
 
         selection = with_gated_member(selection, choice.oof, val[gated], rows, gated)
-    refit = None
+    searched, refit = members, None
     if retrain is not None:
         members, refit = retrain(members)
-        choice = _choose_combiner(options, members, rows, vote_weights)
     combiner = make_combiner(choice.chosen, calibrate=options.calibrate, vote_weights=vote_weights,
                              random_state=options.seed)
     if gated is not None and selection.indices[-1] == gated:
-        members, combiner = [*members, candidates[gated]], GatedCombiner(combiner, selection.weights[-1])
-    return Chosen(selection, members, choice, combiner, refit)
+        members, searched = [*members, candidates[gated]], [*searched, candidates[gated]]
+        combiner = GatedCombiner(combiner, selection.weights[-1])
+    return Chosen(selection, members, searched, choice, combiner, refit)
 
 
 def _choose_combiner(options: BuildOptions, members: list, rows: ValidationRows, vote_weights):

@@ -228,3 +228,33 @@ def test_a_build_within_the_run_refits_by_the_run_end_less_the_last_build():
     assert refit_deadline(study) == ends_at - 42.0
     study.set_user_attr(RUN_ENDS_ATTR, time.time() - 1.0)
     assert refit_deadline(study) is None  # built after the run's time: the refit is not bounded
+
+
+def test_the_combiner_is_chosen_and_fitted_on_the_members_as_searched():
+    """After a refit that trains one member on the held-out families, its held-out rows are right where the other
+    member is confidently wrong, and a weighted vote leaning on it would win there; those rows are no longer
+    unseen, so the combiner chosen on the members as searched (a plain vote of two mirror-image members) ships,
+    fitted on their rows."""
+    from ensemble.build import BuildOptions, _choose_combiner, choose_members
+    from ensemble.robust import ValidationRows
+
+    n = 200
+    y = np.arange(n) % 2
+    rows = ValidationRows.robust(y, source=np.arange(n))
+    right, wrong = np.eye(2)[y] * 0.8 + 0.1, np.eye(2)[1 - y] * 0.998 + 0.001
+    first = types.SimpleNamespace(val_probs=right, gated=False,
+                                  shifted_probs=np.where(np.arange(n)[:, None] < 60, wrong, right))
+    second = types.SimpleNamespace(val_probs=right, gated=False,
+                                   shifted_probs=np.where((np.arange(n)[:, None] >= 60) & (np.arange(n)[:, None] < 120),
+                                                          wrong, right))
+    retrained = types.SimpleNamespace(val_probs=right, shifted_probs=np.eye(2)[y] * 0.98 + 0.01, gated=False)
+    options = BuildOptions(method="topk", top=2)
+
+    searched = choose_members(options, [first, second], rows)
+    shipped = choose_members(options, [first, second], rows,
+                             retrain=lambda members: ([m if m is first else retrained for m in members], {}))
+    assert _choose_combiner(options, [first, retrained], rows, None).chosen == "weighted"
+    assert searched.choice.chosen == shipped.choice.chosen == "vote"
+    identities = lambda members: sorted(map(id, members))  # noqa: E731
+    assert identities(shipped.members) == identities([first, retrained])
+    assert identities(shipped.searched) == identities([first, second])  # what the build fits the combiner on
