@@ -241,12 +241,11 @@ def test_the_combiner_is_chosen_and_fitted_on_the_members_as_searched():
     n = 200
     y = np.arange(n) % 2
     rows = ValidationRows.robust(y, source=np.arange(n))
+    row = np.arange(n)[:, None]
     right, wrong = np.eye(2)[y] * 0.8 + 0.1, np.eye(2)[1 - y] * 0.998 + 0.001
-    first = types.SimpleNamespace(val_probs=right, gated=False,
-                                  shifted_probs=np.where(np.arange(n)[:, None] < 60, wrong, right))
-    second = types.SimpleNamespace(val_probs=right, gated=False,
-                                   shifted_probs=np.where((np.arange(n)[:, None] >= 60) & (np.arange(n)[:, None] < 120),
-                                                          wrong, right))
+    first = types.SimpleNamespace(val_probs=right, shifted_probs=np.where(row < 60, wrong, right), gated=False)
+    second = types.SimpleNamespace(val_probs=right, shifted_probs=np.where((row >= 60) & (row < 120), wrong, right),
+                                   gated=False)
     retrained = types.SimpleNamespace(val_probs=right, shifted_probs=np.eye(2)[y] * 0.98 + 0.01, gated=False)
     options = BuildOptions(method="topk", top=2)
 
