@@ -144,6 +144,32 @@ def test_a_heldout_loss_beyond_the_validation_noise_keeps_the_gated_candidate_ou
     assert "1.0000 / 0.8500 (noise 0.0572)" in kept.log[-1]
 
 
+def test_the_weight_with_the_best_clean_accuracy_wins_when_its_heldout_loss_is_within_the_noise():
+    """40 clean rows: the base is wrong on two the gated candidate fixes at any weight, and on one only 0.5 fixes;
+    at 0.5 the gated candidate also fixes two of the 40 shifted copies and breaks four (a net loss of two, inside
+    the noise of six changes). The objective (clean + held-out) would keep 0.25; the clean accuracy takes 0.5."""
+    y = np.arange(40) % 2
+    rows = ValidationRows.robust(y, source=np.arange(40))
+    truth = np.concatenate([y, y])
+
+    def right_at(p, row):  # the row's probabilities, p on its true class
+        return np.eye(2)[truth[row]] * (2 * p - 1) + (1 - p)
+
+    base = np.array([right_at(0.98, row) for row in range(80)])
+    gated = np.concatenate([base[:40], np.full((40, 2), 0.5)])
+    for row, p in [(0, 0.4), (1, 0.4), (2, 0.2)]:  # at 0.4 fixed by every weight, at 0.2 by 0.5 only
+        base[row] = right_at(p, row)
+    for row in (40, 41):  # shifted: the base wrong, the gated candidate right: fixed at 0.5 only
+        base[row], gated[row] = right_at(0.2, row), right_at(0.98, row)
+    for row in (42, 43, 44, 45):  # shifted: the base right, the gated candidate wrong: broken at 0.5 only
+        base[row], gated[row] = right_at(0.8, row), right_at(0.02, row)
+    chosen = with_gated_member(Selection([0], [1.0], [1]), base, gated, rows, 1)
+    assert "0.9250 / 0.9500 without it" in chosen.log[-1], chosen.log[-1]
+    assert "0.9750 / 0.9500 (noise 0.0000) at weight 0.25" in chosen.log[-1]
+    assert "1.0000 / 0.9000" in chosen.log[-1] and chosen.log[-1].endswith("added at weight 0.50")
+    assert chosen.indices == [0, 1] and chosen.weights == [0.5, 0.5]
+
+
 def test_the_noise_counts_an_images_held_out_copies_as_one_sample():
     from ensemble.evaluate import paired_gain
 
